@@ -1,0 +1,295 @@
+"""The text side of FlowTok: captions -> CLIP features -> 77x16 text tokens (and back, for image-to-text).
+
+    captions --tokenize--> ids (B, 77) --CLIPTextEncoder (frozen)--> E (B, 77, 768)
+             --TextProjector: 6 post-LN blocks, Linear(768, 32) = (mu, logvar)--> z = mu + sigma * eps (B, 77, 16)
+
+`z` is the *source* of the flow (t = 0). Three training terms live here, next to each other:
+  - contrastive_loss: aligns z with a per-token MLP projection of E (the paper's L_align, learnable temperature);
+  - kl_official: the KL-like term the released checkpoints were trained with (the default);
+  - kl_standard: the paper's textbook KL to N(0, I), one flag away.
+TextDecoder maps a (B, 77, 16) text latent back to CLIP token ids; with TextProjector it forms the text
+autoencoder used for image-to-text.
+
+Official names: TextProjector is the official `context_encoder` (+ `context_projector` = our `align_mlp`,
+`t2t_temperature` = our `log_temperature`); see flow_dit.load_official_flowtok for the key mapping.
+"""
+import functools
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONTEXT_LENGTH = 77
+SOT, EOT = 49406, 49407                    # CLIP's start/end-of-text ids; padding is 0
+CLIP_VOCAB = 49408
+
+# The official text tower: open_clip ViT-L-14-336 with OpenAI weights. open_clip >= 3 builds the plain name
+# with exact GELU; the OpenAI weights were trained with QuickGELU, hence the "-quickgelu" name.
+CLIP_TOWERS = {
+    "ViT-L-14-336-quickgelu": dict(width=768, layers=12, heads=12),
+    "tiny": dict(width=64, layers=2, heads=4),       # random tower for tests
+    "demo": dict(width=128, layers=2, heads=4),      # random tower for the CPU demo
+}
+CLIP_HF_REPO = "timm/vit_large_patch14_clip_336.openai"
+CLIP_HF_FILE = "open_clip_model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP: tokenizer and frozen text tower
+# ----------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    """open_clip's CLIP BPE tokenizer (the vocabulary ships inside open_clip: no download)."""
+    import open_clip
+    return open_clip.SimpleTokenizer()
+
+
+def tokenize(texts):
+    """Captions -> (ids (B, 77) long, truncated (B,) bool), exactly as open_clip's CLIP tokenizer.
+
+    [SOT, bpe..., EOT] padded with 0; a caption over 77 tokens is cut and its last id forced to EOT
+    (we re-do open_clip's loop so that the truncation can be reported instead of silently happening).
+    """
+    bpe = _bpe()
+    ids = torch.zeros(len(texts), CONTEXT_LENGTH, dtype=torch.long)
+    truncated = torch.zeros(len(texts), dtype=torch.bool)
+    for i, text in enumerate(texts):
+        seq = [SOT] + bpe.encode(text) + [EOT]
+        if len(seq) > CONTEXT_LENGTH:
+            seq = seq[:CONTEXT_LENGTH - 1] + [EOT]
+            truncated[i] = True
+        ids[i, :len(seq)] = torch.tensor(seq)
+    return ids, truncated
+
+
+def detokenize(ids):
+    """CLIP ids (B, 77) -> captions: text between SOT and the first EOT; special tokens never reach the output."""
+    bpe, out = _bpe(), []
+    for row in ids.tolist():
+        row = row[1:] if row and row[0] == SOT else row
+        row = row[:row.index(EOT)] if EOT in row else row
+        out.append(bpe.decode([i for i in row if 0 < i < SOT]).strip())
+    return out
+
+
+def _read_clip_weights(path):
+    """A local open_clip checkpoint (.safetensors, or .bin/.pt read with weights_only) -> its text-tower tensors."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    # full CLIP checkpoints also hold the vision tower and logit_scale; keep the text tower only
+    return {k: v for k, v in sd.items() if not k.startswith("visual.") and k != "logit_scale"}
+
+
+def _download_clip_weights():
+    """Fetch the official text tower's weights through the Hugging Face cache, or say what to do offline."""
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(CLIP_HF_REPO, CLIP_HF_FILE)
+    except Exception as e:  # offline, proxy, missing package...: one actionable message
+        raise RuntimeError(
+            f"could not get the CLIP ViT-L-14-336 (OpenAI) weights: {type(e).__name__}: {e}\n"
+            f"Download '{CLIP_HF_FILE}' from https://huggingface.co/{CLIP_HF_REPO} on a machine with internet and "
+            f"pass it with --clip-weights PATH (or set HF_HUB_OFFLINE=0 and retry online).") from None
+
+
+class CLIPTextEncoder(nn.Module):
+    """Frozen open_clip text tower returning all 77 per-token features after ln_final: (B, 77, width).
+
+    weights: "openai" (download through the Hugging Face cache), a local open_clip checkpoint path, or
+    "random" (random initialisation: tests and the CPU demo; the features then carry no pretrained meaning).
+    """
+
+    def __init__(self, tower="ViT-L-14-336-quickgelu", weights="openai"):
+        super().__init__()
+        from open_clip.transformer import QuickGELU, TextTransformer
+        cfg = CLIP_TOWERS[tower]
+        self.tower, self.weights, self.width = tower, weights, cfg["width"]
+        self.text = TextTransformer(context_length=CONTEXT_LENGTH, vocab_size=CLIP_VOCAB, width=cfg["width"],
+                                    heads=cfg["heads"], layers=cfg["layers"], output_dim=cfg["width"],
+                                    act_layer=QuickGELU, output_tokens=True)
+        if weights != "random":
+            path = _download_clip_weights() if weights == "openai" else weights
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--clip-weights {path}: no such file")
+            missing, unexpected = self.text.load_state_dict(_read_clip_weights(path), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{path} is not an open_clip '{tower}' checkpoint: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        """Always in eval mode: the tower is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, ids):
+        """ids (B, 77) -> features (B, 77, width), float32 (the official code runs CLIP outside autocast)."""
+        with torch.autocast(ids.device.type, enabled=False):
+            return self.text(ids)[1].float()
+
+    def encode(self, texts):
+        """Captions -> (B, 77, width) on the tower's device."""
+        ids, _ = tokenize(texts)
+        return self(ids.to(self.text.token_embedding.weight.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variational text projector (official `context_encoder`)
+# ----------------------------------------------------------------------------------------------------------
+
+class LayerNorm(nn.Module):
+    """The official text-VAE LayerNorm: g * (x - mean) / (unbiased std + eps) + b (eps on the std, n - 1)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)     # one pass; std is unbiased (n - 1)
+        return self.g * (x - mean) / (std + self.eps) + self.b
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer: x = LN1(x + Attn(x)); x = LN2(x + FFN(x)); dropout at four sites."""
+
+    def __init__(self, dim, heads, d_ff, dropout=0.1):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)       # the official W_Q, W_K, W_V, fused into one GEMM
+        self.proj = nn.Linear(dim, dim)          # official W_O
+        self.ffn_1 = nn.Linear(dim, d_ff)
+        self.ffn_2 = nn.Linear(d_ff, dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        p = self.dropout if self.training else 0.0
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)              # dropout on the attention map
+        a = self.proj(a.transpose(1, 2).reshape(B, N, D))
+        x = self.norm1(x + F.dropout(a, p, self.training))
+        f = self.ffn_2(F.dropout(F.relu(self.ffn_1(x)), p, self.training))
+        return self.norm2(x + F.dropout(f, p, self.training))
+
+
+class TextProjector(nn.Module):
+    """CLIP features (B, 77, clip_dim) -> (z, mu, logvar), each (B, 77, 16); plus the alignment head.
+
+    The alignment MLP (768-512-512-16, SiLU) and the learnable log-temperature (init log(1/0.07)) exist
+    only for the training-time contrastive loss; sampling uses z alone.
+    """
+
+    def __init__(self, clip_dim=768, depth=6, heads=8, d_ff=1024, dropout=0.1, channels=16, align_hidden=512):
+        super().__init__()
+        self.config = dict(clip_dim=clip_dim, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
+                           channels=channels, align_hidden=align_hidden)
+        self.layers = nn.ModuleList([EncoderLayer(clip_dim, heads, d_ff, dropout) for _ in range(depth)])
+        self.linear = nn.Linear(clip_dim, 2 * channels)
+        self.align_mlp = nn.Sequential(nn.Linear(clip_dim, align_hidden), nn.SiLU(),
+                                       nn.Linear(align_hidden, align_hidden), nn.SiLU(),
+                                       nn.Linear(align_hidden, channels))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # the official layers are deep copies of one freshly built layer: all start identical
+        for layer in self.layers[1:]:
+            layer.load_state_dict(self.layers[0].state_dict())
+
+    def forward(self, clip_feats, eps=None):
+        """(B, 77, clip_dim) -> z, mu, logvar (B, 77, 16) float32; z = mu + exp(logvar / 2) * eps."""
+        h = clip_feats
+        for layer in self.layers:
+            h = layer(h)
+        with torch.autocast(h.device.type, enabled=False):     # posterior maths in float32
+            mu, logvar = self.linear(h.float()).chunk(2, dim=-1)
+        eps = torch.randn_like(mu) if eps is None else eps
+        return mu + eps * torch.exp(0.5 * logvar), mu, logvar
+
+    def align(self, clip_feats):
+        """Per-token alignment target MLP(E): (B, 77, clip_dim) -> (B, 77, 16)."""
+        return self.align_mlp(clip_feats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training terms of the text side
+# ----------------------------------------------------------------------------------------------------------
+
+def contrastive_loss(z, target, log_temperature, positives=None):
+    """Symmetric InfoNCE between flattened, L2-normalised z and MLP(E): (CE(S) + CE(S^T)) / 2, S = e^tau z p^T.
+
+    positives: optional (B, B) bool marking pairs that share a caption (they all count as positives; the
+    probability mass is spread evenly over them). None = the official diagonal (local batch only).
+    """
+    a = F.normalize(z.flatten(1).float(), dim=-1)                # (B, 1232)
+    p = F.normalize(target.flatten(1).float(), dim=-1)           # (B, 1232)
+    logits = log_temperature.float().exp() * a @ p.T             # (B, B), temperature never clamped (official)
+    if positives is None:
+        labels = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    soft = positives.float() / positives.float().sum(1, keepdim=True)
+    return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft.T)) / 2
+
+
+def kl_official(mu, logvar):
+    """The released checkpoints' KL-like term: -1/2 sum(1 + logvar - (0.3 mu)^6 - e^logvar), SUMMED over batch.
+
+    Differs from kl_standard in two ways: the mean penalty (0.3 mu)^6 is a soft wall (weaker than mu^2 for
+    |mu| < ~6, much stronger beyond), and the batch sum makes its weight grow with the per-GPU batch.
+    The variance part is the standard KL's, pulling sigma towards 1 (which keeps the source noisy).
+    """
+    mu, logvar = mu.float(), logvar.float()
+    return -0.5 * torch.sum(1 + logvar - (0.3 * mu) ** 6 - logvar.exp())
+
+
+def kl_standard(mu, logvar):
+    """The paper's KL(N(mu, sigma^2) || N(0, I)), summed over the 77x16 latent and averaged over the batch."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * torch.sum(mu ** 2 + logvar.exp() - 1 - logvar) / mu.shape[0]
+
+
+KL_TERMS = {"official": (kl_official, 0.01), "standard": (kl_standard, 1e-4)}   # form -> (function, default weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text decoder (image-to-text): text latent -> CLIP token ids
+# ----------------------------------------------------------------------------------------------------------
+
+class TextDecoder(nn.Module):
+    """(B, 77, 16) text latent -> logits (B, 77, vocab): Linear in, learned positions, N layers, Linear out.
+
+    Non-causal: every position sees the whole latent and predicts its CLIP id in one shot; decoding reads
+    the ids up to the first EOT (see detokenize).
+    """
+
+    def __init__(self, channels=16, width=768, depth=6, heads=8, d_ff=3072, dropout=0.1, vocab=CLIP_VOCAB):
+        super().__init__()
+        self.config = dict(channels=channels, width=width, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
+                           vocab=vocab)
+        self.embed = nn.Linear(channels, width)
+        self.pos = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * width ** -0.5)
+        self.layers = nn.ModuleList([EncoderLayer(width, heads, d_ff, dropout) for _ in range(depth)])
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, z):
+        """(B, 77, 16) -> (B, 77, vocab) logits."""
+        h = self.embed(z) + self.pos
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def text_reconstruction_loss(logits, ids):
+    """Token cross-entropy over SOT..EOT of each caption (padding after EOT is ignored)."""
+    eot_pos = (ids == EOT).int().argmax(1, keepdim=True)                        # (B, 1)
+    keep = torch.arange(ids.shape[1], device=ids.device)[None] <= eot_pos       # (B, 77)
+    return F.cross_entropy(logits.float()[keep], ids[keep])

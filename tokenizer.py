@@ -1,0 +1,323 @@
+"""The FlowTiTok image tokenizer: an image <-> 77 continuous tokens of 16 channels (a 1D KL tokenizer).
+
+    image (B, 3, S, S) in [0, 1]
+      --Encoder: patches (16x16) + 77 learned latent tokens -> ViT (2D RoPE on patches only, SwiGLU, pre-LN)
+      --the 77 latent outputs -> Linear(W, 32) = (mean, logvar)--> posterior, each (B, 77, 16)
+    tokens (B, 77, 16) + CLIP text features (B, 77, 768)
+      --Decoder: [mask tokens under 2D RoPE | tokens + learned positions | text + learned positions] -> ViT
+      --the mask-token outputs -> per-patch pixels -> 3x3 conv--> image (B, 3, S, S), roughly [0, 1]
+
+The flow model works on `scale_factor * sample`; the factor (1.0143) is applied in exactly one place:
+Tokenizer.flow_tokens (multiply) and Tokenizer.decode_flow_tokens (divide), next to each other below.
+
+Official names: the state dict of the released `FlowTiTok_512.bin` is mapped onto this module by
+load_official_tokenizer (conv 1x1 layers become Linear layers, `latent_tokens` moves into the encoder).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
+
+
+def read_state_dict(src):
+    """A path or a dict -> a flat state dict: unwraps {ema, nnet_ema, model, state_dict} and module./_orig_mod."""
+    sd = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or hasattr(
+        src, "__fspath__") else src
+    for key in ("ema", "nnet_ema", "model", "state_dict"):     # EMA weights preferred when both are present
+        if isinstance(sd.get(key), dict):
+            return read_state_dict(sd[key])
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------
+
+def rope_2d_tables(grid, head_dim, theta=10000.0):
+    """Axial 2D RoPE tables (grid*grid, head_dim): first half rotates by the row, second half by the column.
+
+    For cell (r, c) (row-major), angles = [r*w0, r*w0, r*w1, r*w1, ..., c*w0, c*w0, ...] with
+    w_k = theta^(-k / (head_dim/4)): each frequency repeated for an adjacent pair of channels.
+    """
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float32) / quarter)          # (head_dim/4,)
+    pos = torch.arange(grid, dtype=torch.float32)
+    ang = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)                    # (grid, head_dim/2)
+    ang = torch.cat([ang[:, None, :].expand(grid, grid, -1),                           # row angle
+                     ang[None, :, :].expand(grid, grid, -1)], dim=-1).reshape(grid * grid, head_dim)
+    return ang.cos(), ang.sin()
+
+
+def rotate_pairs(x):
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) on the last dim."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """w3(SiLU(a) * b) with (a, b) = w12(x) split in halves; hidden = int(2/3 * 4 * width)."""
+
+    def __init__(self, width):
+        super().__init__()
+        hidden = int(2 / 3 * int(4 * width))
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention with RoPE on q and k (tables already padded to the sequence)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, cos, sin):
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)   # (B, H, N, d)
+        q = q * cos + rotate_pairs(q) * sin
+        k = k * cos + rotate_pairs(k) * sin
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, W))
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block: x += Attn(LN(x)); x += SwiGLU(LN(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = SwiGLU(width)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """ln_pre -> blocks -> (caller picks tokens) ; RoPE rotates the first grid*grid tokens, not the others."""
+
+    def __init__(self, width, depth, heads, grid):
+        super().__init__()
+        self.grid_tokens = grid * grid
+        cos, sin = rope_2d_tables(grid, width // heads)
+        self.register_buffer("rope_cos", cos)          # persistent, like the official freqs_cos / freqs_sin
+        self.register_buffer("rope_sin", sin)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.grad_checkpointing = False
+
+    def run_blocks(self, x):
+        """(B, N, W) with the grid tokens first -> (B, N, W)."""
+        extra = x.shape[1] - self.grid_tokens
+        cos = F.pad(self.rope_cos, (0, 0, 0, extra), value=1.0)     # identity rotation for latent/text tokens
+        sin = F.pad(self.rope_sin, (0, 0, 0, extra), value=0.0)
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder, decoder, tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+class Encoder(ViT):
+    """image (B, 3, S, S) -> posterior (mean, logvar), each (B, 77, 16), float32."""
+
+    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels):
+        super().__init__(width, depth, heads, image_size // patch_size)
+        scale = width ** -0.5
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.latent_tokens = nn.Parameter(scale * torch.randn(num_tokens, width))
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+        self.ln_post = nn.LayerNorm(width)
+        self.to_moments = nn.Linear(width, 2 * channels)      # official conv_out (1x1 conv)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)                  # (B, g*g, W), no abs. positions
+        latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
+        x = self.run_blocks(torch.cat([x, latents], dim=1))
+        moments = self.to_moments(self.ln_post(x[:, self.grid_tokens:]))         # (B, 77, 32)
+        with torch.autocast(moments.device.type, enabled=False):                # posterior maths in float32
+            mean, logvar = moments.float().chunk(2, dim=-1)
+            return mean, logvar.clamp(-30.0, 20.0)
+
+
+class Decoder(ViT):
+    """tokens (B, 77, 16) + text features (B, 77, text_dim) -> image (B, 3, S, S) (no output activation)."""
+
+    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, text_dim, text_len):
+        super().__init__(width, depth, heads, image_size // patch_size)
+        scale = width ** -0.5
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
+        self.decoder_embed = nn.Linear(channels, width)
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+        self.text_guidance_proj = nn.Linear(text_dim, width)
+        self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(text_len, width))
+        self.ln_post = nn.LayerNorm(width)
+        self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)         # official ffn.0 (1x1 conv)
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, tokens, text):
+        B, g, p = len(tokens), self.grid, self.patch_size
+        x = torch.cat([self.mask_token.expand(B, g * g, -1),
+                       self.decoder_embed(tokens) + self.latent_token_positional_embedding,
+                       self.text_guidance_proj(text) + self.text_guidance_positional_embedding], dim=1)
+        x = self.run_blocks(x)
+        x = self.to_pixels(self.ln_post(x[:, :g * g]))                          # (B, g*g, p*p*3)
+        # depth-to-space: feature (p1*p + p2)*3 + c of cell (r, col) -> pixel (r*p + p1, col*p + p2)
+        x = x.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+        return self.conv_out(x)
+
+
+class Tokenizer(nn.Module):
+    """FlowTiTok: encode images to a 77x16 posterior, decode 77x16 tokens (+ text) to images."""
+
+    def __init__(self, image_size=256, patch_size=16, enc_width=768, enc_depth=12, enc_heads=12,
+                 dec_width=1024, dec_depth=24, dec_heads=16, num_tokens=77, channels=16, text_dim=768,
+                 text_len=77, scale_factor=SCALE_FACTOR):
+        super().__init__()
+        self.config = dict(image_size=image_size, patch_size=patch_size, enc_width=enc_width, enc_depth=enc_depth,
+                           enc_heads=enc_heads, dec_width=dec_width, dec_depth=dec_depth, dec_heads=dec_heads,
+                           num_tokens=num_tokens, channels=channels, text_dim=text_dim, text_len=text_len,
+                           scale_factor=scale_factor)
+        self.image_size, self.scale_factor = image_size, scale_factor
+        self.encoder = Encoder(image_size, patch_size, enc_width, enc_depth, enc_heads, num_tokens, channels)
+        self.decoder = Decoder(image_size, patch_size, dec_width, dec_depth, dec_heads, num_tokens, channels,
+                               text_dim, text_len)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        """Official init: Linear/Conv ~ N(0, 0.02) truncated at +-2 (absolute), zero bias; LayerNorm 1/0."""
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """Build a preset from TOKENIZER_PRESETS (keyword overrides win)."""
+        if name not in TOKENIZER_PRESETS:
+            raise ValueError(f"unknown tokenizer preset {name!r}; choose from {sorted(TOKENIZER_PRESETS)}")
+        return cls(**{**TOKENIZER_PRESETS[name], **overrides})
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+
+    def encode(self, images):
+        """(B, 3, S, S) in [0, 1] -> posterior mean, logvar (B, 77, 16), float32 (logvar clamped to [-30, 20])."""
+        return self.encoder(images)
+
+    def decode(self, tokens, text):
+        """Raw (unscaled) tokens (B, 77, 16) + text features (B, 77, text_dim) -> images (B, 3, S, S)."""
+        return self.decoder(tokens, text)
+
+    # The only two places where scale_factor appears ------------------------------------------------------
+    def flow_tokens(self, mean, logvar, eps=None):
+        """Posterior -> flow-space image tokens x1 = (mean + sigma * eps) * scale_factor, (B, 77, 16)."""
+        eps = torch.randn_like(mean) if eps is None else eps
+        return (mean + torch.exp(0.5 * logvar) * eps) * self.scale_factor
+
+    def decode_flow_tokens(self, x1, text):
+        """Flow-space tokens (B, 77, 16) -> images: decode(x1 / scale_factor, text)."""
+        return self.decode(x1 / self.scale_factor, text)
+    # --------------------------------------------------------------------------------------------------
+
+
+def posterior_kl(mean, logvar):
+    """KL(N(mean, sigma^2) || N(0, I)) per token: 1/2 sum_c (mean^2 + sigma^2 - 1 - logvar), (B, 77)."""
+    return 0.5 * torch.sum(mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float(), dim=-1)
+
+
+_BL77 = dict(patch_size=16, enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16)
+TOKENIZER_PRESETS = {
+    "bl77-256": dict(image_size=256, **_BL77),   # official FlowTiTok (encoder ViT-B, decoder ViT-L), 256 px
+    "bl77-512": dict(image_size=512, **_BL77),   # official FlowTiTok_512.bin
+    "tiny": dict(image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2,
+                 dec_heads=4, text_dim=64),       # tests (the official fixture's sizes)
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+def convert_official_tokenizer(sd):
+    """Official FlowTiTok state dict -> ours: renames, 1x1 convs -> Linear weights. Every key is consumed."""
+    out, sd = {}, dict(sd)
+    for k, v in sd.items():
+        k = k.replace("positional_embedding.freqs_cos", "rope_cos").replace("positional_embedding.freqs_sin",
+                                                                              "rope_sin")
+        if k == "latent_tokens":
+            k = "encoder.latent_tokens"
+        elif k.startswith("encoder.conv_out."):
+            k, v = k.replace("conv_out", "to_moments"), v.flatten(1) if v.dim() == 4 else v
+        elif k.startswith("decoder.ffn.0."):
+            k, v = k.replace("ffn.0", "to_pixels"), v.flatten(1) if v.dim() == 4 else v
+        out[k] = v
+    return out
+
+
+def load_official_tokenizer(src, **overrides):
+    """The official FlowTiTok checkpoint (path or state dict) -> Tokenizer; sizes inferred from the shapes."""
+    sd = read_state_dict(src)
+    try:
+        enc_w, _, patch, _ = sd["encoder.patch_embed.weight"].shape
+        grid_tokens, head_dim = sd["encoder.positional_embedding.freqs_cos"].shape
+        dec_w = sd["decoder.decoder_embed.weight"].shape[0]
+        dec_head_dim = sd["decoder.positional_embedding.freqs_cos"].shape[1]
+        config = dict(
+            image_size=math.isqrt(grid_tokens) * patch, patch_size=patch,
+            enc_width=enc_w, enc_heads=enc_w // head_dim,
+            enc_depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.transformer.")),
+            dec_width=dec_w, dec_heads=dec_w // dec_head_dim,
+            dec_depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.transformer.")),
+            num_tokens=sd["latent_tokens"].shape[0], channels=sd["decoder.decoder_embed.weight"].shape[1],
+            text_dim=sd["decoder.text_guidance_proj.weight"].shape[1],
+            text_len=sd["decoder.text_guidance_positional_embedding"].shape[0])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a FlowTiTok tokenizer checkpoint (cannot read its sizes: {e})") from None
+    config.update(overrides)
+    with torch.device("meta"):
+        model = Tokenizer(**config)
+    load_strict(model, convert_official_tokenizer(sd), "FlowTiTok")
+    return model
+
+
+def load_strict(model, sd, what):
+    """Load every key with matching shapes, or raise one error that lists everything that does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{what} checkpoint does not fit the model:"]
+        lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  shape: {w}" for w in wrong]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True, assign=True)
