@@ -228,23 +228,36 @@ def cfg_shuffle(x1, null):
     return x1[src], null
 
 
-def flowtok_loss(dit, projector, clip_feats, x1, t, null, eps=None, w_con=1.0, w_kl=0.01, kl="official",
-                 positives=None):
-    """The text-to-image objective for one (per-GPU) batch; returns a dict of float32 scalars and intermediates.
-
-    clip_feats (B, 77, C) frozen CLIP features; x1 (B, 77, 16) flow-space image tokens; t (B,); null (B,) bool
-    CFG draws (before the "k <= 1" rule); eps (B, 77, 16) text noise (None: drawn). w_con / w_kl = 0 drops a term.
-    """
-    z, mu, logvar = projector(clip_feats, eps)
+def flow_loss(dit, x0, x1, t, null):
+    """Flow matching with the CFG trick for one (per-GPU) batch, any direction: source x0 -> target x1."""
     x1, null = cfg_shuffle(x1, null)
-    xt, target = flow_path(z, x1, t)
+    xt, target = flow_path(x0, x1, t)
     pred = dit(xt, t, null)
     diff = ((pred.float() - target) ** 2).mean(dim=(1, 2))                 # (B,)
-    out = dict(diff=diff.mean(), x0=z, mu=mu, logvar=logvar, x1=x1, xt=xt, target=target, pred=pred,
-               diff_per_sample=diff)
-    out["contrastive"] = w_con * contrastive_loss(z, projector.align(clip_feats), projector.log_temperature,
-                                                  positives) if w_con else diff.new_zeros(())
-    out["kl"] = w_kl * KL_TERMS[kl][0](mu, logvar) if w_kl else diff.new_zeros(())
+    return dict(diff=diff.mean(), diff_per_sample=diff, x0=x0, x1=x1, xt=xt, target=target, pred=pred, null=null)
+
+
+def flowtok_loss(dit, projector, clip_feats, x1, t, null, eps=None, w_con=1.0, w_kl=0.01, kl="official",
+                 groups=None, gather=None):
+    """The text-to-image objective: flow loss from z(text) + w_con * L_align + w_kl * KL; float32 scalars.
+
+    clip_feats (B, 77, C) frozen CLIP features; x1 (B, 77, 16) flow-space image tokens; t (B,); null (B,) bool
+    CFG draws (before the "k <= 1" rule); eps (B, 77, 16) text noise (None: drawn). w_con / w_kl = 0 drops a
+    term. groups: optional (B,) caption ids (equal ids are all positives). gather: optional function that
+    concatenates a tensor over all ranks (contrastive negatives from every GPU instead of the local batch).
+    """
+    z, mu, logvar = projector(clip_feats, eps)
+    out = flow_loss(dit, z, x1, t, null)
+    out.update(mu=mu, logvar=logvar)
+    zero = out["diff"].new_zeros(())
+    if w_con:
+        p = projector.align(clip_feats)
+        if gather is not None:
+            z, p, groups = gather(z), gather(p), None if groups is None else gather(groups)
+        out["contrastive"] = w_con * contrastive_loss(z, p, projector.log_temperature, groups)
+    else:
+        out["contrastive"] = zero
+    out["kl"] = w_kl * KL_TERMS[kl][0](mu, logvar) if w_kl else zero
     out["loss"] = out["diff"] + out["contrastive"] + out["kl"]
     return out
 

@@ -191,27 +191,35 @@ class TextProjector(nn.Module):
     only for the training-time contrastive loss; sampling uses z alone.
     """
 
-    def __init__(self, clip_dim=768, depth=6, heads=8, d_ff=1024, dropout=0.1, channels=16, align_hidden=512):
+    def __init__(self, clip_dim=768, depth=6, heads=8, d_ff=1024, dropout=0.1, channels=16, align_hidden=512,
+                 patch_size=1):
         super().__init__()
         self.config = dict(clip_dim=clip_dim, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
-                           channels=channels, align_hidden=align_hidden)
+                           channels=channels, align_hidden=align_hidden, patch_size=patch_size)
+        self.patch_size = patch_size
+        if patch_size > 1:     # CPU speed knob (the demo): p consecutive CLIP tokens per transformer token
+            self.group_in = nn.Linear(patch_size * clip_dim, clip_dim)
         self.layers = nn.ModuleList([EncoderLayer(clip_dim, heads, d_ff, dropout) for _ in range(depth)])
-        self.linear = nn.Linear(clip_dim, 2 * channels)
-        self.align_mlp = nn.Sequential(nn.Linear(clip_dim, align_hidden), nn.SiLU(),
-                                       nn.Linear(align_hidden, align_hidden), nn.SiLU(),
-                                       nn.Linear(align_hidden, channels))
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.linear = nn.Linear(clip_dim, 2 * channels * patch_size)
+        if align_hidden:        # 0: no alignment head (the text autoencoder of image-to-text has none)
+            self.align_mlp = nn.Sequential(nn.Linear(clip_dim, align_hidden), nn.SiLU(),
+                                           nn.Linear(align_hidden, align_hidden), nn.SiLU(),
+                                           nn.Linear(align_hidden, channels))
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # the official layers are deep copies of one freshly built layer: all start identical
         for layer in self.layers[1:]:
             layer.load_state_dict(self.layers[0].state_dict())
 
     def forward(self, clip_feats, eps=None):
         """(B, 77, clip_dim) -> z, mu, logvar (B, 77, 16) float32; z = mu + exp(logvar / 2) * eps."""
+        B, L, C = clip_feats.shape
         h = clip_feats
+        if self.patch_size > 1:
+            h = self.group_in(h.reshape(B, L // self.patch_size, self.patch_size * C))
         for layer in self.layers:
             h = layer(h)
         with torch.autocast(h.device.type, enabled=False):     # posterior maths in float32
-            mu, logvar = self.linear(h.float()).chunk(2, dim=-1)
+            mu, logvar = self.linear(h.float()).view(B, L, -1).chunk(2, dim=-1)
         eps = torch.randn_like(mu) if eps is None else eps
         return mu + eps * torch.exp(0.5 * logvar), mu, logvar
 
@@ -224,19 +232,21 @@ class TextProjector(nn.Module):
 # Training terms of the text side
 # ----------------------------------------------------------------------------------------------------------
 
-def contrastive_loss(z, target, log_temperature, positives=None):
+def contrastive_loss(z, target, log_temperature, groups=None):
     """Symmetric InfoNCE between flattened, L2-normalised z and MLP(E): (CE(S) + CE(S^T)) / 2, S = e^tau z p^T.
 
-    positives: optional (B, B) bool marking pairs that share a caption (they all count as positives; the
-    probability mass is spread evenly over them). None = the official diagonal (local batch only).
+    groups: optional (B,) ids; samples with equal ids (the same caption) all count as positives, the target
+    mass spread evenly over them (needed when a small caption set repeats within a batch). None = the
+    official diagonal.
     """
     a = F.normalize(z.flatten(1).float(), dim=-1)                # (B, 1232)
     p = F.normalize(target.flatten(1).float(), dim=-1)           # (B, 1232)
     logits = log_temperature.float().exp() * a @ p.T             # (B, B), temperature never clamped (official)
-    if positives is None:
+    if groups is None:
         labels = torch.arange(len(a), device=a.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    soft = positives.float() / positives.float().sum(1, keepdim=True)
+    positives = (groups[:, None] == groups[None]).float()       # (B, B), symmetric
+    soft = positives / positives.sum(1, keepdim=True)
     return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft.T)) / 2
 
 

@@ -3,14 +3,32 @@
 Known answers, equivalence with the official code (testdata/official_tiny.pt, produced by the official
 FlowTok code at tiny sizes), round trips, resume and DDP checks, bad-input corpora and CLI runs.
 """
+import collections
+import contextlib
+import io
+import itertools
 import json
 import math
 import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
+import data
+import evaluate
 import flow_dit
 import projector
 import tokenizer
@@ -255,8 +273,7 @@ def test_contrastive_loss_known_answers():
         got = projector.contrastive_loss(z, p, torch.tensor(tau))
         assert got.item() == pytest.approx(math.log(1 + math.exp(-s)), rel=1e-6)
     # two rows share a caption: both count as positives with weight 1/2
-    pos = torch.ones(2, 2, dtype=torch.bool)
-    got = projector.contrastive_loss(z, p, torch.tensor(0.0), positives=pos)
+    got = projector.contrastive_loss(z, p, torch.tensor(0.0), groups=torch.tensor([7, 7]))
     expected = -0.5 * (math.log(math.e / (math.e + 1)) + math.log(1 / (math.e + 1)))
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # a 3-row case with known cosine matrix
@@ -422,3 +439,861 @@ def test_text_decoder_and_reconstruction_loss():
     uniform[:, -1, 0] = 1e4                  # a confident wrong guess after EOT must not count either
     expected = math.log(projector.CLIP_VOCAB)
     assert projector.text_reconstruction_loss(uniform, ids).item() == pytest.approx(expected, rel=1e-6)
+
+# ==========================================================================================================
+# data.py: decoding, sources and skip counts, the tar stream, the resumable loader, shapes, cache
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------- corpus helpers
+
+def _solid(size, colour, mode="RGB"):
+    """A PIL image of one colour."""
+    return Image.new(mode, size, colour)
+
+
+def _noise_image(w, h, seed):
+    """A random RGB image (random content makes a truncated JPEG truly truncated)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _jpeg_bytes(image, **kw):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **kw)
+    return buffer.getvalue()
+
+
+def _png16_rgb(path, rgb16):
+    """Write a 48-bit (16 bits per channel) RGB PNG by hand: PIL cannot create one."""
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _write_mode_images(folder):
+    """One image per awkward mode -> {file name: expected RGB of pixel (row 5, col 5) and (row 5, col 35)}."""
+    _solid((40, 40), (0, 255, 255, 0), "CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((40, 40), 128 * 257, np.uint16)).save(folder / "gray16.png")
+    _png16_rgb(folder / "rgb16.png", np.tile(np.array([65535, 32896, 0], np.uint16), (40, 40, 1)))
+    palette = Image.fromarray(np.where(np.arange(40)[None, :] < 20, 0, 1).repeat(40, 0).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 255, 9, 9, 9] + [0] * 762)
+    palette.save(folder / "palette.png", transparency=1)  # index 1 (right half) is transparent
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[:, :20] = (0, 255, 0, 255)
+    rgba[:, 20:] = (255, 0, 0, 0)  # fully transparent red -> white
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    _solid((40, 40), 100, "L").save(folder / "gray.png")
+    la = np.zeros((40, 40, 2), np.uint8)
+    la[:, :20] = (50, 255)
+    Image.fromarray(la, "LA").save(folder / "la.png")
+    return {"cmyk.jpg": ((255, 0, 0), (255, 0, 0)), "gray16.png": ((128, 128, 128),) * 2,
+            "rgb16.png": ((255, 128, 0),) * 2, "palette.png": ((0, 0, 255), (255, 255, 255)),
+            "rgba.png": ((0, 255, 0), (255, 255, 255)), "gray.png": ((100, 100, 100),) * 2,
+            "la.png": ((50, 50, 50), (255, 255, 255))}
+
+
+def _write_exif_rotated(path):
+    """48x32 stored image, left half red, right half blue, EXIF orientation 6 (display rotated 90 deg clockwise)."""
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:, :24] = (255, 0, 0)
+    pixels[:, 24:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def _write_broken_images(folder):
+    """Files that must be skipped at load time -> {file name: reason}."""
+    (folder / "zero.jpg").write_bytes(b"")
+    encoded = _jpeg_bytes(_noise_image(40, 40, 0))
+    (folder / "truncated.jpg").write_bytes(encoded[:len(encoded) // 2])
+    (folder / "text.jpg").write_text("this is not an image")
+    _solid((8, 8), (9, 9, 9)).save(folder / "tiny.png")
+    _solid((120, 120), (9, 9, 9)).save(folder / "bomb_warning.png")  # 14400 px: between the limit and twice it
+    _solid((200, 200), (9, 9, 9)).save(folder / "bomb_error.png")  # 40000 px: over twice the limit
+    return {"zero.jpg": "unreadable image", "truncated.jpg": "unreadable image", "text.jpg": "unreadable image",
+            "tiny.png": "too small", "bomb_warning.png": "decompression bomb", "bomb_error.png": "decompression bomb"}
+
+
+def _epoch(source, batch_size):
+    """Iterate one epoch (batch_size must divide len(source)) -> (captions, load-time skip counts, batches)."""
+    loader = data.Loader(source, batch_size, rank=0, world=1)
+    batches = list(itertools.islice(loader, len(source) // batch_size))
+    assert loader.state_dict() == {"position": len(source)}
+    skipped = collections.Counter()
+    for batch in batches:
+        skipped.update(batch["skipped"])
+    return [c for b in batches for c in b["caption"]], skipped, batches
+
+
+@pytest.fixture
+def low_bomb_limit(monkeypatch):
+    """PIL's decompression-bomb limit lowered to 100x100 pixels, so that a small file is a bomb."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def test_load_image_modes_come_out_rgb(tmp_path):
+    expected = _write_mode_images(tmp_path)
+    for name, (left, right) in expected.items():
+        image = data.load_image(str(tmp_path / name))
+        assert image.mode == "RGB", name
+        pixels = np.asarray(image).astype(int)
+        tolerance = 6 if name.endswith(".jpg") else 1
+        assert np.abs(pixels[5, 5] - left).max() <= tolerance, (name, pixels[5, 5])
+        assert np.abs(pixels[5, 35] - right).max() <= tolerance, (name, pixels[5, 35])
+    # bytes work like paths
+    image = data.load_image((tmp_path / "gray.png").read_bytes())
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    _write_exif_rotated(tmp_path / "exif.jpg")
+    image = data.load_image(str(tmp_path / "exif.jpg"))
+    assert image.size == (32, 48)  # turned upright: now portrait
+    pixels = np.asarray(image).astype(int)
+    assert np.abs(pixels[5, 16] - (255, 0, 0)).max() < 30  # the stored left half is now on top
+    assert np.abs(pixels[42, 16] - (0, 0, 255)).max() < 30
+    x = data.transform(image, 32)  # centre crop keeps rows 8..40: red above, blue below
+    assert x[0, 2, 16] > 0.8 and x[2, 2, 16] < 0.2 and x[2, 29, 16] > 0.8 and x[0, 29, 16] < 0.2
+
+
+def test_load_image_bad_files(tmp_path, low_bomb_limit):
+    for name, reason in _write_broken_images(tmp_path).items():
+        with pytest.raises(data.BadSample) as error:
+            data.load_image(str(tmp_path / name), min_size=16)
+        assert error.value.reason == reason, name
+    with pytest.raises(data.BadSample, match="missing file"):
+        data.load_image(str(tmp_path / "nowhere.jpg"))
+    with pytest.raises(data.BadSample, match="unreadable image"):
+        data.load_image(b"")
+
+
+def test_clean_caption():
+    assert data.clean_caption("  a red\n  circle ") == "a red circle"
+    assert data.clean_caption(b"\xef\xbb\xbfcaf\xc3\xa9") == "caf\u00e9"  # UTF-8 with a byte-order mark
+    for bad, reason in [(None, "missing caption"), ("", "empty caption"), (" \n\t", "empty caption"),
+                        (5, "non-string caption"), (["a"], "non-string caption"), (b"caf\xe9", "non-UTF-8 caption")]:
+        with pytest.raises(data.BadSample) as error:
+            data.clean_caption(bad)
+        assert error.value.reason == reason, bad
+
+
+def test_transform_crop_and_flip():
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :10] = (255, 0, 0)  # outside the centre square (columns 10..50)
+    pixels[:, 10:] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+    x = data.transform(image, 32)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x[0].max() < 0.05 and x[2].min() > 0.95
+    same = [data.transform(image, 32, True, True, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(same[0], same[1])
+    outs = {data.transform(image, 32, True, True, torch.Generator().manual_seed(s))[0].sum().item() for s in range(20)}
+    assert len(outs) > 3  # crops differ
+    torch.manual_seed(0)
+    a = data.transform(image, 32, True, True, torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert torch.equal(a, data.transform(image, 32, True, True, torch.Generator().manual_seed(3)))
+
+
+def test_expand_braces_and_spec_errors():
+    assert data.expand_braces("/d/s-{000..002}.tar") == ["/d/s-000.tar", "/d/s-001.tar", "/d/s-002.tar"]
+    assert data.expand_braces("{a,b}{8..10}") == ["a8", "a9", "a10", "b8", "b9", "b10"]
+    assert data.expand_braces("{09..11}") == ["09", "10", "11"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="unknown source kind"):
+        data.build_dataset("csv:/x.csv", 32)
+    with pytest.raises(ValueError, match="key=value"):
+        data.build_dataset("jsonl:/x.jsonl,rooot=/y", 32)
+    with pytest.raises(ValueError, match="images=DIR"):
+        data.build_dataset("coco:/x.json", 32)
+
+
+def test_format_skips():
+    counts = {"missing file": 5, "empty caption": 7, "too small": 0}
+    assert data.format_skips(counts) == "empty caption: 7, missing file: 5"
+    assert data.format_skips({}) == "none"
+
+
+# ----------------------------------------------------------------------------- map-style sources
+
+def test_jsonl_source_counts_every_skip(tmp_path, low_bomb_limit):
+    images = tmp_path / "images"
+    images.mkdir()
+    modes = _write_mode_images(images)
+    _write_exif_rotated(images / "exif.jpg")
+    broken = _write_broken_images(images)
+    long_caption = "a photo of " + "a very long caption " * 30
+    good = {name: f"good {name}" for name in modes} | {"exif.jpg": long_caption}
+    lines = [json.dumps({"image": name, "caption": caption}).encode() for name, caption in good.items()]
+    lines += [json.dumps({"image": name, "caption": f"broken {name}"}).encode() for name in broken]
+    lines += [json.dumps(record).encode() for record in [
+        {"image": "nowhere.jpg", "caption": "missing file"},
+        {"image": "gray.png"}, {"image": "gray.png", "caption": None},  # missing caption x2
+        {"image": "gray.png", "caption": ""}, {"image": "gray.png", "caption": " \n "},  # empty x2
+        {"image": "gray.png", "caption": 5}, {"image": "gray.png", "caption": ["a", "b"]},  # non-string x2
+        {"caption": "no image field"}, [1, 2]]]  # missing image, bad json line
+    lines += [b"not json at all", b'{"image": "gray.png", "caption": "caf\xe9"}', b""]  # bad json x2, blank
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+    source = data.build_dataset(f"jsonl:{tmp_path / 'train.jsonl'},root={images}", 32)
+    assert source.skipped == {"missing file": 1, "missing caption": 2, "empty caption": 2, "non-string caption": 2,
+                              "missing image": 1, "bad json line": 3}
+    assert len(source) == len(good) + len(broken) == 14
+    captions, skipped, batches = _epoch(source, 7)
+    assert skipped == {"unreadable image": 3, "too small": 1, "decompression bomb": 2, "truncated caption": 1}
+    assert sorted(captions) == sorted(" ".join(c.split()) for c in good.values())
+    for batch in batches:
+        assert batch["image"].shape == (len(batch["caption"]), 3, 32, 32) and batch["image"].dtype == torch.float32
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+        assert batch["ids"].shape == (len(batch["caption"]), 77) and batch["ids"].dtype == torch.long
+    # the root defaults to the jsonl's folder
+    (images / "local.jsonl").write_text(json.dumps({"image": "gray.png", "caption": "grey"}) + "\n")
+    assert len(data.build_dataset(f"jsonl:{images / 'local.jsonl'}", 32)) == 1
+
+
+def test_coco_source(tmp_path):
+    images = tmp_path / "train2014"
+    images.mkdir()
+    _noise_image(40, 30, 1).save(images / "c1.png")
+    _solid((50, 40), (0, 200, 0)).save(images / "c2.jpg")
+    _solid((8, 8), (0, 0, 0)).save(images / "tiny.png")
+    coco = {"images": [{"id": 1, "file_name": "c1.png"}, {"id": 2, "file_name": "c2.jpg"},
+                       {"id": 3, "file_name": "gone.jpg"}, {"id": 4, "file_name": "tiny.png"}],
+            "annotations": [{"image_id": 1, "caption": "cap one a"}, {"image_id": 1, "caption": "cap one b"},
+                            {"image_id": 2, "caption": "cap two "}, {"image_id": 3, "caption": "cap three"},
+                            {"image_id": 4, "caption": "cap tiny"}, {"image_id": 99, "caption": "orphan"},
+                            {"image_id": 2, "caption": ""}, {"image_id": 2, "caption": None},
+                            {"image_id": 1, "caption": 7}]}
+    (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
+    source = data.build_dataset(f"coco:{tmp_path / 'captions_train2014.json'},images={images}", 32)
+    assert source.skipped == {"missing file": 1, "missing image": 1, "empty caption": 1, "missing caption": 1,
+                              "non-string caption": 1}
+    captions, skipped, _ = _epoch(source, 4)
+    assert skipped == {"too small": 1}
+    assert sorted(captions) == ["cap one a", "cap one b", "cap two"]
+
+
+def test_folder_source(tmp_path):
+    root = tmp_path / "pets"
+    (root / "sub").mkdir(parents=True)
+    _noise_image(40, 40, 2).save(root / "a.png")
+    (root / "a.txt").write_text("a noisy square")
+    _solid((48, 40), (10, 20, 30)).save(root / "b.jpg")
+    (root / "b.txt").write_text("  multiple   spaces\n")
+    _solid((40, 40), 0).save(root / "c.png")  # no caption file
+    _solid((40, 40), 0).save(root / "d.png")
+    (root / "d.txt").write_bytes(b"")
+    _solid((40, 40), 0).save(root / "e.png")
+    (root / "e.txt").write_bytes(b"\xff\xfe\x00bad")
+    _solid((40, 40), (200, 0, 0)).save(root / "sub" / "f.webp")
+    (root / "sub" / "f.txt").write_text("a red webp")
+    (root / "g.jpg").write_text("not an image")
+    (root / "g.txt").write_text("broken image")
+    _solid((40, 40), 0).save(root / "h.png")
+    (root / "h.txt").write_bytes(b"\xef\xbb\xbfbom caption")
+    (root / "notes.md").write_text("ignored")
+    source = data.build_dataset(f"folder:{root}", 32)
+    assert source.skipped == {"missing caption": 1, "empty caption": 1, "non-UTF-8 caption": 1}
+    captions, skipped, _ = _epoch(source, 5)
+    assert skipped == {"unreadable image": 1}
+    assert sorted(captions) == ["a noisy square", "a red webp", "bom caption", "multiple spaces"]
+
+
+def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
+    lines = [{"image": f"gone{i}.jpg", "caption": f"c{i}"} for i in range(5)] + [{"image": "x.jpg", "caption": ""}] * 7
+    (tmp_path / "y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    spec = f"jsonl:{tmp_path / 'y.jsonl'}"
+    with pytest.raises(RuntimeError) as error:
+        data.build_dataset(spec, 32)
+    assert str(error.value) == f"{spec}: 0 usable samples out of 12 (empty caption: 7, missing file: 5)"
+    # images that exist but never decode: found while loading, after one epoch of the stream
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.jpg").write_text("no")
+        (tmp_path / "bad" / f"{i}.txt").write_text("fine caption")
+    loader = data.Loader(data.build_dataset(f"folder:{tmp_path / 'bad'}", 32), 3, rank=0, world=1)
+    with pytest.raises(RuntimeError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
+        next(iter(loader))
+    with pytest.raises(RuntimeError, match="0 usable samples out of 0"):
+        data.build_dataset(f"folder:{tmp_path / 'empty'}", 32)
+
+
+# ----------------------------------------------------------------------------- tar shards
+
+def _write_tar(path, files):
+    """A tar with (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_shards(folder, shards, per_shard):
+    """Clean shards shard-000.tar... of `per_shard` samples captioned 'sample {shard} {i}'."""
+    for s in range(shards):
+        files = []
+        for i in range(per_shard):
+            files += [(f"{s:03d}{i:03d}.jpg", _jpeg_bytes(_noise_image(36, 36, 100 * s + i))),
+                      (f"{s:03d}{i:03d}.txt", f"sample {s} {i}".encode())]
+        _write_tar(folder / f"shard-{s:03d}.tar", files)
+    return f"tar:{folder}/shard-{{000..{shards - 1:03d}}}.tar"
+
+
+def test_tar_source_decodes_and_counts(tmp_path):
+    png, webp = io.BytesIO(), io.BytesIO()
+    _solid((40, 40), (0, 255, 0)).save(png, "PNG")
+    _solid((40, 40), (0, 0, 255)).save(webp, "WEBP")
+    jpeg = _jpeg_bytes(_noise_image(40, 40, 3))
+    _write_tar(tmp_path / "a-0.tar", [
+        ("s0.jpg", jpeg), ("s0.txt", b"plain text"),
+        ("s1.png", png.getvalue()), ("s1.json", b'{"caption": "json caption", "w": 40}'),
+        ("s2.webp", webp.getvalue()), ("s2.json", b'{"txt": "txt field"}'),
+        ("s3.jpg", jpeg),  # missing caption
+        ("s4.txt", b"no image"),  # missing image
+        ("s5.jpg", b"garbage"), ("s5.txt", b"unreadable"),
+        ("s6.jpg", jpeg), ("s6.json", b"{not json"),
+        ("s7.jpeg", jpeg), ("s7.txt", b"  "),
+        ("dir/s8.jpg", jpeg), ("dir/s8.cls.txt", b"1"), ("dir/s8.txt", b"in a folder")])
+    _write_tar(tmp_path / "a-1.tar", [file for i in range(4) for file in [(f"t{i}.jpg", jpeg),
+                                                                          (f"t{i}.txt", f"t{i} ".encode() * 400)]])
+    with tarfile.open(tmp_path / "a-1.tar") as tar:
+        cut = tar.getmember("t3.txt").offset_data + 100
+    (tmp_path / "a-1.tar").write_bytes((tmp_path / "a-1.tar").read_bytes()[:cut])  # a shard cut short
+    source = data.build_dataset(f"tar:{tmp_path}/a-{{0..2}}.tar", 32)  # a-2.tar does not exist
+    assert source.skipped == {"missing shard": 1} and len(source.shards) == 2
+    counts, captions = collections.Counter(), []
+    stream = source.samples(seed=0, reader=0, readers=1, cursor=dict(epoch=0, shard=0, offset=0, seen=0))
+    for sample, cursor in itertools.islice(stream, 100):
+        if cursor["epoch"] == 1:
+            break
+        if isinstance(sample, data.BadSample):
+            counts[sample.reason] += 1
+        else:
+            assert sample["image"].shape == (3, 32, 32)
+            captions.append(sample["caption"][:10])
+    assert cursor["epoch"] == 1, "the stream must move on to epoch 1 after both shards"
+    assert counts == {"missing caption": 1, "missing image": 1, "unreadable image": 1, "bad json caption": 1,
+                      "empty caption": 1, "unreadable shard": 1}
+    assert sorted(captions) == sorted(["plain text", "json capti", "txt field", "in a folde",
+                                       "t0 t0 t0 t", "t1 t1 t1 t", "t2 t2 t2 t"])  # t3 was cut off
+    batch = next(iter(data.make_loader(source, 7, rank=0, world=1)))
+    assert sorted(c[:10] for c in batch["caption"]) == sorted(captions)
+    assert batch["skipped"]["truncated caption"] == 3 and batch["ids"].shape == (7, 77)
+
+
+def test_tar_ranks_and_workers_split_the_corpus_and_resume(tmp_path):
+    spec = _write_shards(tmp_path, shards=8, per_shard=4)
+    source = data.build_dataset(spec, 32, random_crop=True, flip=True)
+    # 2 ranks x 2 workers = 4 readers, 2 shards (8 samples, 2 batches) each per epoch: 4 batches per rank per epoch
+    epochs = []
+    for rank in range(2):
+        batches = list(itertools.islice(data.make_loader(source, 4, seed=5, rank=rank, world=2, num_workers=2), 8))
+        epochs.append([[c for b in batches[e * 4:(e + 1) * 4] for c in b["caption"]] for e in range(2)])
+    everything = sorted(f"sample {s} {i}" for s in range(8) for i in range(4))
+    for e in range(2):
+        assert sorted(epochs[0][e] + epochs[1][e]) == everything  # disjoint (no repeats) and complete
+    assert epochs[0][0] + epochs[1][0] != epochs[0][1] + epochs[1][1]  # reshuffled per epoch
+
+    loader = data.make_loader(source, 4, seed=5, rank=1, world=2, noise_dim=3, num_workers=2)
+    stream = iter(loader)
+    for _ in range(3):
+        next(stream)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))  # what a checkpoint holds
+    expected = [next(stream) for _ in range(4)]
+    resumed = data.make_loader(source, 4, seed=5, rank=1, world=2, noise_dim=3, num_workers=2)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, itertools.islice(resumed, 4)):
+        assert want["caption"] == got["caption"]
+        assert torch.equal(want["image"], got["image"]) and torch.equal(want["noise"], got["noise"])
+    with pytest.raises(ValueError, match="same world size and worker count"):
+        data.make_loader(source, 4, rank=1, world=2, num_workers=1).load_state_dict(state)
+
+
+def test_tar_too_few_shards_and_dead_shards(tmp_path):
+    spec = _write_shards(tmp_path, shards=3, per_shard=2)
+    with pytest.raises(ValueError, match="3 shards cannot feed 2 ranks x 2 workers"):
+        data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=2, num_workers=2)
+    _write_tar(tmp_path / "dead.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
+    with pytest.raises(RuntimeError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
+        next(iter(data.make_loader(data.build_dataset(f"tar:{tmp_path}/dead.tar", 32), 2, rank=0, world=1)))
+    with pytest.raises(RuntimeError, match="no shard found"):
+        data.build_dataset(f"tar:{tmp_path}/nothing-{{0..3}}.tar", 32)
+
+
+# ----------------------------------------------------------------------------- the map-style loader
+
+@pytest.fixture
+def noisy_folder(tmp_path):
+    """12 random non-square images with captions, read with random crop and flip."""
+    for i in range(12):
+        _noise_image(44, 36, i).save(tmp_path / f"{i:02d}.png")
+        (tmp_path / f"{i:02d}.txt").write_text(f"image number {i}")
+    return data.build_dataset(f"folder:{tmp_path}", 32, random_crop=True, flip=True)
+
+
+def _merge(batches):
+    """Batches of several ranks -> one batch ordered by stream position."""
+    position = torch.cat([b["position"] for b in batches])
+    order = position.argsort()
+    merged = {key: torch.cat([b[key] for b in batches])[order]
+              for key in ("position", "index", "image", "ids", "noise")}
+    merged["caption"] = [c for b in batches for c in b["caption"]]
+    merged["caption"] = [merged["caption"][i] for i in order]
+    return merged
+
+
+def _assert_same_batch(a, b):
+    assert a["caption"] == b["caption"]
+    for key in ("position", "index", "image", "ids", "noise"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_ranks_equal_one_process_and_cover_each_epoch(noisy_folder):
+    one = list(itertools.islice(data.Loader(noisy_folder, 6, seed=3, rank=0, world=1, noise_dim=5), 4))
+    ranks = [list(itertools.islice(data.Loader(noisy_folder, 3, seed=3, rank=r, world=2, noise_dim=5), 4))
+             for r in range(2)]
+    for k in range(4):
+        assert ranks[0][k]["position"].tolist() == list(range(6 * k, 6 * k + 6, 2))  # strided positions
+        _assert_same_batch(_merge([ranks[0][k], ranks[1][k]]), one[k])
+    assert one[0]["noise"].shape == (6, 5) and one[0]["image"].shape == (6, 3, 32, 32)
+    epoch0 = torch.cat([one[0]["index"], one[1]["index"]])
+    epoch1 = torch.cat([one[2]["index"], one[3]["index"]])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(12))
+    assert not torch.equal(epoch0, epoch1)  # a new permutation each epoch
+    # an epoch boundary inside a batch (10 samples, batches of 4)
+    shapes = data.build_dataset("shapes:n=10", 32)
+    index = torch.cat([b["index"] for b in itertools.islice(data.Loader(shapes, 4, rank=0, world=1), 5)])
+    assert sorted(index[:10].tolist()) == sorted(index[10:].tolist()) == list(range(10))
+
+
+def test_resume_continues_exactly(noisy_folder):
+    full = list(itertools.islice(data.Loader(noisy_folder, 3, seed=1, rank=1, world=2, noise_dim=4), 6))
+    loader = data.Loader(noisy_folder, 3, seed=1, rank=1, world=2, noise_dim=4)
+    stream = iter(loader)
+    next(stream), next(stream)
+    state = loader.state_dict()
+    assert state == {"position": 2 * 3 * 2}
+    resumed = data.Loader(noisy_folder, 3, seed=1, rank=1, world=2, noise_dim=4)
+    resumed.load_state_dict(state)
+    for want, got in zip(full[2:], itertools.islice(resumed, 4)):
+        _assert_same_batch(want, got)
+
+
+def test_workers_do_not_change_the_batches(noisy_folder):
+    plain = list(itertools.islice(data.Loader(noisy_folder, 4, seed=2, rank=0, world=1, noise_dim=2), 5))
+    loader = data.Loader(noisy_folder, 4, seed=2, rank=0, world=1, noise_dim=2, num_workers=2)
+    for want, got in zip(plain, itertools.islice(loader, 5)):
+        _assert_same_batch(want, got)
+    assert loader.state_dict() == {"position": 20}
+
+
+# ----------------------------------------------------------------------------- pre-tokenised cache
+
+def test_cache_write_append_and_read(tmp_path):
+    rng = np.random.default_rng(0)
+    posterior, clip = rng.normal(size=(5, 77, 32)), torch.randn(5, 77, 8, dtype=torch.bfloat16)
+    ids = rng.integers(0, 49408, (5, 77))
+    captions = [f"cached caption {i}" for i in range(5)]
+    data.write_cache(tmp_path / "c", posterior[:3], clip[:3], ids[:3], captions[:3])
+    data.write_cache(tmp_path / "c", posterior[3:], clip[3:], ids[3:], captions[3:])  # appended
+    stored = np.load(tmp_path / "c" / "posterior.npy", mmap_mode="r")
+    assert stored.shape == (5, 77, 32) and stored.dtype == np.float16
+    source = data.build_dataset(f"cache:{tmp_path / 'c'}", 32)
+    assert len(source) == 5
+    sample = source.get(4)
+    assert torch.equal(sample["posterior"], torch.from_numpy(posterior[4].astype(np.float16).astype(np.float32)))
+    assert torch.equal(sample["clip"], clip[4].float().half().float())
+    assert sample["ids"].dtype == torch.long and sample["ids"].tolist() == ids[4].tolist()
+    assert sample["caption"] == "cached caption 4"
+    assert len(pickle.dumps(source)) < 4000  # memory maps are not pickled into workers
+    batch = next(iter(data.Loader(source, 5, rank=0, world=1, noise_dim=2)))
+    assert batch["posterior"].shape == (5, 77, 32) and batch["posterior"].dtype == torch.float32
+    assert batch["clip"].shape == (5, 77, 8) and "image" not in batch and batch["ids"].shape == (5, 77)
+    assert sorted(batch["caption"]) == captions
+
+
+# ----------------------------------------------------------------------------- shapes world
+
+def test_shapes_deterministic_and_splits():
+    a, attrs = data.shapes_batch("train", range(40), seed=1)
+    b, _ = data.shapes_batch("train", range(40), seed=1)
+    c, _ = data.shapes_batch("train", range(40), seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (40, 3, 32, 32)
+    assert data.shapes_batch("train", [7], seed=1)[1][0] == attrs[7]  # a sample depends on its index only
+    held = set(data.HELDOUT_PAIRS)
+    assert len(held) == 4 and len({c for c, _ in held}) == 4 and len({s for _, s in held}) == 4
+    train, train_attrs = data.shapes_batch("train", range(3000))
+    heldout, heldout_attrs = data.shapes_batch("heldout", range(500))
+    _, novel_attrs = data.shapes_batch("novel", range(500))
+    assert not {(x["colour"], x["shape"]) for x in train_attrs + heldout_attrs} & held
+    assert {(x["colour"], x["shape"]) for x in novel_attrs} == held
+    distance = torch.cdist(heldout.flatten(1), train.flatten(1))
+    assert distance.min() > 0.1  # no heldout image is a training image
+    assert {data.caption_for(x) for x in train_attrs} == set(data.shapes_prompts("train"))
+    assert set(data.shapes_prompts("heldout")) == set(data.shapes_prompts("train"))
+    assert len(data.shapes_prompts("train")) == 200 and len(data.shapes_prompts("novel")) == 40
+    assert len(set(data.shapes_prompts("train")) | set(data.shapes_prompts("novel"))) == 240
+    source = data.build_dataset("shapes:split=novel,n=7,seed=1", 64)
+    sample = source.get(3)
+    assert len(source) == 7 and sample["image"].shape == (3, 64, 64)
+    parsed = data.parse_caption(sample["caption"])
+    assert (parsed["colour"], parsed["shape"]) in held
+    with pytest.raises(ValueError, match="unknown split"):
+        data.build_dataset("shapes:split=test", 32)
+
+
+def test_shapes_captions_round_trip():
+    for caption in data.shapes_prompts("train") + data.shapes_prompts("novel"):
+        attrs = data.parse_caption(caption)
+        assert attrs is not None and data.caption_for(attrs) == caption
+    assert data.parse_caption("A Large  red circle on the left.") == {"colour": "red", "shape": "circle",
+                                                                     "size": "large", "position": "left"}
+    assert data.parse_caption("a small blue square at the top")["position"] == "top"
+    for bad in ("a red circle", "a huge red circle on the left", "a large red circle on the left and more", ""):
+        assert data.parse_caption(bad) is None
+
+
+@pytest.mark.parametrize("split", data.SPLITS)
+def test_shape_analyser_reads_renders_back(split):
+    images, attrs = data.shapes_batch(split, range(600), seed=4)
+    accuracy = data.shape_accuracy(images, attrs)
+    assert min(accuracy.values()) >= 0.99, accuracy
+    images, attrs = data.shapes_batch(split, range(100), seed=4, size=64)
+    captions = [data.caption_for(x) for x in attrs]
+    assert min(data.shape_accuracy(images, captions).values()) >= 0.99
+    # a blank image or a wrong caption scores as wrong
+    assert data.analyse_shape(torch.zeros(3, 32, 32))["shape"] is None
+    wrong = [dict(x, colour="cyan" if x["colour"] != "cyan" else "red") for x in attrs]
+    assert data.shape_accuracy(images, wrong)["colour"] == 0
+
+# ==========================================================================================================
+# evaluate.py: Frechet distance, the bundled FID Inception, the fid CLI, BLEU-4 and CIDEr-D
+# ==========================================================================================================
+
+REPO = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_identical_statistics_give_zero():
+    feats = np.random.default_rng(0).standard_normal((50, 8))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_diagonal_gaussians_closed_form_and_symmetric():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    # |mu1-mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2)) = (1 + 0 + 4) + ((1+4-4) + (4+1-4) + (9+1-6)) = 5 + 6 = 11
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert expected == 11
+    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(11, abs=1e-9)
+    assert evaluate.frechet_distance(mu2, np.diag(s2), mu1, np.diag(s1)) == pytest.approx(11, abs=1e-9)
+    # rotating both Gaussians leaves the distance unchanged, and makes sqrtm work on a non-diagonal product
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((3, 3)))
+    r1, r2 = q @ np.diag(s1) @ q.T, q @ np.diag(s2) @ q.T
+    assert evaluate.frechet_distance(q @ mu1, r1, q @ mu2, r2) == pytest.approx(11, abs=1e-9)
+    assert evaluate.frechet_distance(q @ mu2, r2, q @ mu1, r1) == pytest.approx(11, abs=1e-9)
+
+
+def test_frechet_singular_product_adds_eps_offset(monkeypatch):
+    calls, real_sqrtm = [], evaluate._sqrtm
+
+    def singular_first(m):  # the first sqrtm "fails" as on a singular product (non-finite result)
+        calls.append(m)
+        return np.full_like(m, np.inf) if len(calls) == 1 else real_sqrtm(m)
+    monkeypatch.setattr(evaluate, "_sqrtm", singular_first)
+    s1, s2, eps = np.diag([1.0, 4.0]), np.diag([4.0, 1.0]), 1e-2
+    d = evaluate.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=eps)
+    np.testing.assert_allclose(calls[1], (s1 + eps * np.eye(2)) @ (s2 + eps * np.eye(2)))
+    # tr(s1) + tr(s2) - 2 tr sqrt((s1 + eps) (s2 + eps)) = 10 - 4 sqrt(1.01 * 4.01)
+    assert d == pytest.approx(10 - 4 * math.sqrt(1.01 * 4.01), abs=1e-12)
+
+
+def test_frechet_large_imaginary_part_raises():
+    # a "covariance" with a negative eigenvalue: sqrtm is genuinely complex, which must not be silently dropped
+    with pytest.raises(ValueError, match="imaginary"):
+        evaluate.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+
+
+def test_feature_stats_match_numpy():
+    feats = torch.randn(37, 16, dtype=torch.float32) * 3 + 1
+    acc = evaluate.FeatureStats(dim=16)
+    for chunk in feats.split(10):
+        acc.update(chunk)
+    mu, sigma = acc.mean_cov()
+    ref = feats.double().numpy()
+    assert acc.n == 37 and mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, ref.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(ref, rowvar=False), rtol=1e-10, atol=1e-10)  # unbiased (N-1)
+
+
+# ------------------------------------------------------------------------------------------------ input pipeline
+
+def test_resize_tf1_known_answer():
+    # TF1 align_corners=False samples source x = i * in/out = 0, 0.5, 1, 1.5 (clamped): [0, 5, 10, 10];
+    # PyTorch's half-pixel bilinear gives [0, 2.5, 7.5, 10]
+    row = torch.tensor([0.0, 10.0]).expand(1, 1, 2, 2)
+    out = evaluate.resize_tf1(row, 4)
+    assert out.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 5.0, 10.0, 10.0]))
+    torch.testing.assert_close(F.interpolate(row, size=(4, 4), mode="bilinear", align_corners=False)[0, 0, 0],
+                               torch.tensor([0.0, 2.5, 7.5, 10.0]))
+
+
+def test_preprocess_normalisations():
+    img = torch.full((1, 3, 20, 30), 128, dtype=torch.uint8)
+    torch.testing.assert_close(evaluate.preprocess(img, "bilinear"), torch.full((1, 3, 299, 299), 2 * 128 / 255 - 1))
+    torch.testing.assert_close(evaluate.preprocess(img, "tf"), torch.zeros(1, 3, 299, 299))  # (128 - 128) / 128
+    torch.testing.assert_close(evaluate.preprocess(img.float() / 255, "bilinear"), evaluate.preprocess(img))
+
+
+# ------------------------------------------------- the bundled Inception vs an independent pytorch-fid construction
+
+class RefFIDInceptionA(InceptionA):
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([self.branch1x1(x), b5, b3, pool], 1)
+
+
+class RefFIDInceptionC(InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_1(x)
+        b7d = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(b7d))))
+        pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([self.branch1x1(x), b7, b7d, pool], 1)
+
+
+class RefFIDInceptionE(InceptionE):
+    def __init__(self, in_channels, max_pool):
+        super().__init__(in_channels)
+        self.max_pool = max_pool
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        if self.max_pool:  # pytorch-fid's FIDInceptionE_2
+            pool = F.max_pool2d(x, 3, stride=1, padding=1)
+        else:  # FIDInceptionE_1
+            pool = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.cat([self.branch1x1(x), b3, b3d, self.branch_pool(pool)], 1)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    """(random-weights file named and keyed like pytorch-fid's release, the torchvision-built reference net)."""
+    torch.manual_seed(0)
+    ref = Inception3(num_classes=1008, aux_logits=False, init_weights=False)  # pytorch-fid's fid_inception_v3()
+    for name, c_in, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
+        setattr(ref, name, RefFIDInceptionA(c_in, pool_features=pool))
+    for name, c7 in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
+        setattr(ref, name, RefFIDInceptionC(768, channels_7x7=c7))
+    ref.Mixed_7b, ref.Mixed_7c = RefFIDInceptionE(1280, max_pool=False), RefFIDInceptionE(2048, max_pool=True)
+    with torch.no_grad():  # random weights that keep activations O(1) through the ~100 layers
+        for m in ref.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / evaluate.FID_WEIGHTS_FILE
+    torch.save(ref.state_dict(), path)
+    ref.fc = nn.Identity()  # pool3 features out of torchvision's forward
+    return path, ref.eval()
+
+
+def test_inception_matches_independent_construction(fid_weights):
+    path, ref = fid_weights
+    net = evaluate.load_inception(str(path))  # strict load: also checks every key name and shape
+    images = torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = ref(2 * F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 1)
+        got = net(evaluate.preprocess(images))
+    assert got.shape == (2, 2048) and torch.isfinite(got).all() and expected.abs().mean() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_missing_weights_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(evaluate.EvalError) as err:
+        evaluate.load_inception()
+    msg = str(err.value)
+    assert evaluate.FID_WEIGHTS_URL in msg and "--inception-weights" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / evaluate.FID_WEIGHTS_FILE) in msg
+
+
+# --------------------------------------------------------------------------------------------------- the fid CLI
+
+def _write_images(folder, seed, bright, count=4):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        img = rng.integers(0, 256, (32, 32, 3)) // 4 + (160 if bright else 0)
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return str(folder)
+
+
+def _fid(*argv):
+    """Run `evaluate.py fid ...` through main(); -> (returned value, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        value = evaluate.main(evaluate.build_parser().parse_args(["fid", *argv]))
+    return value, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fid_runs(fid_weights, tmp_path_factory):
+    """The shared CLI runs on two folders of 4 PNGs each (4 < 2048: singular covariances); 3 2048-d sqrtm."""
+    tmp = tmp_path_factory.mktemp("fid")
+    a, b = _write_images(tmp / "a", 0, bright=False), _write_images(tmp / "b", 1, bright=True)
+    opts = ["--inception-weights", str(fid_weights[0]), "--device", "cpu", "--num-workers", "0"]
+    runs = {"dir": tmp}
+    runs["ab"] = _fid(a, b, "--save-stats", str(tmp / "a_bs3.npz"), "--batch-size", "3", *opts)
+    runs["save_a"] = _fid(a, "--save-stats", str(tmp / "a.npz"), "--batch-size", "4", *opts)
+    runs["ba"] = _fid(b, str(tmp / "a.npz"), *opts)
+    runs["aa"] = _fid(str(tmp / "a.npz"), str(tmp / "a_bs3.npz"), *opts)
+    runs["tf_a"] = _fid(a, "--resize", "tf", "--save-stats", str(tmp / "a_tf.npz"), *opts)
+    return runs
+
+
+def test_fid_cli_reports_and_warns(fid_runs):
+    value, out, err = fid_runs["ab"]
+    assert math.isfinite(value) and value > 0
+    assert f"FID: {value:.4f}" in out and "bilinear" in out and "REAL 4" in out and "float64" in out
+    assert "4 < 2048" in err
+
+
+def test_fid_cli_save_stats_only_writes_statistics(fid_runs):
+    value, out, _ = fid_runs["save_a"]
+    assert value is None and "FID" not in out
+    with np.load(fid_runs["dir"] / "a.npz") as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["mu"].dtype == np.float64
+        assert int(f["n"]) == 4 and str(f["resize"]) == "bilinear"
+
+
+def test_fid_cli_stable_across_runs_and_batch_sizes(fid_runs):
+    with np.load(fid_runs["dir"] / "a.npz") as f4, np.load(fid_runs["dir"] / "a_bs3.npz") as f3:
+        np.testing.assert_allclose(f4["mu"], f3["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f4["sigma"], f3["sigma"], rtol=1e-4, atol=1e-6 * np.abs(f4["sigma"]).max())
+
+
+def test_fid_cli_symmetric_and_npz_round_trip(fid_runs):
+    # fid(B folder, A's saved .npz) == fid(A folder, B folder), B recomputed with another batch size
+    assert fid_runs["ba"][0] == pytest.approx(fid_runs["ab"][0], rel=1e-6)
+
+
+def test_fid_cli_same_images_give_zero(fid_runs):
+    # A's statistics from two runs (batch sizes 4 and 3): singular covariances, sqrtm of a rank-3 product
+    assert abs(fid_runs["aa"][0]) < 1e-4 * fid_runs["ab"][0]
+
+
+def test_fid_cli_tf_resize_differs(fid_runs):
+    # compared on the statistics: one more FID would cost another 2048-d sqrtm (~10 s here)
+    with np.load(fid_runs["dir"] / "a.npz") as f, np.load(fid_runs["dir"] / "a_tf.npz") as f_tf:
+        assert str(f_tf["resize"]) == "tf"
+        assert np.isfinite(f_tf["mu"]).all() and np.isfinite(f_tf["sigma"]).all()
+        assert np.abs(f_tf["mu"] - f["mu"]).max() > 1e-3 * np.abs(f["mu"]).max()
+        # the distance between the two fits, on the first 64 dimensions (cheap sqrtm): finite and non-zero
+        d = evaluate.frechet_distance(f["mu"][:64], f["sigma"][:64, :64], f_tf["mu"][:64], f_tf["sigma"][:64, :64])
+        assert math.isfinite(d) and d > 0
+
+
+def test_fid_cli_unreadable_image(fid_weights, tmp_path):
+    folder = Path(_write_images(tmp_path / "c", 2, bright=False, count=2))
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(evaluate.EvalError, match=r"1 unreadable image\(s\): broken.png"):
+        _fid(str(folder), "--save-stats", str(tmp_path / "c.npz"), "--inception-weights", str(fid_weights[0]),
+             "--device", "cpu", "--num-workers", "0")
+
+
+def test_fid_cli_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "fid", str(tmp_path / "empty"),
+                           "--save-stats", str(tmp_path / "x.npz")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate.py: error:") and "no images" in last
+
+
+# ----------------------------------------------------------------------------------------------- caption metrics
+
+def test_ptb_tokenize():
+    assert evaluate.ptb_tokenize('A dog\'s toy, (red) "ball"... isn\'t it? 3.5 kg - 12:30.') == \
+        ["a", "dog", "'s", "toy", "red", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
+
+
+def test_bleu4_identical_is_one_and_disjoint_is_zero():
+    refs = {1: ["a man riding a horse on a beach"], 2: ["two dogs play in the snow", "dogs in snow"]}
+    assert evaluate.bleu4({1: "A man riding a horse on a beach.", 2: "two dogs play in the snow"},
+                          refs) == pytest.approx(1.0, abs=1e-6)
+    assert evaluate.bleu4({1: "x y z w v u t s", 2: "p q r o n m"}, refs) < 1e-9
+
+
+def test_bleu4_worked_examples():
+    # candidate "the cat sat on the mat" vs reference "the cat sat on a mat" (6 words each: no brevity penalty)
+    #   1-grams: the x2 (clipped to 1), cat, sat, on, mat -> 5/6
+    #   2-grams: the cat, cat sat, sat on | on the, the mat -> 3/5
+    #   3-grams: the cat sat, cat sat on | sat on the, on the mat -> 2/4
+    #   4-grams: the cat sat on | cat sat on the, sat on the mat -> 1/3
+    #   BLEU-4 = (5/6 * 3/5 * 2/4 * 1/3)^(1/4) = (1/12)^(1/4) = 0.537285
+    cand, refs = {1: "the cat sat on the mat"}, {1: ["the cat sat on a mat"]}
+    assert evaluate.bleu4(cand, refs) == pytest.approx((1 / 12) ** 0.25, rel=1e-8)
+    # corpus level: add "a dog runs" vs ["a dog runs fast", "a big dog runs in the park"]: matches 3/3, 2/2, 1/1,
+    # 0/0; closest reference length 4. Counts are summed over the corpus before the precisions:
+    #   (5+3)/(6+3) * (3+2)/(5+2) * (2+1)/(4+1) * (1+0)/(3+0) = 8/63; lengths 9 vs 6+4 -> BP = exp(1 - 10/9)
+    cand[2], refs[2] = "a dog runs", ["a dog runs fast", "a big dog runs in the park"]
+    assert evaluate.bleu4(cand, refs) == pytest.approx((8 / 63) ** 0.25 * math.exp(-1 / 9), rel=1e-8)
+
+
+def test_bleu4_closest_reference_length_tie_takes_the_shorter():
+    # 5 words, references of 4 and 6 words, all n-grams match: the tie goes to 4 -> no brevity penalty -> 1.0
+    # (taking 6 would give exp(1 - 6/5) = 0.819)
+    assert evaluate.bleu4({1: "a man rides a horse"}, {1: ["a man rides a", "a man rides a horse today"]}) == \
+        pytest.approx(1.0, abs=1e-6)
+
+
+def test_cider_d_worked_examples():
+    # two ids, N = 2: "a" is in both reference sets (idf log 2 - log 2 = 0); every other n-gram has df 1 or 0,
+    # hence weight tf * log 2, and log 2 cancels in the cosines. Identical two-word captions match on 1- and
+    # 2-grams only (no 3-/4-grams): 10 * mean(1, 1, 0, 0) = 5
+    assert evaluate.cider_d({1: "a cat", 2: "a dog"}, {1: ["a cat"], 2: ["a dog"]}) == pytest.approx(5.0)
+    # id 1: "a cat cat" vs ["a black cat", "a cat"]; id 2: "a white dog" vs ["a dog"]  (units of log 2)
+    #   id 1, cand 1-grams {cat: 2} (norm 2), 2-grams {a cat: 1, cat cat: 1} (norm sqrt 2), length 2 bigrams
+    #     vs "a black cat" (1-gram norm sqrt 2, length 2): 1-gram min(2, 1) * 1 / (2 sqrt 2) = 0.353553; rest 0
+    #     vs "a cat" (norms 1, length 1, penalty exp(-1/72) = 0.986207): 1-gram 1/2, 2-gram 1/sqrt 2
+    #     10 * (0.353553 + 0.986207 * (0.5 + 0.707107)) / 4 / 2 = 1.930013
+    #   id 2: 1-gram {white, dog} . {dog} = 1 / sqrt 2, penalty exp(-1/72): 10 * 0.697354 / 4 = 1.743385
+    #   CIDEr-D = (1.930013 + 1.743385) / 2 = 1.836699
+    cands = {1: "a cat cat", 2: "a white dog"}
+    refs = {1: ["a black cat", "a cat"], 2: ["a dog"]}
+    p = math.exp(-1 / 72)
+    id1 = 10 * (1 / (2 * math.sqrt(2)) + p * (0.5 + 1 / math.sqrt(2))) / 4 / 2
+    id2 = 10 * p / math.sqrt(2) / 4
+    assert evaluate.cider_d(cands, refs) == pytest.approx((id1 + id2) / 2, rel=1e-9)
+    assert evaluate.cider_d(cands, refs) == pytest.approx(1.836699, abs=1e-6)
+    # clipping: repeating a matched word does not raise the score ("a cat cat" scores below "a cat" on id 1)
+    assert evaluate.cider_d({1: "a cat", 2: "a white dog"}, refs) > evaluate.cider_d(cands, refs)
+    assert evaluate.cider_d({1: "x y", 2: "z w"}, refs) == 0.0
+
+
+def test_caption_metrics_reject_mismatched_ids():
+    with pytest.raises(ValueError):
+        evaluate.bleu4({1: "a cat"}, {2: ["a cat"]})
+    with pytest.raises(ValueError):
+        evaluate.cider_d({1: "a cat"}, {1: []})

@@ -14,6 +14,7 @@ Official names: the state dict of the released `FlowTiTok_512.bin` is mapped ont
 load_official_tokenizer (conv 1x1 layers become Linear layers, `latent_tokens` moves into the encoder).
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -144,20 +145,28 @@ class ViT(nn.Module):
 class Encoder(ViT):
     """image (B, 3, S, S) -> posterior (mean, logvar), each (B, 77, 16), float32."""
 
-    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels):
+    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, latent_layout="tokens"):
         super().__init__(width, depth, heads, image_size // patch_size)
         scale = width ** -0.5
+        self.layout, self.num_tokens = latent_layout, num_tokens
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
-        self.latent_tokens = nn.Parameter(scale * torch.randn(num_tokens, width))
-        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
         self.ln_post = nn.LayerNorm(width)
-        self.to_moments = nn.Linear(width, 2 * channels)      # official conv_out (1x1 conv)
+        if latent_layout == "tokens":         # official: 77 learned query tokens ride along through the ViT
+            self.latent_tokens = nn.Parameter(scale * torch.randn(num_tokens, width))
+            self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+            self.to_moments = nn.Linear(width, 2 * channels)                    # official conv_out (1x1 conv)
+        else:                                 # "linear": the 77 tokens are one linear read-out of the patch grid
+            self.to_moments = nn.Linear(self.grid_tokens * width, num_tokens * 2 * channels)
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                  # (B, g*g, W), no abs. positions
-        latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
-        x = self.run_blocks(torch.cat([x, latents], dim=1))
-        moments = self.to_moments(self.ln_post(x[:, self.grid_tokens:]))         # (B, 77, 32)
+        if self.layout == "tokens":
+            latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
+            x = self.run_blocks(torch.cat([x, latents], dim=1))
+            moments = self.to_moments(self.ln_post(x[:, self.grid_tokens:]))     # (B, 77, 32)
+        else:
+            x = self.ln_post(self.run_blocks(x)).flatten(1)                       # (B, g*g*W)
+            moments = self.to_moments(x).view(len(x), self.num_tokens, -1)        # (B, 77, 32)
         with torch.autocast(moments.device.type, enabled=False):                # posterior maths in float32
             mean, logvar = moments.float().chunk(2, dim=-1)
             return mean, logvar.clamp(-30.0, 20.0)
@@ -166,25 +175,34 @@ class Encoder(ViT):
 class Decoder(ViT):
     """tokens (B, 77, 16) + text features (B, 77, text_dim) -> image (B, 3, S, S) (no output activation)."""
 
-    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, text_dim, text_len):
+    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, text_dim, text_len,
+                 latent_layout="tokens", text_guidance=True):
         super().__init__(width, depth, heads, image_size // patch_size)
         scale = width ** -0.5
-        self.patch_size, self.grid = patch_size, image_size // patch_size
-        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
-        self.decoder_embed = nn.Linear(channels, width)
-        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
-        self.text_guidance_proj = nn.Linear(text_dim, width)
-        self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(text_len, width))
+        self.patch_size, self.grid, self.layout = patch_size, image_size // patch_size, latent_layout
+        if latent_layout == "tokens":         # official: mask tokens (positions from RoPE) + the 77 tokens
+            self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
+            self.decoder_embed = nn.Linear(channels, width)
+            self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+        else:                                 # "linear": the patch grid is one linear function of the 77 tokens
+            self.decoder_embed = nn.Linear(num_tokens * channels, self.grid_tokens * width)
+        if text_guidance:
+            self.text_guidance_proj = nn.Linear(text_dim, width)
+            self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(text_len, width))
         self.ln_post = nn.LayerNorm(width)
         self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)         # official ffn.0 (1x1 conv)
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
-    def forward(self, tokens, text):
+    def forward(self, tokens, text=None):
         B, g, p = len(tokens), self.grid, self.patch_size
-        x = torch.cat([self.mask_token.expand(B, g * g, -1),
-                       self.decoder_embed(tokens) + self.latent_token_positional_embedding,
-                       self.text_guidance_proj(text) + self.text_guidance_positional_embedding], dim=1)
-        x = self.run_blocks(x)
+        if self.layout == "tokens":
+            seq = [self.mask_token.expand(B, g * g, -1),
+                   self.decoder_embed(tokens) + self.latent_token_positional_embedding]
+        else:
+            seq = [self.decoder_embed(tokens.flatten(1)).view(B, g * g, -1)]
+        if hasattr(self, "text_guidance_proj"):
+            seq.append(self.text_guidance_proj(text) + self.text_guidance_positional_embedding)
+        x = self.run_blocks(torch.cat(seq, dim=1))
         x = self.to_pixels(self.ln_post(x[:, :g * g]))                          # (B, g*g, p*p*3)
         # depth-to-space: feature (p1*p + p2)*3 + c of cell (r, col) -> pixel (r*p + p1, col*p + p2)
         x = x.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
@@ -192,21 +210,35 @@ class Decoder(ViT):
 
 
 class Tokenizer(nn.Module):
-    """FlowTiTok: encode images to a 77x16 posterior, decode 77x16 tokens (+ text) to images."""
+    """FlowTiTok: encode images to a 77x16 posterior, decode 77x16 tokens (+ text) to images.
+
+    The defaults are the official model. Three options exist for tiny CPU models (the demo) and keep the
+    official behaviour at their defaults: latent_layout "linear" (the 77 tokens are a linear read-out of the
+    patch grid and back, instead of learned query tokens riding through the ViTs: much faster to train at
+    small sizes), text_guidance False (a decoder without the CLIP tokens), logvar_init (the initial
+    posterior log-variance; a very negative value lets the decoder see the latent from the first step).
+    """
 
     def __init__(self, image_size=256, patch_size=16, enc_width=768, enc_depth=12, enc_heads=12,
                  dec_width=1024, dec_depth=24, dec_heads=16, num_tokens=77, channels=16, text_dim=768,
-                 text_len=77, scale_factor=SCALE_FACTOR):
+                 text_len=77, scale_factor=SCALE_FACTOR, latent_layout="tokens", text_guidance=True,
+                 logvar_init=0.0):
         super().__init__()
+        if latent_layout not in ("tokens", "linear"):
+            raise ValueError(f"latent_layout must be 'tokens' or 'linear', not {latent_layout!r}")
         self.config = dict(image_size=image_size, patch_size=patch_size, enc_width=enc_width, enc_depth=enc_depth,
                            enc_heads=enc_heads, dec_width=dec_width, dec_depth=dec_depth, dec_heads=dec_heads,
                            num_tokens=num_tokens, channels=channels, text_dim=text_dim, text_len=text_len,
-                           scale_factor=scale_factor)
+                           scale_factor=scale_factor, latent_layout=latent_layout, text_guidance=text_guidance,
+                           logvar_init=logvar_init)
         self.image_size, self.scale_factor = image_size, scale_factor
-        self.encoder = Encoder(image_size, patch_size, enc_width, enc_depth, enc_heads, num_tokens, channels)
+        self.encoder = Encoder(image_size, patch_size, enc_width, enc_depth, enc_heads, num_tokens, channels,
+                               latent_layout)
         self.decoder = Decoder(image_size, patch_size, dec_width, dec_depth, dec_heads, num_tokens, channels,
-                               text_dim, text_len)
+                               text_dim, text_len, latent_layout, text_guidance)
         self.apply(self._init_weights)
+        with torch.no_grad():     # logvar outputs are the second half of each token's 2 * channels moments
+            self.encoder.to_moments.bias.view(-1, 2 * channels)[:, channels:] = logvar_init
 
     @staticmethod
     def _init_weights(m):
@@ -232,7 +264,7 @@ class Tokenizer(nn.Module):
         """(B, 3, S, S) in [0, 1] -> posterior mean, logvar (B, 77, 16), float32 (logvar clamped to [-30, 20])."""
         return self.encoder(images)
 
-    def decode(self, tokens, text):
+    def decode(self, tokens, text=None):
         """Raw (unscaled) tokens (B, 77, 16) + text features (B, 77, text_dim) -> images (B, 3, S, S)."""
         return self.decoder(tokens, text)
 
@@ -242,7 +274,7 @@ class Tokenizer(nn.Module):
         eps = torch.randn_like(mean) if eps is None else eps
         return (mean + torch.exp(0.5 * logvar) * eps) * self.scale_factor
 
-    def decode_flow_tokens(self, x1, text):
+    def decode_flow_tokens(self, x1, text=None):
         """Flow-space tokens (B, 77, 16) -> images: decode(x1 / scale_factor, text)."""
         return self.decode(x1 / self.scale_factor, text)
     # --------------------------------------------------------------------------------------------------
@@ -306,6 +338,23 @@ def load_official_tokenizer(src, **overrides):
         model = Tokenizer(**config)
     load_strict(model, convert_official_tokenizer(sd), "FlowTiTok")
     return model
+
+
+def load_tokenizer(src, ema=True):
+    """A trained tokenizer -> Tokenizer in eval mode: our run folder / checkpoint (train.py --stage tokenizer,
+    EMA weights unless ema=False) or the official FlowTiTok .bin (path or state dict)."""
+    if isinstance(src, str) and os.path.isdir(src):
+        src = os.path.join(src, "last.pt")
+    obj = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, str) else src
+    if "tokenizer" in obj.get("config", {}):
+        with torch.device("meta"):
+            model = Tokenizer(**obj["config"]["tokenizer"])
+        load_strict(model, obj["ema" if ema else "model"]["tokenizer"], "tokenizer")
+    elif "stage" in obj:
+        raise ValueError(f"a '{obj['stage']}' checkpoint, not a tokenizer")
+    else:
+        model = load_official_tokenizer(obj)
+    return model.eval()
 
 
 def load_strict(model, sd, what):

@@ -1,0 +1,923 @@
+"""Data for FlowTok: image-caption sources, a resumable distributed loader, and the `shapes` demo world.
+
+What this file offers
+  build_dataset(spec, image_size, ...)   a data spec (below) -> a source
+  make_loader(source, batch_size, ...)   -> an infinite, resumable, rank-aware iterator of batch dicts
+  load_image, clean_caption, transform   robust decoding; a bad sample raises BadSample(reason)
+  format_skips(counts)                   skip counts -> "empty caption: 7, missing file: 5" for a log line
+  expand_braces(pattern)                 "shard-{000..002}.tar" -> ["shard-000.tar", "shard-001.tar", ...]
+  write_cache(dir, ...)                  what the pre-tokeniser calls; read back with the `cache:` spec
+  the shapes world                       COLOURS, SHAPES, SIZES, POSITIONS, HELDOUT_PAIRS, caption_for,
+                                         parse_caption, shapes_prompts, shapes_batch, analyse_shape, shape_accuracy
+
+Data specs, `kind:path[,key=value...]`
+  jsonl:/data/cc3m/train.jsonl,root=/data/cc3m    lines {"image": "relative/path.jpg", "caption": "..."}
+                                                  (root defaults to the file's folder)
+  coco:/coco/annotations/captions_train2014.json,images=/coco/train2014
+                                                  one sample per (image, caption) pair
+  tar:/data/laion/shard-{000000..000099}.tar      webdataset layout: key.jpg|jpeg|png|webp + key.txt|key.json
+  folder:/data/pets                               pets/**/cat.jpg captioned by pets/**/cat.txt
+  shapes  or  shapes:split=novel,n=2000,seed=0    the built-in synthetic world (split: train|heldout|novel)
+  cache:/data/cc3m_cache                          pre-tokenised features written by write_cache
+random_crop and flip (build_dataset arguments, for tokenizer training) apply to image sources, not to shapes.
+
+Use
+  source = build_dataset("shapes", image_size=32)
+  loader = make_loader(source, batch_size=64, seed=0, noise_dim=D, num_workers=4)  # rank, world: from torch.distributed
+  loader.load_state_dict(checkpoint["data"])  # to resume
+  skips = collections.Counter()
+  for step, batch in enumerate(loader):      # never ends: training counts steps
+      skips.update(batch["skipped"])         # log format_skips(skips) now and then
+      ...; checkpoint["data"] = loader.state_dict()
+
+Batches (dicts)
+  "image"     (B, 3, S, S) float32 in [0, 1]       (a `cache:` source gives instead "posterior" (B, 77, 32)
+  "caption"   list of B str                         and "clip" (B, 77, C), float32)
+  "ids"       (B, 77) long, CLIP token ids (captions over 77 tokens are cut and counted as "truncated caption")
+  "noise"     (B, D) float32 standard normals, when the loader is given noise_dim=D > 0
+  "position"  (B,) long, stream position of each sample, and "index" (B,) long, its dataset index (map-style only)
+  "skipped"   {reason: count} for the samples dropped while making this batch, plus "truncated caption"
+              for kept samples whose caption was cut; workers are separate processes, so the counts travel
+              with the batches: add them up in the trainer (collections.Counter.update) and log format_skips().
+Everything that can be checked without decoding an image (captions, json lines, file existence) is checked
+when a map-style source is built; those skips are in `source.skipped`, and a source with no usable sample
+stops there with an error that names it. A bad image found while loading is dropped from its batch, so a
+map-style batch may hold fewer than batch_size samples. The loader never yields an empty batch: it passes
+over it (its skip counts go with the next one), which puts that rank one global batch ahead of the others;
+this is rare (all b samples bad), and then resuming from rank 0's state loses that rank's batch, nothing more.
+
+The map-style stream (jsonl, coco, folder, shapes, cache)
+  Epoch e is a permutation of the N dataset indices drawn from a generator seeded by (seed, e); the stream
+  concatenates the epochs. With per-rank batch b and world size W, global batch k is stream positions
+  [k*b*W, (k+1)*b*W) and rank r takes k*b*W + r + W*j for j < b: the ranks together take exactly what one
+  process with batch b*W would, and every sample once per epoch. Crop, flip and "noise" of a sample come from
+  generators seeded by (seed, stream position), never by rank or worker: 2 ranks reproduce 1 rank, and the
+  number of DataLoader workers does not change a single bit. loader.state_dict() is {"position": p}, the
+  stream position of the next global batch; resuming at p continues the exact sequence (with another world
+  size or batch size it continues from the same place: nothing is repeated or lost, batches regroup).
+
+The tar stream
+  Shards, never samples, are split over the R = ranks x workers "readers": epoch e shuffles the shard list
+  with (seed, e) and reader g = rank * workers + worker takes shards g, g + R, ... of it, so readers see
+  disjoint samples and together the whole corpus; each reader then cycles on to its next epoch forever, so
+  no rank runs dry. Inside a shard samples keep their stored order (write shards from shuffled data): this
+  keeps the resume state small. Fewer shards than readers is an error. A batch is made by one worker and is
+  always full; it has no "position" or "index". Per rank, loader.state_dict() is {"world", "batches",
+  "readers": [cursor per worker]}: save it for every rank; resuming with the same world size and worker count
+  continues the exact sequence. Crop, flip and noise are seeded by (seed, reader, sample counter of the reader).
+"""
+import collections
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+from projector import tokenize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+class BadSample(Exception):
+    """A sample we skip; `reason` ("missing file", "empty caption", ...) keys the skip counts."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _seed(*parts):
+    """Mix ints and strings into a 63-bit seed, e.g. (seed, "noise", position): one independent stream each."""
+    digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _generator(*parts):
+    """A torch.Generator seeded by _seed(*parts)."""
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+def load_image(src, min_size=0):
+    """A file path or encoded bytes -> RGB PIL image, EXIF orientation applied; raises BadSample."""
+    if isinstance(src, (bytes, bytearray)):
+        src = io.BytesIO(src)
+    elif not os.path.isfile(src):
+        raise BadSample("missing file")
+    try:
+        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that: make it an error so that a huge
+        # image is never decoded (workers are processes, so changing the warning filter here is safe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as image:
+                if min(image.size) < min_size:  # the header is enough: no need to decode
+                    raise BadSample("too small")
+                image.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadSample("decompression bomb") from None
+    except BadSample:
+        raise
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise BadSample("unreadable image") from e
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF: keep the stored orientation rather than lose the image
+        pass
+    return _to_rgb(image)
+
+
+def _to_rgb(image):
+    """Any PIL mode -> RGB: 16-bit grey rescaled (PIL's convert would clip it), transparency over white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # "I" is how older Pillow opens 16-bit PNGs: treat both as 0..65535
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, F, RGB
+
+
+def clean_caption(x):
+    """A caption (str, or bytes read from a .txt) -> whitespace-normalised str; raises BadSample."""
+    if x is None:
+        raise BadSample("missing caption")
+    if isinstance(x, (bytes, bytearray)):
+        try:
+            x = bytes(x).decode("utf-8-sig")  # utf-8, tolerating a byte-order mark
+        except UnicodeDecodeError:
+            raise BadSample("non-UTF-8 caption") from None
+    if not isinstance(x, str):
+        raise BadSample("non-string caption")
+    x = " ".join(x.split())
+    if not x:
+        raise BadSample("empty caption")
+    return x
+
+
+def transform(image, size, random_crop=False, flip=False, generator=None):
+    """PIL RGB image -> (3, size, size) float32 in [0, 1]: shorter side to `size` (bicubic), square crop.
+
+    The crop is centred, or (random_crop) a square of the shorter side at a random place; flip mirrors half
+    the images. The randomness comes only from `generator`, which the loader seeds per sample.
+    """
+    w, h = image.size
+    side = min(w, h)
+    if random_crop:
+        x = int(torch.randint(0, w - side + 1, (), generator=generator))
+        y = int(torch.randint(0, h - side + 1, (), generator=generator))
+    else:
+        x, y = (w - side) / 2, (h - side) / 2
+    # resizing just the crop box is "shorter side to size, then crop", without rounding the intermediate
+    # size; PIL widens the bicubic kernel when shrinking, i.e. it antialiases
+    image = image.resize((size, size), Image.BICUBIC, box=(x, y, x + side, y + side))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S)
+    if flip and torch.rand((), generator=generator) < 0.5:
+        pixels = pixels.flip(-1)
+    return pixels.float() / 255
+
+
+def expand_braces(pattern):
+    """'a-{00..02}.tar' -> ['a-00.tar', 'a-01.tar', 'a-02.tar']; '{x,y}' lists too; zero padding is kept."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.groups()
+        padded = any(len(end) > 1 and end.startswith("0") for end in (lo, hi))  # "000..099" but not "0..10"
+        width = max(len(lo), len(hi)) if padded else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def format_skips(counts):
+    """{reason: count} -> 'missing file: 5, empty caption: 2' (largest first), or 'none'."""
+    items = sorted(((n, reason) for reason, n in counts.items() if n), key=lambda t: (-t[0], t[1]))
+    return ", ".join(f"{reason}: {n}" for n, reason in items) or "none"
+
+
+def _no_samples(name, total, counts):
+    """The error for a source that gives nothing to train on."""
+    return RuntimeError(f"{name}: 0 usable samples out of {total} ({format_skips(counts)})")
+
+
+class _Strings:
+    """A read-only list of strings packed into two numpy arrays.
+
+    Why: a list of millions of Python strings gets copied into every forked DataLoader worker (reference
+    counting writes to the pages that hold them); numpy buffers stay shared.
+    """
+
+    def __init__(self, strings):
+        encoded = [s.encode("utf-8") for s in strings]
+        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        start = self.ends[i - 1] if i > 0 else 0
+        return self.blob[start:self.ends[i]].tobytes().decode("utf-8")
+
+
+# ----------------------------------------------------------------------------- sources
+# A map-style source has len(), .name, .skipped (a Counter of the records dropped when it was built) and
+# get(index, generator) -> sample dict (or raises BadSample). The tar source is a stream instead.
+
+def _jsonl_records(path, root):
+    """A jsonl file -> (image paths, captions, skip counts)."""
+    paths, captions, skipped = [], [], collections.Counter()
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)  # bytes in: a non-UTF-8 line fails here too
+            except ValueError:
+                skipped["bad json line"] += 1
+                continue
+            if not isinstance(record, dict):
+                skipped["bad json line"] += 1
+                continue
+            try:
+                caption = clean_caption(record.get("caption"))
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            image = record.get("image")
+            if not isinstance(image, str) or not image:
+                skipped["missing image"] += 1
+            elif not os.path.isfile(os.path.join(root, image)):  # one stat per sample, at start-up only
+                skipped["missing file"] += 1
+            else:
+                paths.append(os.path.join(root, image))
+                captions.append(caption)
+    return paths, captions, skipped
+
+
+def _coco_records(path, images):
+    """A COCO captions json (captions_train2014.json layout) -> (image paths, captions, skip counts)."""
+    with open(path, encoding="utf-8") as f:
+        coco = json.load(f)
+    file_names = {image["id"]: image["file_name"] for image in coco.get("images", [])}
+    exists = {}
+    paths, captions, skipped = [], [], collections.Counter()
+    for annotation in coco.get("annotations", []):
+        try:
+            caption = clean_caption(annotation.get("caption"))
+        except BadSample as e:
+            skipped[e.reason] += 1
+            continue
+        name = file_names.get(annotation.get("image_id"))
+        if name is None:
+            skipped["missing image"] += 1
+            continue
+        image = os.path.join(images, name)
+        if image not in exists:  # ~5 captions per image: stat each image once
+            exists[image] = os.path.isfile(image)
+        if not exists[image]:
+            skipped["missing file"] += 1
+            continue
+        paths.append(image)
+        captions.append(caption)
+    return paths, captions, skipped
+
+
+def _folder_records(directory):
+    """Images under `directory` (recursively, sorted) captioned by a same-name .txt beside each."""
+    paths, captions, skipped = [], [], collections.Counter()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()  # os.walk order is the file system's: sort for a reproducible index
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            image = os.path.join(root, name)
+            try:
+                with open(os.path.splitext(image)[0] + ".txt", "rb") as f:
+                    caption = clean_caption(f.read())
+            except FileNotFoundError:
+                skipped["missing caption"] += 1
+                continue
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            paths.append(image)
+            captions.append(caption)
+    return paths, captions, skipped
+
+
+class ImageCaptions:
+    """Map-style source of (image file, caption) records: get(i, generator) -> {"image", "caption"}."""
+
+    def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False):
+        self.name, self.skipped = name, skipped
+        self.paths, self.captions = _Strings(paths), _Strings(captions)
+        self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+
+    def __len__(self):
+        return len(self.paths)
+
+    def get(self, index, generator=None):
+        """Decode and transform sample `index`; raises BadSample."""
+        image = load_image(self.paths[index], self.min_size)
+        pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
+        return {"image": pixels, "caption": self.captions[index]}
+
+
+def _tar_groups(path):
+    """Stream a tar shard -> (key, {extension: bytes}) per sample: consecutive files sharing a key."""
+    key, files = None, {}
+    with tarfile.open(path, "r|*") as tar:  # "r|": strictly sequential, like a network stream
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            stem, _, extension = base.partition(".")  # webdataset: the key ends at the first dot
+            if os.path.join(folder, stem) != key:
+                if files:
+                    yield key, files
+                key, files = os.path.join(folder, stem), {}
+            files[extension.lower()] = tar.extractfile(member).read()
+    if files:
+        yield key, files
+
+
+class TarSource:
+    """Webdataset-layout tar shards, streamed: samples(...) yields one reader's endless share of them."""
+
+    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False):
+        paths = expand_braces(pattern)
+        self.name, self.shards = name, [p for p in paths if os.path.isfile(p)]
+        self.skipped = collections.Counter()
+        if len(paths) > len(self.shards):
+            self.skipped["missing shard"] = len(paths) - len(self.shards)
+        if not self.shards:
+            raise RuntimeError(f"{name}: no shard found (the pattern gives {len(paths)} paths, none is a file)")
+        self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+
+    def samples(self, seed, reader, readers, cursor):
+        """Yield (sample dict or BadSample, cursor just after it) forever, for reader `reader` of `readers`.
+
+        A cursor {"epoch", "shard", "offset", "seen"} says where the reader is: shard index in its share
+        of that epoch, samples read from that shard, samples read in all; starting from a cursor continues
+        exactly (the shard's first `offset` samples are read past, not decoded).
+        """
+        if readers > len(self.shards):
+            raise ValueError(f"{self.name}: {len(self.shards)} shards for {readers} readers")
+        epoch, shard, offset, seen = cursor["epoch"], cursor["shard"], cursor["offset"], cursor["seen"]
+        counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
+        while True:
+            order = torch.randperm(len(self.shards), generator=_generator(seed, "shards", epoch)).tolist()
+            share = [self.shards[i] for i in order[reader::readers]]
+            while shard < len(share):
+                usable = False
+                try:
+                    for k, (_, files) in enumerate(_tar_groups(share[shard])):
+                        if k < offset:
+                            continue
+                        seen += 1
+                        try:
+                            sample = self.decode(files, _generator(seed, "augment", reader, seen))
+                            usable = True
+                        except BadSample as e:
+                            sample = e
+                            counts[e.reason] += 1
+                        yield sample, dict(epoch=epoch, shard=shard, offset=k + 1, seen=seen)
+                except (tarfile.TarError, OSError, EOFError, zlib.error):  # a truncated or corrupt shard
+                    counts["unreadable shard"] += 1
+                    yield BadSample("unreadable shard"), dict(epoch=epoch, shard=shard + 1, offset=0, seen=seen)
+                dry = 0 if usable else dry + 1
+                if dry >= len(self.shards):  # as many shards as there are, and not one sample: give up
+                    raise _no_samples(f"{self.name} (reader {reader})", sum(counts.values()), counts)
+                shard, offset = shard + 1, 0
+            epoch, shard = epoch + 1, 0
+
+    def decode(self, files, generator=None):
+        """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample."""
+        if "txt" in files:
+            caption = files["txt"]
+        elif "json" in files:
+            try:
+                meta = json.loads(files["json"])
+            except ValueError:
+                raise BadSample("bad json caption") from None
+            caption = meta.get("caption", meta.get("txt")) if isinstance(meta, dict) else None
+        else:
+            caption = None
+        caption = clean_caption(caption)
+        encoded = next((files[e] for e in TAR_IMAGE_EXTENSIONS if e in files), None)
+        if encoded is None:
+            raise BadSample("missing image")
+        image = load_image(encoded, self.min_size)
+        return {"image": transform(image, self.image_size, self.random_crop, self.flip, generator), "caption": caption}
+
+
+def _numpy(x):
+    """A tensor or array-like -> numpy array (bfloat16 through float32)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def _append_npy(path, rows):
+    """Append rows to an .npy file in place (numpy leaves header room for the first axis to grow)."""
+    if not os.path.exists(path):
+        np.save(path, rows)
+        return
+    fmt = np.lib.format
+    with open(path, "r+b") as f:
+        version = fmt.read_magic(f)
+        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
+                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}[version]
+        shape, fortran, dtype = read(f)
+        data_start = f.tell()
+        if fortran or dtype != rows.dtype or shape[1:] != rows.shape[1:]:
+            raise ValueError(f"{path}: cannot append {rows.dtype}{rows.shape[1:]} rows to {dtype}{shape[1:]}")
+        header = io.BytesIO()
+        grown = (shape[0] + len(rows),) + shape[1:]
+        write(header, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": grown})
+        if len(header.getvalue()) != data_start:
+            raise ValueError(f"{path}: the .npy header has no room to grow; rewrite the cache")
+        f.seek(data_start + int(np.prod(shape)) * dtype.itemsize)
+        f.write(rows.tobytes())  # data first, header last: an interrupted append leaves the old array
+        f.seek(0)
+        f.write(header.getvalue())
+
+
+def write_cache(directory, posterior, clip, ids, captions):
+    """Append n rows to a pre-tokenised cache (created if needed).
+
+    posterior (n, 77, 32) tokenizer posterior mean | logvar and clip (n, 77, C) CLIP features are stored
+    float16, ids (n, 77) int32, captions one json object {"caption": ...} per line of captions.jsonl.
+    """
+    os.makedirs(directory, exist_ok=True)
+    arrays = {"posterior": (posterior, np.float16), "clip": (clip, np.float16), "ids": (ids, np.int32)}
+    for name, (value, dtype) in arrays.items():
+        value = np.ascontiguousarray(_numpy(value).astype(dtype))
+        if len(value) != len(captions):
+            raise ValueError(f"write_cache: {name} has {len(value)} rows for {len(captions)} captions")
+        _append_npy(os.path.join(directory, name + ".npy"), value)
+    with open(os.path.join(directory, "captions.jsonl"), "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"caption": c}) + "\n" for c in captions)
+
+
+class CacheSource:
+    """Pre-tokenised features: get(i) -> {"posterior" (77, 32), "clip" (77, C) float32, "ids" (77,), "caption"}."""
+
+    def __init__(self, name, directory):
+        self.name, self.directory, self.skipped = name, directory, collections.Counter()
+        with open(os.path.join(directory, "captions.jsonl"), encoding="utf-8") as f:
+            self.captions = _Strings(json.loads(line)["caption"] for line in f if line.strip())
+        lengths = {key: len(a) for key, a in self._open().items()}
+        if set(lengths.values()) != {len(self.captions)}:
+            raise RuntimeError(f"{name}: rows disagree: {lengths}, captions {len(self.captions)}")
+        self._arrays = None  # each DataLoader worker maps the files itself
+
+    def _open(self):
+        """The memory-mapped arrays, opened once per process."""
+        if getattr(self, "_arrays", None) is None:
+            self._arrays = {key: np.load(os.path.join(self.directory, key + ".npy"), mmap_mode="r")
+                            for key in ("posterior", "clip", "ids")}
+        return self._arrays
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}  # never pickle a memory map into a worker
+
+    def __len__(self):
+        return len(self.captions)
+
+    def get(self, index, generator=None):
+        """Row `index` as float32 / long tensors."""
+        a = self._open()
+        return {"posterior": torch.from_numpy(a["posterior"][index].astype(np.float32)),  # (77, 32)
+                "clip": torch.from_numpy(a["clip"][index].astype(np.float32)),  # (77, C)
+                "ids": torch.from_numpy(a["ids"][index].astype(np.int64)),  # (77,)
+                "caption": self.captions[index]}
+
+
+# ----------------------------------------------------------------------------- the shapes world
+# One shape on a dark background, rendered on the fly from (seed, split, index). Four colour-shape pairs
+# never appear in "train": they test compositional generalisation ("novel"). "heldout" has the training
+# pairs but other samples (another seed stream). Shapes ignore random crop and flip (flip would swap
+# "left" and "right").
+
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "middle")
+HELDOUT_PAIRS = (("red", "triangle"), ("green", "diamond"), ("blue", "circle"), ("yellow", "square"))
+SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
+SPLITS = ("train", "heldout", "novel")
+
+_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)  # per COLOURS
+_RADIUS = np.array([0.20, 0.28], np.float32)  # per SIZES, fraction of the image side
+_CENTRE = np.array([[0.33, 0.5], [0.67, 0.5], [0.5, 0.33], [0.5, 0.67], [0.5, 0.5]], np.float32)  # (x, y) per POSITIONS
+_WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")  # per POSITIONS
+_AREA = (np.pi, 4 * 0.85 ** 2, 0.75 * np.sqrt(3) * 1.1 ** 2, 2 * 1.1 ** 2)  # shape area / radius^2, per SHAPES
+_CAPTION = re.compile(rf"an? ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(_WHERE)})")
+
+
+def _inside(shape, u, v):
+    """Is (u, v), in units of the radius from the centroid (v points down), inside the shape?"""
+    if shape == 0:  # circle
+        return u * u + v * v <= 1
+    if shape == 1:  # square, half side 0.85
+        return np.maximum(abs(u), abs(v)) <= 0.85
+    if shape == 2:  # triangle pointing up, circumradius 1.1 (so its centroid is the centre too)
+        return (v <= 0.55) & (np.sqrt(3) / 2 * abs(u) - v / 2 <= 0.55)
+    return abs(u) + abs(v) <= 1.1  # diamond
+
+
+def caption_for(attrs):
+    """{"colour", "shape", "size", "position"} -> 'a large red circle on the left'."""
+    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {_WHERE[POSITIONS.index(attrs['position'])]}"
+
+
+def parse_caption(text):
+    """A shapes caption (any case, extra spaces, final '.') -> attrs dict, or None if it is not one."""
+    match = _CAPTION.fullmatch(" ".join(str(text).lower().split()).rstrip("."))
+    if match is None:
+        return None
+    size, colour, shape, where = match.groups()
+    return {"colour": colour, "shape": shape, "size": size, "position": POSITIONS[_WHERE.index(where)]}
+
+
+def shapes_prompts(split):
+    """The distinct captions of a split (200 for train and heldout, 40 for novel)."""
+    pairs = HELDOUT_PAIRS if split == "novel" else SEEN_PAIRS
+    return [caption_for({"colour": c, "shape": s, "size": z, "position": p})
+            for c, s in pairs for z in SIZES for p in POSITIONS]
+
+
+def _shape_params(split, indices, seed):
+    """Attributes and jitter of samples `indices`, each from its own (seed, split, index) generator."""
+    if split not in SPLITS:
+        raise ValueError(f"shapes: unknown split {split!r}, one of {SPLITS}")
+    pairs = HELDOUT_PAIRS if split == "novel" else SEEN_PAIRS
+    u = np.array([np.random.default_rng([seed, SPLITS.index(split), int(i)]).random(11) for i in indices],
+                 np.float32).reshape(-1, 11)  # (n, 11) uniforms, columns used below
+    pair = (u[:, 0] * len(pairs)).astype(int)
+    p = {"colour": np.array([COLOURS.index(pairs[k][0]) for k in pair], int),
+         "shape": np.array([SHAPES.index(pairs[k][1]) for k in pair], int),
+         "size": (u[:, 1] * len(SIZES)).astype(int),
+         "position": (u[:, 2] * len(POSITIONS)).astype(int)}
+    p["rgb"] = np.clip(_RGB[p["colour"]] + (u[:, 3:6] - 0.5) * 0.2, 0, 1)  # (n, 3) saturated, +-0.1
+    p["background"] = u[:, 6:9] * 0.22  # (n, 3) dark
+    p["centre"] = _CENTRE[p["position"]] + (u[:, 9:11] - 0.5) * 0.04  # (n, 2) (x, y), +-0.02
+    p["radius"] = _RADIUS[p["size"]]  # (n,)
+    return p
+
+
+def _render(p, size, chunk=256):
+    """Shape parameters -> (n, 3, size, size) float32: coverage of 4x4 sub-pixels blends shape and background."""
+    n = len(p["shape"])
+    grid = ((np.arange(4 * size) + 0.5) / (4 * size)).astype(np.float32)  # sub-pixel centres in (0, 1)
+    out = np.empty((n, 3, size, size), np.float32)
+    for s in range(0, n, chunk):
+        c = slice(s, s + chunk)
+        r = p["radius"][c, None, None]
+        u = (grid[None, None, :] - p["centre"][c, 0, None, None]) / r  # (m, 1, 4S)
+        v = (grid[None, :, None] - p["centre"][c, 1, None, None]) / r  # (m, 4S, 1)
+        inside = np.zeros((len(r), 4 * size, 4 * size), bool)
+        for shape in range(len(SHAPES)):
+            pick = p["shape"][c] == shape
+            if pick.any():
+                inside[pick] = _inside(shape, u[pick], v[pick])
+        cover = inside.reshape(-1, size, 4, size, 4).mean((2, 4), dtype=np.float32)  # (m, S, S)
+        bg, fg = p["background"][c, :, None, None], p["rgb"][c, :, None, None]  # (m, 3, 1, 1)
+        out[c] = bg + (fg - bg) * cover[:, None]
+    return out
+
+
+def shapes_batch(split, indices, seed=0, size=32):
+    """Render samples `indices` of a split -> (images (n, 3, size, size) float32 tensor, list of attrs dicts)."""
+    p = _shape_params(split, indices, seed)
+    attrs = [{"colour": COLOURS[c], "shape": SHAPES[s], "size": SIZES[z], "position": POSITIONS[q]}
+             for c, s, z, q in zip(p["colour"], p["shape"], p["size"], p["position"])]
+    return torch.from_numpy(_render(p, size)), attrs
+
+
+class ShapesSource:
+    """Map-style source over n samples of one split of the shapes world, rendered on the fly."""
+
+    def __init__(self, name, split="train", n=20000, seed=0, image_size=32):
+        _shape_params(split, [], seed)  # validates the split
+        self.name, self.split, self.n, self.seed, self.size = name, split, n, seed, image_size
+        self.skipped = collections.Counter()
+
+    def __len__(self):
+        return self.n
+
+    def get(self, index, generator=None):
+        """Sample `index` -> {"image" (3, S, S), "caption"} (no crop or flip)."""
+        images, attrs = shapes_batch(self.split, [index], self.seed, self.size)
+        return {"image": images[0], "caption": caption_for(attrs[0])}
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(h, w):
+    """The four SHAPES stretched over an h x w box -> (4, h, w) bool (4x supersampled, coverage > 0.5)."""
+    u = ((np.arange(4 * w) + 0.5) / (4 * w) * 2 - 1)[None, :]  # (1, 4w) in (-1, 1)
+    v = ((np.arange(4 * h) + 0.5) / (4 * h) * 2 - 1)[:, None]  # (4h, 1)
+    masks = [u * u + v * v <= 1,
+             np.ones((4 * h, 4 * w), bool),
+             abs(u) <= (v + 1) / 2,  # apex at the top, base at the bottom
+             abs(u) + abs(v) <= 1]
+    return np.stack([np.broadcast_to(m, (4 * h, 4 * w)).reshape(h, 4, w, 4).mean((1, 3)) > 0.5 for m in masks])
+
+
+def analyse_shape(image):
+    """Read a shapes image ((3, S, S) or (S, S, 3), values in [0, 1]) back -> dict(colour, shape, size, position).
+
+    Values are None when no foreground is found.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()  # e.g. generated on the GPU
+    x = np.asarray(image, dtype=np.float32)
+    if x.shape[0] == 3:
+        x = x.transpose(1, 2, 0)  # (S, S, 3)
+    side = x.shape[0]
+    background = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)  # (3,)
+    distance = np.linalg.norm(x - background, axis=-1)  # (S, S)
+    peak = np.percentile(distance, 99.5)
+    labels, count = ndimage.label(distance > peak / 2)
+    if peak <= 0 or count == 0:
+        return {"colour": None, "shape": None, "size": None, "position": None}
+    mask = labels == 1 + np.bincount(labels.ravel())[1:].argmax()  # the largest component
+    core = mask & (distance > 0.75 * peak)  # edge pixels are blended with the background: colour the core
+    rgb = x[core if core.any() else mask].mean(0)
+    colour = int(np.linalg.norm(_RGB - rgb, axis=1).argmin())
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    templates = _templates(*box.shape)
+    iou = (templates & box).sum((1, 2)) / (templates | box).sum((1, 2))
+    shape = int(iou.argmax())
+    area = mask.sum() / side ** 2
+    size = int(area > _AREA[shape] * _RADIUS[0] * _RADIUS[1])  # threshold: geometric mean of the two areas
+    centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / side
+    position = int(np.linalg.norm(_CENTRE - centroid, axis=1).argmin())
+    return {"colour": COLOURS[colour], "shape": SHAPES[shape], "size": SIZES[size], "position": POSITIONS[position]}
+
+
+def shape_accuracy(images, attrs):
+    """Fraction of images whose analysed colour, shape, both, size, position match attrs (dicts or captions)."""
+    hits = collections.Counter()
+    for image, want in zip(images, attrs):
+        want = parse_caption(want) if isinstance(want, str) else want
+        got = analyse_shape(image)
+        for key in ("colour", "shape", "size", "position"):
+            hits[key] += want is not None and got[key] == want[key]
+        hits["both"] += want is not None and got["colour"] == want["colour"] and got["shape"] == want["shape"]
+    return {key: hits[key] / max(len(attrs), 1) for key in ("colour", "shape", "both", "size", "position")}
+
+
+# ----------------------------------------------------------------------------- loader
+
+_KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), "shapes": {"split", "n", "seed"},
+          "cache": set()}  # kind -> its options
+
+
+def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False):
+    """A data spec (module docstring) -> source; skips images with shorter side < min_size (default image_size // 2)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in _KINDS:
+        raise ValueError(f"{spec}: unknown source kind {kind!r}, one of {sorted(_KINDS)}")
+    parts = [p for p in re.split(r",(?![^{]*\})", rest) if p]  # a comma inside {...} belongs to the path
+    path = parts.pop(0) if kind != "shapes" and parts else None
+    options = dict(p.partition("=")[::2] for p in parts)
+    if any("=" not in p for p in parts) or set(options) - _KINDS[kind]:
+        raise ValueError(f"{spec}: expected key=value options among {sorted(_KINDS[kind])}")
+    if kind != "shapes" and not path:
+        raise ValueError(f"{spec}: missing path")
+    images = dict(image_size=image_size, min_size=image_size // 2 if min_size is None else min_size,
+                  random_crop=random_crop, flip=flip)
+    if kind == "tar":
+        return TarSource(spec, path, **images)  # checked as it streams
+    if kind == "shapes":
+        source = ShapesSource(spec, options.get("split", "train"), int(options.get("n", 20000)),
+                              int(options.get("seed", 0)), image_size)
+    elif kind == "cache":
+        source = CacheSource(spec, path)
+    else:
+        if kind == "jsonl":
+            records = _jsonl_records(path, options.get("root", os.path.dirname(os.path.abspath(path))))
+        elif kind == "coco":
+            if "images" not in options:
+                raise ValueError(f"{spec}: coco needs images=DIR")
+            records = _coco_records(path, options["images"])
+        else:
+            records = _folder_records(path)
+        source = ImageCaptions(spec, *records, **images)
+    if len(source) == 0:
+        raise _no_samples(spec, sum(source.skipped.values()), source.skipped)
+    return source
+
+
+def _rank_world(rank, world):
+    """Explicit rank and world size, or torch.distributed's, or (0, 1)."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world is None:
+        world = torch.distributed.get_world_size() if initialised else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    return rank, world
+
+
+def _as_is(batch):
+    """collate_fn for datasets that already return batches."""
+    return batch
+
+
+def _collate(samples, skipped):
+    """Sample dicts -> batch dict (tensors stacked, ints to a long tensor, captions tokenised if needed)."""
+    batch = {}
+    for key in samples[0] if samples else ():
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    if samples and "ids" not in batch:
+        batch["ids"], truncated = tokenize(batch["caption"])  # (B, 77), (B,)
+        if truncated.any():
+            skipped["truncated caption"] += int(truncated.sum())
+    batch["skipped"] = dict(skipped)
+    return batch
+
+
+@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
+def _epoch_order(n, seed, epoch):
+    """Epoch `epoch` of the stream: a permutation of range(n) seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=_generator(seed, "epoch", epoch)).numpy()
+
+
+class _Positions(torch.utils.data.Sampler):
+    """Yields, forever from stream position `start`, this rank's [(position, index), ...] per batch."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start):
+        super().__init__()
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
+
+    def __iter__(self):
+        base, span = self.start, self.batch_size * self.world
+        while True:
+            yield [(p, int(_epoch_order(self.n, self.seed, p // self.n)[p % self.n]))
+                   for p in range(base + self.rank, base + span, self.world)]  # strided: r, r + W, ...
+            base += span
+
+
+class _MapBatches(torch.utils.data.Dataset):
+    """[(position, index), ...] -> batch dict; runs in the DataLoader workers."""
+
+    def __init__(self, source, seed, noise_dim):
+        self.source, self.seed, self.noise_dim = source, seed, noise_dim
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, pairs):
+        samples, skipped = [], collections.Counter()
+        for position, index in pairs:
+            try:
+                sample = self.source.get(index, _generator(self.seed, "augment", position))
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            sample["position"], sample["index"] = position, index
+            if self.noise_dim:
+                sample["noise"] = torch.randn(self.noise_dim, generator=_generator(self.seed, "noise", position))
+            samples.append(sample)
+        return _collate(samples, skipped)
+
+
+class Loader:
+    """Infinite, resumable batches of a map-style source (the stream of the module docstring).
+
+    Iterate it once per run: each iter() starts its own DataLoader (and workers) at self.position.
+    state_dict() -> {"position": p}, the stream position of the next global batch.
+    """
+
+    def __init__(self, source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
+        self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
+        self.rank, self.world = _rank_world(rank, world)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.position = 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = int(state["position"])
+
+    def __iter__(self):
+        start = self.position
+        # generator=: without one, starting a DataLoader draws a seed from the global RNG (breaks exact resume)
+        loader = torch.utils.data.DataLoader(
+            _MapBatches(self.source, self.seed, self.noise_dim), batch_size=None, collate_fn=_as_is,
+            sampler=_Positions(len(self.source), self.batch_size, self.rank, self.world, self.seed, start),
+            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=_generator(self.seed, "workers"))
+        pending, usable = collections.Counter(), 0
+        for batch in loader:
+            self.position += self.batch_size * self.world
+            pending.update(batch["skipped"])
+            if not batch.get("caption"):  # all its samples were bad: its counts go with the next batch
+                if usable == 0 and self.position - start >= len(self.source):
+                    raise _no_samples(f"{self.source.name} (rank {self.rank})", sum(pending.values()), pending)
+                continue
+            usable += len(batch["caption"])
+            batch["skipped"], pending = dict(pending), collections.Counter()
+            yield batch
+
+
+class _TarBatches(torch.utils.data.IterableDataset):
+    """Each DataLoader worker reads its own shards and yields whole batches, tagged with its cursor."""
+
+    def __init__(self, source, batch_size, seed, rank, world, noise_dim, batches, cursors):
+        self.source, self.batch_size, self.seed, self.rank, self.world = source, batch_size, seed, rank, world
+        self.noise_dim, self.batches, self.cursors = noise_dim, batches, cursors
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # the DataLoader takes batches from workers in turn, starting at worker 0; after `batches` batches
+        # the next one is reader (batches % workers)'s, so worker w plays reader (w + batches) % workers
+        role = (worker + self.batches) % workers
+        reader = self.rank * workers + role
+        cursor = self.cursors[role] or dict(epoch=0, shard=0, offset=0, seen=0)
+        stream = self.source.samples(self.seed, reader, self.world * workers, cursor)
+        while True:
+            samples, skipped = [], collections.Counter()
+            while len(samples) < self.batch_size:
+                sample, cursor = next(stream)
+                if isinstance(sample, BadSample):
+                    skipped[sample.reason] += 1
+                    continue
+                if self.noise_dim:
+                    noise = _generator(self.seed, "noise", reader, cursor["seen"])
+                    sample["noise"] = torch.randn(self.noise_dim, generator=noise)
+                samples.append(sample)
+            batch = _collate(samples, skipped)
+            batch["reader"], batch["cursor"] = role, cursor
+            yield batch
+
+
+class TarLoader:
+    """Infinite batches of a tar source (see the module docstring); state_dict() is per rank."""
+
+    def __init__(self, source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
+        self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
+        self.rank, self.world = _rank_world(rank, world)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        workers = max(num_workers, 1)
+        if len(source.shards) < self.world * workers:
+            raise ValueError(f"{source.name}: {len(source.shards)} shards cannot feed {self.world} ranks x {workers}"
+                             f" workers = {self.world * workers} readers (each needs its own shards):"
+                             " use fewer workers or more shards")
+        self.batches, self.cursors = 0, [None] * workers
+
+    def state_dict(self):
+        return {"world": self.world, "batches": self.batches, "readers": [c and dict(c) for c in self.cursors]}
+
+    def load_state_dict(self, state):
+        if state["world"] != self.world or len(state["readers"]) != len(self.cursors):
+            raise ValueError(f"{self.source.name}: a tar stream resumes exactly only with the same world size and"
+                             f" worker count (saved {state['world']} x {len(state['readers'])} readers,"
+                             f" now {self.world} x {len(self.cursors)})")
+        self.batches, self.cursors = int(state["batches"]), [c and dict(c) for c in state["readers"]]
+
+    def __iter__(self):
+        dataset = _TarBatches(self.source, self.batch_size, self.seed, self.rank, self.world, self.noise_dim,
+                              self.batches, list(self.cursors))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is,
+                                             num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                             generator=_generator(self.seed, "workers"))
+        for batch in loader:
+            self.cursors[batch.pop("reader")] = batch.pop("cursor")
+            self.batches += 1
+            yield batch
+
+
+def make_loader(source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
+    """The loader that fits the source: TarLoader for `tar:`, Loader otherwise (same arguments)."""
+    kind = TarLoader if isinstance(source, TarSource) else Loader
+    return kind(source, batch_size, seed, rank, world, noise_dim, num_workers, pin_memory)

@@ -1,0 +1,707 @@
+"""Train FlowTok with plain PyTorch DDP: every stage, one entry point, runs that survive being killed.
+
+Stages (--stage):
+  tokenizer   the 1D image tokenizer (L2 + KL; text-guided decoder)                  -> runs/X/last.pt
+  flow        text -> image: DiT + text projector + alignment MLP on a frozen tokenizer and frozen CLIP
+  text-ae     the text autoencoder of image-to-text: text projector + TextDecoder (token cross-entropy + KL)
+  flow-i2t    image -> text: the same DiT and flow, from image tokens to the frozen text autoencoder's latents
+
+  # 1 CPU: the whole embedded demo (tokenizer, text->image, image->text on the built-in shapes world)
+  python train.py --preset demo --out runs/demo
+  # 1 GPU (batch 128, gradient accumulation up to the global batch 4096)
+  python train.py --stage flow --model XL --data jsonl:/data/cc12m.jsonl --tokenizer FlowTiTok_512.bin \\
+      --image-size 512 --batch-size 128 --out runs/xl
+  # 8 GPUs on one node (4096 = 128 x 8 x 4 accumulation steps)
+  torchrun --nproc_per_node 8 train.py --stage flow --model XL ... --batch-size 128 --out runs/xl
+  # 2 nodes x 8 GPUs (run on both nodes, NODE_RANK 0 and 1)
+  torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 --nproc_per_node 8 \\
+      train.py --stage flow --model XL ... --batch-size 128 --out runs/xl
+  # after a crash, a kill or a preemption: the same command plus --resume continues exactly
+  python train.py ... --out runs/xl --resume
+
+Checkpoints (one schema for every stage; tensors and plain types only, read with weights_only=True):
+  {"stage", "args", "config": {part: constructor kwargs, "clip": {...}, "tokenizer"/"text_ae": path},
+   "step", "model": {part: state_dict}, "ema": {part: state_dict}, "optimizer", "scheduler",
+   "rng": [per-rank RNG states], "data_state": [per-rank loader states], "stats": {counters}}
+written by rank 0 to a temporary file and renamed (atomic): out/step_XXXXXXX.pt, rotated, and out/last.pt.
+
+Randomness is drawn per sample from the data stream (data.py: seeded by stream position), so a run resumed
+from any checkpoint ends bitwise equal to an uninterrupted one on CPU, and 2 processes match 1 process for
+losses without batch coupling (the flow stage's contrastive loss and CFG shuffle are per-GPU batch, as in
+the official code; --gather-negatives takes the contrastive negatives from all GPUs instead).
+"""
+import argparse
+import contextlib
+import copy
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import flow_dit
+import projector
+import sample
+import tokenizer as tokenizer_lib
+from flow_dit import FLOW_MODELS, FlowDiT
+from projector import CLIP_TOWERS, CLIPTextEncoder, TextDecoder, TextProjector
+from tokenizer import TOKENIZER_PRESETS, Tokenizer
+
+STAGES = ("tokenizer", "flow", "text-ae", "flow-i2t")
+T = 77 * 16   # elements of one 77x16 latent
+
+# per stage: the official (or closest public) recipe; every value is one flag away
+STAGE_DEFAULTS = {
+    "tokenizer": dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
+                      ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000),
+    "flow": dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
+                 ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000),
+    "text-ae": dict(lr=2e-4, weight_decay=0.03, beta2=0.95, warmup=2000, schedule="constant", min_lr=0.0,
+                    ema=0.999, grad_clip=1.0, w_kl=1e-4, global_batch=1024, steps=100_000),
+    "flow-i2t": dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
+                     ema=0.9999, grad_clip=0.0, w_kl=0.0, global_batch=4096, steps=200_000),
+}
+# what a stage's per-sample noise vector holds (data.py draws it from the sample's stream position)
+NOISE = {"tokenizer": dict(img=T), "flow": dict(img=T, txt=T, t=1, null=1), "text-ae": dict(txt=T),
+         "flow-i2t": dict(img=T, txt=T, t=1, null=1)}
+# arguments a resumed run must share with the run it continues
+RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
+                "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
+                "decoder_width", "decoder_depth", "seed")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------
+
+class TrainError(Exception):
+    """A user-facing error: printed as one line, no traceback."""
+
+
+def split_noise(noise, stage):
+    """(B, D) per-sample normals -> dict of named pieces for the stage (shapes (B, 77, 16) or (B,))."""
+    out, i = {}, 0
+    for name, n in NOISE[stage].items():
+        piece = noise[:, i:i + n]
+        out[name] = piece.view(-1, 77, 16) if n == T else piece[:, 0]
+        i += n
+    return out
+
+
+def caption_groups(ids):
+    """(B, 77) CLIP ids -> (B,) int64 hash: equal captions get equal ids (contrastive positives)."""
+    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=torch.long) * 1_000_003 + 7919
+    return (ids.long() * weights).sum(1) % (2 ** 61 - 1)
+
+
+def save_checkpoint(state, out, step, keep):
+    """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files."""
+    path = os.path.join(out, f"step_{step:07d}.pt")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                      # a kill before this line leaves the previous files intact
+    try:                                       # last.pt: a hard link to the step file (no second copy)
+        os.link(path, path + ".last")
+    except OSError:
+        torch.save(state, path + ".last")
+    os.replace(path + ".last", os.path.join(out, "last.pt"))
+    for old in sorted(glob.glob(os.path.join(out, "step_*.pt")))[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def rng_state():
+    """This process's RNG states (torch CPU and CUDA, python)."""
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    """Restore rng_state()."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_objects(obj, world):
+    """The list of obj from every rank (rank order)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def make_gather(world, rank):
+    """x (B_local, ...) -> (B_global, ...) concatenated over ranks; gradients reach the local slice only.
+
+    The local slice's gradient is scaled by the world size because DDP averages gradients over ranks, while
+    every rank computes the same global loss: the average of W partial gradients x W is the full gradient.
+    """
+    def gather(x):
+        sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+        big = max(int(s) for s in sizes)
+        pad = torch.zeros((big - len(x), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        parts = [torch.empty((big, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
+        dist.all_gather(parts, torch.cat([x.detach(), pad]))
+        scaled = x * world - x.detach() * (world - 1) if x.is_floating_point() else x   # value x, grad W * g
+        parts = [scaled if r == rank else p[:int(n)] for r, (p, n) in enumerate(zip(parts, sizes))]
+        return torch.cat(parts)
+    return gather
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages: models, frozen encoders, losses
+# ----------------------------------------------------------------------------------------------------------
+
+def build_clip(args, device, rank):
+    """The frozen CLIP text tower of the run -> (encoder, the weights to record in checkpoints).
+
+    A random tower (tests, the demo) is drawn from --seed on every rank and saved as out/clip_text.safetensors
+    so that later stages and sample.py use exactly the same one (pass that file as --clip-weights).
+    """
+    if args.clip_weights != "random":
+        return CLIPTextEncoder(args.clip_tower, args.clip_weights).to(device), args.clip_weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        clip = CLIPTextEncoder(args.clip_tower, "random")
+    path = os.path.join(args.out, "clip_text.safetensors")
+    if rank == 0 and not os.path.exists(path):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return clip.to(device), path
+
+
+def load_frozen_tokenizer(path, args, clip_config, clip_width, device):
+    """A trained tokenizer (our run / checkpoint or the official .bin) for a flow stage, checked against the run."""
+    try:
+        tok = tokenizer_lib.load_tokenizer(path)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise TrainError(f"--tokenizer {path}: {e}") from None
+    ours = sample.load_checkpoint(path) if os.path.isdir(path) or path.endswith(".pt") else None
+    if ours and ours["config"]["clip"]["tower"] != clip_config["tower"]:
+        raise TrainError(f"--tokenizer {path} was trained with the CLIP tower {ours['config']['clip']['tower']!r}, "
+                         f"this run uses {clip_config['tower']!r}")
+    if ours and ours["config"]["clip"]["weights"] != clip_config["weights"]:
+        print(f"warning: --tokenizer {path} was trained with CLIP weights {ours['config']['clip']['weights']}, "
+              f"this run uses {clip_config['weights']}", file=sys.stderr)
+    c = tok.config
+    if c["image_size"] != args.image_size:
+        raise TrainError(f"--tokenizer {path} works at {c['image_size']} px but --image-size is {args.image_size}: "
+                         f"use the matching tokenizer (bl77-{args.image_size}) or --image-size {c['image_size']}")
+    if c["text_dim"] != clip_width:
+        raise TrainError(f"--tokenizer {path} expects {c['text_dim']}-d text features but --clip-tower "
+                         f"{args.clip_tower} gives {clip_width}-d: it was trained with another text tower")
+    return tok.to(device).eval().requires_grad_(False)
+
+
+def load_frozen_text_ae(path, device):
+    """The text autoencoder (stage text-ae) for the flow-i2t stage -> (projector, text decoder), EMA weights."""
+    ckpt = sample.load_checkpoint(path)
+    if ckpt.get("stage") != "text-ae":
+        raise TrainError(f"--text-ae {path} is a '{ckpt.get('stage')}' checkpoint, not a text-ae one")
+    proj = TextProjector(**ckpt["config"]["projector"])
+    decoder = TextDecoder(**ckpt["config"]["text_decoder"])
+    proj.load_state_dict(ckpt["ema"]["projector"])
+    decoder.load_state_dict(ckpt["ema"]["text_decoder"])
+    return proj.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
+
+
+def build_stage(args, device, rank=0):
+    """-> (trainable parts {name: module}, frozen encoders {name: module}, config for the checkpoint)."""
+    clip, clip_weights = build_clip(args, device, rank)
+    frozen, config = {"clip": clip}, {"clip": dict(tower=args.clip_tower, weights=clip_weights)}
+    proj_kwargs = dict(clip_dim=clip.width, depth=args.projector_depth, heads=args.projector_heads,
+                       d_ff=args.projector_ff, dropout=args.projector_dropout)
+    if args.stage == "tokenizer":
+        overrides = dict(text_dim=clip.width, image_size=args.image_size)
+        parts = {"tokenizer": Tokenizer.from_preset(args.tokenizer_preset, **overrides)}
+    elif args.stage in ("flow", "flow-i2t"):
+        if not args.tokenizer:
+            raise TrainError(f"--stage {args.stage} needs --tokenizer (a tokenizer run or the official .bin)")
+        frozen["tokenizer"] = load_frozen_tokenizer(args.tokenizer, args, config["clip"], clip.width, device)
+        config["tokenizer"] = args.tokenizer
+        dit = FlowDiT(**FLOW_MODELS[args.model], patch_size=args.dit_patch_size)
+        if args.stage == "flow":
+            parts = {"dit": dit, "projector": TextProjector(**proj_kwargs, align_hidden=512 if args.w_con else 0)}
+        else:
+            if not args.text_ae:
+                raise TrainError("--stage flow-i2t needs --text-ae (a text-ae run)")
+            frozen["text_ae"], frozen["text_decoder"] = load_frozen_text_ae(args.text_ae, device)
+            config["text_ae"] = args.text_ae
+            parts = {"dit": dit}
+    elif args.stage == "text-ae":
+        parts = {"projector": TextProjector(**proj_kwargs, align_hidden=0),
+                 "text_decoder": TextDecoder(width=args.decoder_width, depth=args.decoder_depth,
+                                             heads=args.projector_heads, d_ff=args.decoder_ff,
+                                             dropout=args.projector_dropout)}
+    config.update({name: m.config for name, m in parts.items()})
+    return {k: v.to(device) for k, v in parts.items()}, frozen, config
+
+
+@torch.no_grad()
+def prepare(batch, frozen, args, device):
+    """A loader batch -> the tensors the stage's loss needs, with the frozen encoders applied (no grad)."""
+    noise = split_noise(batch["noise"].to(device, non_blocking=True), args.stage)
+    ids = batch["ids"].to(device, non_blocking=True)
+    if "clip" in batch:                                   # pre-tokenised cache: both encoders skipped
+        clip = batch["clip"].to(device, non_blocking=True)
+    else:
+        clip = frozen["clip"](ids)
+    inputs = dict(clip=clip, ids=ids)
+    if args.stage == "tokenizer":
+        inputs.update(images=batch["image"].to(device, non_blocking=True), eps=noise["img"])
+        return inputs
+    if args.stage == "text-ae":
+        inputs.update(eps=noise["txt"])
+        return inputs
+    tok = frozen["tokenizer"]
+    if "posterior" in batch:
+        mean, logvar = batch["posterior"].to(device, non_blocking=True).chunk(2, dim=-1)
+    else:
+        with autocast(args, device):
+            mean, logvar = tok.encode(batch["image"].to(device, non_blocking=True))
+    image_tokens = tok.flow_tokens(mean, logvar, noise["img"])                 # (B, 77, 16), flow space
+    null_u = 0.5 * (1 + torch.erf(noise["null"] / math.sqrt(2)))               # uniform in (0, 1)
+    inputs.update(t=torch.sigmoid(noise["t"]), null=null_u < args.cfg_prob)    # t ~ logit-normal(0, 1)
+    if args.stage == "flow":
+        inputs.update(x1=image_tokens, eps=noise["txt"])
+        if args.caption_groups:
+            inputs["groups"] = caption_groups(ids)
+    else:                                                                      # image -> text
+        text_latent, _, _ = frozen["text_ae"](clip, noise["txt"])
+        inputs.update(x0=image_tokens, x1=text_latent)
+    return inputs
+
+
+def stage_loss(parts, inputs, args, gather=None):
+    """The stage's objective -> dict of scalars ("loss" is what backward sees)."""
+    if args.stage == "tokenizer":
+        tok = parts["tokenizer"]
+        mean, logvar = tok.encode(inputs["images"])
+        recon = tok.decode(mean + torch.exp(0.5 * logvar) * inputs["eps"], inputs["clip"])
+        mse = F.mse_loss(recon.float(), inputs["images"])
+        kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()            # summed over tokens, batch mean
+        return dict(loss=mse + args.w_kl * kl, mse=mse, kl=kl, psnr=-10 * torch.log10(mse.detach()),
+                    sigma=torch.exp(0.5 * logvar.detach()).mean())
+    if args.stage == "flow":
+        out = flow_dit.flowtok_loss(parts["dit"], parts["projector"], inputs["clip"], inputs["x1"], inputs["t"],
+                                    inputs["null"], inputs["eps"], args.w_con, args.w_kl, args.kl,
+                                    inputs.get("groups"), gather)
+        return dict(loss=out["loss"], diff=out["diff"], contrastive=out["contrastive"], kl=out["kl"],
+                    sigma=torch.exp(0.5 * out["logvar"].detach()).mean(), mu=out["mu"].detach().abs().mean())
+    if args.stage == "text-ae":
+        z, mu, logvar = parts["projector"](inputs["clip"], inputs["eps"])
+        logits = parts["text_decoder"](z)
+        ce = projector.text_reconstruction_loss(logits, inputs["ids"])
+        kl = projector.kl_standard(mu, logvar)
+        pred, ids = logits.detach().argmax(-1), inputs["ids"]
+        keep = torch.arange(77, device=ids.device)[None] <= (ids == projector.EOT).int().argmax(1, keepdim=True)
+        correct = (pred == ids) | ~keep
+        return dict(loss=ce + args.w_kl * kl, ce=ce, kl=kl, token_acc=((pred == ids) & keep).sum() / keep.sum(),
+                    exact=correct.all(1).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
+    out = flow_dit.flow_loss(parts["dit"], inputs["x0"], inputs["x1"], inputs["t"], inputs["null"])
+    return dict(loss=out["diff"], diff=out["diff"])
+
+
+class Objective(nn.Module):
+    """A stage's trainable parts and its loss as one module, so that DDP syncs every part's gradients."""
+
+    def __init__(self, parts, args, gather=None):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        self.args, self.gather = args, gather
+
+    def forward(self, inputs):
+        return stage_loss(self.parts, inputs, self.args, self.gather)
+
+
+def autocast(args, device):
+    """bf16 autocast on GPU when --precision bf16; float32 otherwise (CPU bf16 is slow and not needed)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def lr_factor(step, args):
+    """Linear warm-up over args.warmup steps (the first update already moves), then constant or cosine."""
+    warm = min((step + 1) / max(args.warmup, 1), 1.0)
+    if args.schedule == "constant" or step < args.warmup:
+        return warm
+    progress = min((step - args.warmup) / max(args.steps - args.warmup, 1), 1.0)
+    floor = args.min_lr / args.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema, parts, decay):
+    """ema = decay * ema + (1 - decay) * model, one fused op over all parameters."""
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in parts.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Periodic samples (rank 0, EMA weights, a generator of their own: the training RNG is untouched)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def write_samples(ema, frozen, fixed, args, step, device):
+    """Stage-appropriate preview under out/samples/: a PNG grid, or captions in a text file."""
+    folder = os.path.join(args.out, "samples")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    if args.stage == "tokenizer":
+        tok = ema["tokenizer"]
+        mean, _ = tok.encode(fixed["images"])
+        recon = tok.decode(mean, frozen["clip"](fixed["ids"])).clamp(0, 1)
+        grid = torch.stack([fixed["images"], recon], 1).flatten(0, 1)         # input, reconstruction, ...
+        return sample.save_grid(grid, os.path.join(folder, f"step_{step:07d}.png"), nrow=8)
+    if args.stage == "flow":
+        pipe = sample.FlowTokPipeline(frozen["clip"], ema["projector"], ema["dit"], frozen["tokenizer"])
+        images = pipe.generate(fixed["prompts"], steps=args.sample_steps, cfg=args.cfg, generator=g)
+        return sample.save_grid(images, os.path.join(folder, f"step_{step:07d}.png"), nrow=8)
+    if args.stage == "text-ae":
+        _, mu, _ = ema["projector"](frozen["clip"](fixed["ids"]))          # decode the mean latent
+        lines = [f"{a}  ->  {b}" for a, b in zip(fixed["captions"],
+                                                 projector.detokenize(ema["text_decoder"](mu).argmax(-1)))]
+    else:
+        pipe = sample.FlowTokPipeline(frozen["clip"], None, None, frozen["tokenizer"], i2t_dit=ema["dit"],
+                                      text_decoder=frozen["text_decoder"])
+        caps = pipe.caption(fixed["images"], steps=args.sample_steps, cfg=args.cfg, generator=g)
+        lines = [f"{a}  ->  {b}" for a, b in zip(fixed["captions"], caps)]
+    path = os.path.join(folder, f"step_{step:07d}.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world, local_rank, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local, device
+
+
+def fill_defaults(args, world):
+    """Stage defaults for unset flags, and the batch arithmetic: global = per-GPU x GPUs x accumulation."""
+    for k, v in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.w_kl is None:
+        args.w_kl = projector.KL_TERMS[args.kl][1]
+    if args.batch_size is None:
+        if args.global_batch % world:
+            raise TrainError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
+        args.batch_size = args.global_batch // world
+    if args.global_batch % (args.batch_size * world):
+        raise TrainError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+                         f"x {world} processes")
+    args.accum = args.global_batch // (args.batch_size * world)
+    if args.precision is None:
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def check_output_folder(out, resume):
+    """Create out/ and prove it is writable; refuse to overwrite a run unless resuming."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainError(f"--out {out} is not writable ({e.strerror})") from None
+    if not resume and os.path.exists(os.path.join(out, "last.pt")):
+        raise TrainError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+
+
+def main(args):
+    rank, world, local, device = setup_distributed()
+    fill_defaults(args, world)
+    if rank == 0:
+        check_output_folder(args.out, args.resume)
+    if world > 1:
+        dist.barrier()
+    log_file, bar = os.path.join(args.out, "log.txt"), None
+
+    def say(msg):
+        """Rank 0: print (above the progress bar, if any) and append to out/log.txt."""
+        if rank == 0:
+            (bar.write if bar is not None else print)(msg)
+            with open(log_file, "a") as f:
+                f.write(msg + "\n")
+
+    ckpt = None
+    if args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        ckpt = sample.load_checkpoint(args.out)
+        changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
+                   for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise TrainError("cannot resume with different " + ", ".join(changed))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
+    random.seed(args.seed + rank)
+
+    parts, frozen, config = build_stage(args, device, rank)
+    if args.grad_checkpointing:
+        for m in parts.values():
+            for sub in m.modules():
+                if hasattr(sub, "grad_checkpointing"):
+                    sub.grad_checkpointing = True
+    if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
+        init = sample.load_checkpoint(args.init)
+        for name, m in parts.items():
+            m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
+    gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
+    objective = Objective(parts, args, gather)
+    ema = copy.deepcopy(objective.parts).eval().requires_grad_(False)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay, **fused_if_available(device))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
+    try:
+        source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
+                                    flip=args.flip)
+    except (ValueError, RuntimeError) as e:
+        raise TrainError(str(e)) from None
+    loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
+                              noise_dim=sum(NOISE[args.stage].values()), num_workers=args.num_workers,
+                              pin_memory=device.type == "cuda")
+    step, skips = 0, Counter()                     # skips: this rank's data-skip counts
+    if ckpt:
+        for name, m in objective.parts.items():
+            m.load_state_dict(ckpt["model"][name])
+            ema[name].load_state_dict(ckpt["ema"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        mine = min(rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
+        loader.load_state_dict(ckpt["data_state"][mine])
+        skips = Counter(ckpt["stats"]["skips"][mine]) if rank < len(ckpt["rng"]) else Counter()
+        set_rng_state(ckpt["rng"][mine])
+        say(f"resumed {args.out} at step {step}")
+    model = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    if args.compile:
+        model = torch.compile(model)
+
+    say(f"stage {args.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
+        f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
+        f"samples); global batch {args.global_batch} = {args.batch_size} x {world} GPUs x {args.accum} "
+        f"accumulation; {args.precision}; {device}")
+    if args.clip_weights == "random":
+        say("note: the CLIP text tower is randomly initialised (untrained): it hashes captions into features, it "
+            "does not understand them")
+    if getattr(source, "skipped", None):
+        say(f"skipped while indexing {args.data}: {data.format_skips(source.skipped)}")
+
+    def checkpoint_now():
+        """Gather every rank's RNG, data position and skip counts; rank 0 writes."""
+        rngs, positions = gather_objects(rng_state(), world), gather_objects(loader.state_dict(), world)
+        all_skips = gather_objects(dict(skips), world)
+        if rank == 0:
+            state = {"stage": args.stage, "args": vars(args), "config": config, "step": step,
+                     "model": {k: v.state_dict() for k, v in objective.parts.items()},
+                     "ema": {k: v.state_dict() for k, v in ema.items()}, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rngs, "data_state": positions,
+                     "stats": {"skips": all_skips}}
+            say(f"saved {save_checkpoint(state, args.out, step, args.keep)}")
+
+    stop = []
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):       # preemption: checkpoint, then exit
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+
+    fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
+    batches = iter(loader)
+    if rank == 0 and sys.stderr.isatty() and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    sums, n_steps, bad_in_a_row, t_log, seen = Counter(), 0, 0, time.time(), 0
+    while step < args.steps:
+        model.train()
+        for micro in range(args.accum):
+            batch = next(batches)
+            skips.update(batch["skipped"])
+            inputs = prepare(batch, frozen, args, device)
+            last = micro == args.accum - 1
+            with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(args, device):
+                out = model(inputs)
+            (out["loss"] / args.accum).backward()
+            seen += len(batch["ids"])
+            for k, v in out.items():
+                sums[k] += v.detach().float() / args.accum
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
+            optimizer.step()
+            update_ema(ema, objective.parts, args.ema)
+            sums["grad_norm"] += gnorm.float()
+            bad_in_a_row = 0
+        else:                                      # a NaN/inf loss or gradient: skip the update, count it
+            skips["non-finite step"] += 1
+            bad_in_a_row += 1
+            say(f"step {step}: non-finite loss or gradient (loss {float(out['loss']):.4g}), update skipped")
+            if bad_in_a_row >= args.max_bad_steps:
+                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
+                                 f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        n_steps += 1
+        if bar is not None:
+            bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            keys = sorted(sums)
+            vec = torch.stack([sums[k].to(device) for k in keys] + [torch.tensor(float(seen), device=device)])
+            if world > 1:
+                dist.all_reduce(vec)
+                vec[:-1] /= world
+            total_skips = sum((Counter(c) for c in gather_objects(dict(skips), world)), Counter())
+            metrics = " ".join(f"{k} {v / n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
+            say(f"step {step}/{args.steps} | {metrics} | lr {scheduler.get_last_lr()[0]:.3g} | "
+                f"{vec[-1].item() / (time.time() - t_log):.1f} samples/s | skipped: {data.format_skips(total_skips)}")
+            sums, n_steps, t_log, seen = Counter(), 0, time.time(), 0
+        if fixed is not None and step % args.sample_every == 0:
+            say(f"preview: {write_samples(ema, frozen, fixed, args, step, device)}")
+        interrupted = bool(stop)
+        if world > 1:
+            flag = torch.tensor(float(interrupted), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            interrupted = bool(flag)
+        if step % args.ckpt_every == 0 or step == args.steps or interrupted:
+            checkpoint_now()
+        if interrupted:
+            say(f"stopped by a signal at step {step}; continue with --resume")
+            break
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step, "skips": dict(skips), "out": args.out}
+
+
+def fused_if_available(device):
+    """AdamW's fused kernel where this torch has it for the device (CUDA; CPU from torch 2.4)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {}
+
+
+def preview_inputs(source, args, device):
+    """Fixed inputs for the periodic previews: the first 8 samples of the data (or the prompts file)."""
+    prompts = None
+    if args.sample_prompts:
+        with open(args.sample_prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    # a generator of their own: the previews must not draw from the training RNG (exact resume)
+    samples = [source.get(i, torch.Generator().manual_seed(i)) for i in range(min(8, len(source)))] \
+        if hasattr(source, "get") else []
+    captions = [s["caption"] for s in samples]
+    fixed = {"prompts": prompts or captions, "captions": captions,
+             "ids": projector.tokenize(captions)[0].to(device)}
+    if samples and "image" in samples[0]:
+        fixed["images"] = torch.stack([s["image"] for s in samples]).to(device)
+    return fixed
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=STAGES, default="flow")
+    p.add_argument("--data", default="shapes", help="data spec (see data.py), e.g. jsonl:FILE,root=DIR")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log.txt, samples/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--init", help="initialise the trained parts from another run's checkpoint (not its optimizer)")
+    p.add_argument("--init-from-ema", action="store_true", help="with --init: take the EMA weights")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--random-crop", action="store_true", help="random square crops (tokenizer training)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (tokenizer training)")
+    # models
+    p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
+    p.add_argument("--dit-patch-size", type=int, default=1, help="group this many latent tokens per DiT token")
+    p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256")
+    p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
+    p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
+    p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default="ViT-L-14-336-quickgelu")
+    p.add_argument("--clip-weights", default="openai", help="'openai' (download), a local open_clip file, or 'random'")
+    p.add_argument("--projector-depth", type=int, default=6)
+    p.add_argument("--projector-heads", type=int, default=8)
+    p.add_argument("--projector-ff", type=int, default=1024)
+    p.add_argument("--projector-dropout", type=float, default=0.1)
+    p.add_argument("--decoder-width", type=int, default=768, help="TextDecoder width (text-ae)")
+    p.add_argument("--decoder-depth", type=int, default=6)
+    p.add_argument("--decoder-ff", type=int, default=3072)
+    # objective
+    p.add_argument("--w-con", type=float, default=1.0, help="contrastive alignment weight (flow)")
+    p.add_argument("--kl", choices=list(projector.KL_TERMS), default="official",
+                   help="official: the released checkpoints' term (weight 0.01); standard: the paper's (1e-4)")
+    p.add_argument("--w-kl", type=float, help="KL weight (default: per stage / per --kl form)")
+    p.add_argument("--cfg-prob", type=float, default=0.1, help="fraction of samples trained unconditionally")
+    p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
+    p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
+    # optimisation (None: the stage default, see STAGE_DEFAULTS)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--global-batch", type=int)
+    p.add_argument("--batch-size", type=int, help="per GPU (default: global batch / GPUs, no accumulation)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--schedule", choices=["constant", "cosine"])
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float)
+    p.add_argument("--ema", type=float, help="EMA decay")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping; the norm is logged anyway)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    # system
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the objective")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--keep", type=int, default=3, help="step checkpoints kept besides last.pt")
+    p.add_argument("--sample-every", type=int, default=5000, help="preview grid from the EMA model (0: never)")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale of the previews")
+    p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
+    return p
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        main(args)
+    except (TrainError, sample.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
