@@ -66,10 +66,13 @@ The tar stream
   "readers": [cursor per worker]}: save it for every rank; resuming with the same world size and worker count
   continues the exact sequence. Crop, flip and noise are seeded by (seed, reader, sample counter of the reader).
 """
+import argparse
 import collections
 import functools
+import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -465,12 +468,14 @@ def _append_npy(path, rows):
 def write_cache(directory, posterior, clip, ids, captions):
     """Append n rows to a pre-tokenised cache (created if needed).
 
-    posterior (n, 77, 32) tokenizer posterior mean | logvar and clip (n, 77, C) CLIP features are stored
-    float16, ids (n, 77) int32, captions one json object {"caption": ...} per line of captions.jsonl.
+    posterior (n, 77, 32) tokenizer posterior mean | logvar and clip (n, 77, C) CLIP features (or None) are
+    stored float16, ids (n, 77) int32, captions one json object {"caption": ...} per line of captions.jsonl.
     """
     os.makedirs(directory, exist_ok=True)
     arrays = {"posterior": (posterior, np.float16), "clip": (clip, np.float16), "ids": (ids, np.int32)}
     for name, (value, dtype) in arrays.items():
+        if value is None:
+            continue
         value = np.ascontiguousarray(_numpy(value).astype(dtype))
         if len(value) != len(captions):
             raise ValueError(f"write_cache: {name} has {len(value)} rows for {len(captions)} captions")
@@ -480,22 +485,36 @@ def write_cache(directory, posterior, clip, ids, captions):
 
 
 class CacheSource:
-    """Pre-tokenised features: get(i) -> {"posterior" (77, 32), "clip" (77, C) float32, "ids" (77,), "caption"}."""
+    """Pre-tokenised features: get(i) -> {"posterior" (77, 32), "clip" (77, C) float32, "ids" (77,), "caption"}.
+
+    DIR holds the arrays itself, or parts DIR/part-00000, DIR/part-00001, ... (one per pre-tokenising rank),
+    read as one source. "clip" is absent from caches written with --no-clip (the trainer then runs CLIP).
+    """
 
     def __init__(self, name, directory):
         self.name, self.directory, self.skipped = name, directory, collections.Counter()
-        with open(os.path.join(directory, "captions.jsonl"), encoding="utf-8") as f:
-            self.captions = _Strings(json.loads(line)["caption"] for line in f if line.strip())
-        lengths = {key: len(a) for key, a in self._open().items()}
-        if set(lengths.values()) != {len(self.captions)}:
-            raise RuntimeError(f"{name}: rows disagree: {lengths}, captions {len(self.captions)}")
-        self._arrays = None  # each DataLoader worker maps the files itself
+        parts = sorted(p for p in glob.glob(os.path.join(directory, "part-*")) if os.path.isdir(p))
+        self.parts = parts or [directory]
+        captions = []
+        for part in self.parts:
+            try:
+                with open(os.path.join(part, "captions.jsonl"), encoding="utf-8") as f:
+                    captions += [json.loads(line)["caption"] for line in f if line.strip()]
+            except OSError as e:
+                raise RuntimeError(f"{name}: not a pre-tokenised cache ({e.strerror}: {e.filename})") from None
+        self.captions = _Strings(captions)
+        self.keys = [k for k in ("posterior", "clip", "ids") if os.path.exists(os.path.join(self.parts[0], k + ".npy"))]
+        self._arrays = None                     # each DataLoader worker maps the files itself
+        rows = [len(a["ids"]) for a in self._open()]
+        self.starts = np.cumsum([0] + rows)     # first global row of each part
+        if self.starts[-1] != len(self.captions):
+            raise RuntimeError(f"{name}: {self.starts[-1]} rows of features for {len(self.captions)} captions")
 
     def _open(self):
-        """The memory-mapped arrays, opened once per process."""
+        """The memory-mapped arrays of every part, opened once per process."""
         if getattr(self, "_arrays", None) is None:
-            self._arrays = {key: np.load(os.path.join(self.directory, key + ".npy"), mmap_mode="r")
-                            for key in ("posterior", "clip", "ids")}
+            self._arrays = [{k: np.load(os.path.join(p, k + ".npy"), mmap_mode="r") for k in self.keys}
+                            for p in self.parts]
         return self._arrays
 
     def __getstate__(self):
@@ -506,11 +525,11 @@ class CacheSource:
 
     def get(self, index, generator=None):
         """Row `index` as float32 / long tensors."""
-        a = self._open()
-        return {"posterior": torch.from_numpy(a["posterior"][index].astype(np.float32)),  # (77, 32)
-                "clip": torch.from_numpy(a["clip"][index].astype(np.float32)),  # (77, C)
-                "ids": torch.from_numpy(a["ids"][index].astype(np.int64)),  # (77,)
-                "caption": self.captions[index]}
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        row, a = index - self.starts[part], self._open()[part]
+        out = {k: torch.from_numpy(a[k][row].astype(np.int64 if k == "ids" else np.float32)) for k in self.keys}
+        out["caption"] = self.captions[index]
+        return out
 
 
 # ----------------------------------------------------------------------------- the shapes world
@@ -921,3 +940,111 @@ def make_loader(source, batch_size, seed=0, rank=None, world=None, noise_dim=0, 
     """The loader that fits the source: TarLoader for `tar:`, Loader otherwise (same arguments)."""
     kind = TarLoader if isinstance(source, TarSource) else Loader
     return kind(source, batch_size, seed, rank, world, noise_dim, num_workers, pin_memory)
+
+
+# ----------------------------------------------------------------------------- pre-tokenising
+
+def _pretokenize_batches(source, rank, world, batch_size, num_workers, done):
+    """This rank's samples of a source, in batches of (images, captions), skipping the first `done` usable ones."""
+    if isinstance(source, TarSource):       # one pass over this rank's shards, decoded here
+        stream = source.samples(0, rank, world, dict(epoch=0, shard=0, offset=0, seen=0))
+        items = (s for s, cursor in itertools.takewhile(lambda sc: sc[1]["epoch"] == 0, stream))
+    else:
+        loader = torch.utils.data.DataLoader(_Indexed(source), batch_size=None, num_workers=num_workers,
+                                             sampler=range(rank, len(source), world))
+        items = iter(loader)
+    usable, batch, skipped = 0, [], collections.Counter()
+    for sample in items:
+        if isinstance(sample, BadSample):
+            skipped[sample.reason] += 1
+            continue
+        usable += 1
+        if usable <= done:
+            continue
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch, skipped
+            batch = []
+    if batch:
+        yield batch, skipped
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """source.get(i), or the BadSample it raised (for the pre-tokeniser's DataLoader)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source.get(index)
+        except BadSample as e:
+            return e
+
+
+@torch.no_grad()
+def pretokenize(args):
+    """Encode every sample of --data once: tokenizer posterior (+ CLIP features) -> a cache for `cache:DIR`.
+
+    Under torchrun each rank writes DIR/part-<rank> (read back together); a killed run continues where it
+    stopped (rows already in a part are not recomputed).
+    """
+    import tokenizer as tokenizer_lib
+    from projector import CLIPTextEncoder
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    tok = tokenizer_lib.load_tokenizer(args.tokenizer).to(device)
+    clip_cfg = dict(tower="ViT-L-14-336-quickgelu", weights="openai")   # the official tokenizer's text tower
+    if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(".pt"):
+        import sample
+        ckpt = sample.load_checkpoint(args.tokenizer)
+        clip_cfg = dict(ckpt["config"]["clip"], weights=sample.resolve_path(ckpt["config"]["clip"]["weights"],
+                                                                            ckpt["path"]))
+    clip = None if args.no_clip else CLIPTextEncoder(args.clip_tower or clip_cfg["tower"],
+                                                     args.clip_weights or clip_cfg["weights"]).to(device)
+    source = build_dataset(args.data, image_size=tok.image_size)
+    part = os.path.join(args.out, f"part-{rank:05d}")
+    done = len(np.load(os.path.join(part, "ids.npy"), mmap_mode="r")) if os.path.exists(
+        os.path.join(part, "ids.npy")) else 0
+    bf16 = device.type == "cuda" and not args.fp32
+    total, skipped = done, collections.Counter()
+    for batch, skipped in _pretokenize_batches(source, rank, world, args.batch_size, args.num_workers, done):
+        images = torch.stack([s["image"] for s in batch]).to(device)
+        captions = [s["caption"] for s in batch]
+        ids, truncated = tokenize(captions)
+        skipped["truncated caption"] += int(truncated.sum())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            mean, logvar = tok.encode(images)                                    # (B, 77, 16) each
+            feats = None if clip is None else clip(ids.to(device))              # (B, 77, C)
+        write_cache(part, torch.cat([mean, logvar], -1), feats, ids, captions)
+        total += len(batch)
+        if rank == 0:
+            print(f"\rpre-tokenised {total} samples (rank 0 of {world})", end="", flush=True)
+    print(f"\nrank {rank}: {total} samples in {part}; skipped: {format_skips(skipped)}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="data.py commands (the sources themselves are used by train.py)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretokenize", help="cache tokenizer posteriors and CLIP features for flow training")
+    p.add_argument("--data", required=True, help="data spec, e.g. jsonl:FILE,root=DIR")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer run / checkpoint or the official FlowTiTok .bin")
+    p.add_argument("--out", required=True, help="cache folder (train with --data cache:FOLDER)")
+    p.add_argument("--clip-tower", help="default: the tokenizer's (ViT-L-14-336-quickgelu for the official one)")
+    p.add_argument("--clip-weights", help="default: the tokenizer's ('openai' for the official one)")
+    p.add_argument("--no-clip", action="store_true", help="cache only the image posteriors (CLIP runs in training)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        pretokenize(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"data.py: error: {e}")

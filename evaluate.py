@@ -493,6 +493,39 @@ def cider_d(candidates, references, sigma=6.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The shapes world (the embedded demo): prompt accuracy of generated images, caption accuracy of generated text
+# ----------------------------------------------------------------------------------------------------------------
+
+def shapes_prompt_accuracy(pipe, prompts, n_per_prompt=4, steps=20, cfg=2.0, seed=0, batch_size=256):
+    """Generate n_per_prompt images per shapes prompt, read them back (data.analyse_shape) -> accuracies.
+
+    Returns {colour, shape, both, size, position}: the fraction of images whose attribute matches the prompt.
+    """
+    import data
+    import sample
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)]
+    images = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        eps = torch.stack([sample.sample_noise(i, j, seed) for i, j in chunk])
+        images.append(pipe.generate([prompts[i] for i, _ in chunk], steps, cfg, eps=eps).cpu())
+    return data.shape_accuracy(torch.cat(images), [prompts[i] for i, _ in jobs])
+
+
+def shapes_caption_accuracy(captions, attrs):
+    """Generated captions vs the true attributes of their images -> {colour, shape, both, size, position, parsed}."""
+    import data
+    hits, n = Counter(), max(len(captions), 1)
+    for caption, want in zip(captions, attrs):
+        got = data.parse_caption(caption) or {}
+        hits["parsed"] += bool(got)
+        for key in ("colour", "shape", "size", "position"):
+            hits[key] += got.get(key) == want[key]
+        hits["both"] += got.get("colour") == want["colour"] and got.get("shape") == want["shape"]
+    return {k: hits[k] / n for k in ("colour", "shape", "both", "size", "position", "parsed")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -136,6 +136,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def weight_checksum(module):
+    """(sum, sum of squares) of all parameters in float64: equal on ranks that hold the same weights."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
+        return [flat.sum().item(), flat.square().sum().item()]
+
+
 def gather_objects(obj, world):
     """The list of obj from every rank (rank order)."""
     if world == 1:
@@ -436,6 +443,8 @@ def check_output_folder(out, resume):
         raise TrainError(f"--out {out} is not writable ({e.strerror})") from None
     if not resume and os.path.exists(os.path.join(out, "last.pt")):
         raise TrainError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+    for partial in glob.glob(os.path.join(out, "*.tmp")) + glob.glob(os.path.join(out, "*.last")):
+        os.remove(partial)                     # left by a kill during a checkpoint write
 
 
 def main(args):
@@ -526,6 +535,11 @@ def main(args):
         """Gather every rank's RNG, data position and skip counts; rank 0 writes."""
         rngs, positions = gather_objects(rng_state(), world), gather_objects(loader.state_dict(), world)
         all_skips = gather_objects(dict(skips), world)
+        sums = gather_objects(weight_checksum(objective.parts), world)
+        if any(c != sums[0] for c in sums):    # DDP keeps replicas identical; anything else is a bug to stop on
+            raise TrainError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
+        if world > 1:
+            say(f"step {step}: weights identical on all {world} ranks")
         if rank == 0:
             state = {"stage": args.stage, "args": vars(args), "config": config, "step": step,
                      "model": {k: v.state_dict() for k, v in objective.parts.items()},
@@ -534,75 +548,79 @@ def main(args):
                      "stats": {"skips": all_skips}}
             say(f"saved {save_checkpoint(state, args.out, step, args.keep)}")
 
-    stop = []
+    stop, handlers = [], {}
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):       # preemption: checkpoint, then exit
-        signal.signal(s, lambda signum, frame: stop.append(signum))
-
-    fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
-    batches = iter(loader)
-    if rank == 0 and sys.stderr.isatty() and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
-    sums, n_steps, bad_in_a_row, t_log, seen = Counter(), 0, 0, time.time(), 0
-    while step < args.steps:
-        model.train()
-        for micro in range(args.accum):
-            batch = next(batches)
-            skips.update(batch["skipped"])
-            inputs = prepare(batch, frozen, args, device)
-            last = micro == args.accum - 1
-            with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(args, device):
-                out = model(inputs)
-            (out["loss"] / args.accum).backward()
-            seen += len(batch["ids"])
-            for k, v in out.items():
-                sums[k] += v.detach().float() / args.accum
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
-            optimizer.step()
-            update_ema(ema, objective.parts, args.ema)
-            sums["grad_norm"] += gnorm.float()
-            bad_in_a_row = 0
-        else:                                      # a NaN/inf loss or gradient: skip the update, count it
-            skips["non-finite step"] += 1
-            bad_in_a_row += 1
-            say(f"step {step}: non-finite loss or gradient (loss {float(out['loss']):.4g}), update skipped")
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
-                                 f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        n_steps += 1
-        if bar is not None:
-            bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            keys = sorted(sums)
-            vec = torch.stack([sums[k].to(device) for k in keys] + [torch.tensor(float(seen), device=device)])
+        handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
+    try:
+        fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
+        batches = iter(loader)
+        if rank == 0 and sys.stderr.isatty() and not args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+        sums, n_steps, bad_in_a_row, t_log, seen = Counter(), 0, 0, time.time(), 0
+        while step < args.steps:
+            model.train()
+            for micro in range(args.accum):
+                batch = next(batches)
+                skips.update(batch["skipped"])
+                inputs = prepare(batch, frozen, args, device)
+                accumulating = world > 1 and micro < args.accum - 1      # sync gradients on the last one only
+                with model.no_sync() if accumulating else contextlib.nullcontext(), autocast(args, device):
+                    out = model(inputs)
+                (out["loss"] / args.accum).backward()
+                seen += len(batch["ids"])
+                for k, v in out.items():
+                    sums[k] += v.detach().float() / args.accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
+                optimizer.step()
+                update_ema(ema, objective.parts, args.ema)
+                sums["grad_norm"] += gnorm.float()
+                bad_in_a_row = 0
+            else:                                      # a NaN/inf loss or gradient: skip the update, count it
+                skips["non-finite step"] += 1
+                bad_in_a_row += 1
+                say(f"step {step}: non-finite loss or gradient (loss {float(out['loss']):.4g}), update skipped")
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
+                                     f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            n_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                keys = sorted(sums)
+                vec = torch.stack([sums[k].to(device) for k in keys] + [torch.tensor(float(seen), device=device)])
+                if world > 1:
+                    dist.all_reduce(vec)
+                    vec[:-1] /= world
+                total_skips = sum((Counter(c) for c in gather_objects(dict(skips), world)), Counter())
+                metrics = " ".join(f"{k} {v / n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
+                say(f"step {step}/{args.steps} | {metrics} | lr {scheduler.get_last_lr()[0]:.3g} | "
+                    f"{vec[-1].item() / (time.time() - t_log):.1f} samples/s | "
+                    f"skipped: {data.format_skips(total_skips)}")
+                sums, n_steps, t_log, seen = Counter(), 0, time.time(), 0
+            if fixed is not None and step % args.sample_every == 0:
+                say(f"preview: {write_samples(ema, frozen, fixed, args, step, device)}")
+            interrupted = bool(stop)
             if world > 1:
-                dist.all_reduce(vec)
-                vec[:-1] /= world
-            total_skips = sum((Counter(c) for c in gather_objects(dict(skips), world)), Counter())
-            metrics = " ".join(f"{k} {v / n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
-            say(f"step {step}/{args.steps} | {metrics} | lr {scheduler.get_last_lr()[0]:.3g} | "
-                f"{vec[-1].item() / (time.time() - t_log):.1f} samples/s | skipped: {data.format_skips(total_skips)}")
-            sums, n_steps, t_log, seen = Counter(), 0, time.time(), 0
-        if fixed is not None and step % args.sample_every == 0:
-            say(f"preview: {write_samples(ema, frozen, fixed, args, step, device)}")
-        interrupted = bool(stop)
-        if world > 1:
-            flag = torch.tensor(float(interrupted), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            interrupted = bool(flag)
-        if step % args.ckpt_every == 0 or step == args.steps or interrupted:
-            checkpoint_now()
-        if interrupted:
-            say(f"stopped by a signal at step {step}; continue with --resume")
-            break
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        dist.destroy_process_group()
+                flag = torch.tensor(float(interrupted), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                interrupted = bool(flag)
+            if step % args.ckpt_every == 0 or step == args.steps or interrupted:
+                checkpoint_now()
+            if interrupted:
+                say(f"stopped by a signal at step {step}; continue with --resume")
+                break
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return {"step": step, "skips": dict(skips), "out": args.out}
 
 
