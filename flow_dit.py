@@ -193,6 +193,9 @@ FLOW_MODELS = {
     "L": dict(depth=24, width=1024, heads=16),
     "XL": dict(depth=28, width=1152, heads=16),
     "H": dict(depth=36, width=1280, heads=20),
+    # not in the paper: CPU sizes for the tests and the embedded demo
+    "tiny": dict(depth=2, width=64, heads=4),
+    "demo": dict(depth=4, width=128, heads=4),
 }
 
 

@@ -343,10 +343,12 @@ def load_official_tokenizer(src, **overrides):
 def load_tokenizer(src, ema=True):
     """A trained tokenizer -> Tokenizer in eval mode: our run folder / checkpoint (train.py --stage tokenizer,
     EMA weights unless ema=False) or the official FlowTiTok .bin (path or state dict)."""
-    if isinstance(src, str) and os.path.isdir(src):
-        src = os.path.join(src, "last.pt")
-    obj = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, str) else src
-    if "tokenizer" in obj.get("config", {}):
+    if isinstance(src, (str, os.PathLike)):
+        src = os.path.join(src, "last.pt") if os.path.isdir(src) else src
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    else:
+        obj = src
+    if obj.get("stage") == "tokenizer":
         with torch.device("meta"):
             model = Tokenizer(**obj["config"]["tokenizer"])
         load_strict(model, obj["ema" if ema else "model"]["tokenizer"], "tokenizer")

@@ -182,7 +182,10 @@ def build_clip(args, device, rank):
     so that later stages and sample.py use exactly the same one (pass that file as --clip-weights).
     """
     if args.clip_weights != "random":
-        return CLIPTextEncoder(args.clip_tower, args.clip_weights).to(device), args.clip_weights
+        try:
+            return CLIPTextEncoder(args.clip_tower, args.clip_weights).to(device), args.clip_weights
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TrainError(str(e)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         clip = CLIPTextEncoder(args.clip_tower, "random")
@@ -580,7 +583,7 @@ def main(args):
             else:                                      # a NaN/inf loss or gradient: skip the update, count it
                 skips["non-finite step"] += 1
                 bad_in_a_row += 1
-                say(f"step {step}: non-finite loss or gradient (loss {float(out['loss']):.4g}), update skipped")
+                say(f"step {step}: non-finite loss or gradient (loss {float(out['loss'].detach()):.4g}), update skipped")
                 if bad_in_a_row >= args.max_bad_steps:
                     raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
                                      f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
@@ -614,6 +617,8 @@ def main(args):
             if interrupted:
                 say(f"stopped by a signal at step {step}; continue with --resume")
                 break
+        if world > 1:
+            dist.barrier()                     # nobody leaves while rank 0 still writes the last checkpoint
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
