@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import KL_TERMS, EncoderLayer, TextProjector, contrastive_loss
+from projector import KL_TERMS, TextProjector, contrastive_loss
 from tokenizer import read_state_dict
 
 SIGMA_MIN = 1e-5

@@ -290,16 +290,25 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(width, heads, d_ff, dropout) for _ in range(depth)])
         self.head = nn.Linear(width, vocab)
 
-    def forward(self, z):
-        """(B, 77, 16) -> (B, 77, vocab) logits."""
+    def forward(self, z, keep=None):
+        """(B, 77, 16) -> (B, 77, vocab) logits; with keep (B, 77) bool only those positions: (N, vocab).
+
+        The vocabulary head dominates the cost (49408 outputs per position): training asks only for the
+        positions of real tokens (SOT..EOT, see caption_mask), typically 10-20 of the 77.
+        """
         h = self.embed(z) + self.pos
         for layer in self.layers:
             h = layer(h)
-        return self.head(h)
+        return self.head(h if keep is None else h[keep])
+
+
+def caption_mask(ids):
+    """(B, 77) ids -> (B, 77) bool: the positions SOT..EOT of each caption (not the padding after EOT)."""
+    eot_pos = (ids == EOT).int().argmax(1, keepdim=True)                        # (B, 1)
+    return torch.arange(ids.shape[1], device=ids.device)[None] <= eot_pos
 
 
 def text_reconstruction_loss(logits, ids):
-    """Token cross-entropy over SOT..EOT of each caption (padding after EOT is ignored)."""
-    eot_pos = (ids == EOT).int().argmax(1, keepdim=True)                        # (B, 1)
-    keep = torch.arange(ids.shape[1], device=ids.device)[None] <= eot_pos       # (B, 77)
-    return F.cross_entropy(logits.float()[keep], ids[keep])
+    """Token cross-entropy over SOT..EOT: logits (B, 77, vocab) or already masked (N, vocab) by caption_mask."""
+    keep = caption_mask(ids)
+    return F.cross_entropy((logits[keep] if logits.dim() == 3 else logits).float(), ids[keep])

@@ -5,24 +5,31 @@
   # 1 GPU: the released FlowTok-XL at 512 px (downloads FlowTok-XL.pth, FlowTiTok_512.bin and CLIP ViT-L/14-336)
   python sample.py --official FlowTok-XL --prompts prompts.txt --out samples --batch-size 64
   # offline: the same files already on disk
-  python sample.py --official FlowTok-H --official-dir /models/flowtok --clip-weights clip.safetensors ...
-  # 8 GPUs on a long prompt list (each rank writes its own slice of the samples; no duplicates, no gaps)
-  torchrun --nproc_per_node 8 sample.py --official FlowTok-XL --prompts coco30k.txt --out samples
+  python sample.py --official FlowTok-H --official-dir /models/flowtok --clip-weights clip.safetensors \\
+      --prompts prompts.txt --out samples
+  # 8 GPUs on a long prompt list (rank r takes jobs r, r + 8, ...: no duplicates, no gaps); rerun to resume
+  torchrun --nproc_per_node 8 sample.py --official FlowTok-XL --prompts coco30k.txt --out samples --skip-existing
   # image to text: one caption per image (files or folders)
   python sample.py --ckpt runs/demo --caption photo.png images/
 
-Samples are named {prompt index:05d}_{sample index:02d}.png; each sample's noise is seeded by (--seed, prompt
-index, sample index), so an image does not depend on the batch size, the GPU count or the other prompts.
-Defaults follow the paper: 20 Euler steps, CFG 2.0, EMA weights.
+Writes OUT/{prompt index:05d}_{sample index:02d}.png per sample, OUT/grid.png (the first 64 samples, one row per
+prompt when --n-per-prompt > 1) and OUT/prompts.txt (line i = prompt i, for `evaluate.py clipscore`). Each
+sample's noise is seeded by (--seed, prompt index, sample index), so an image does not depend on the batch size,
+the GPU count or the other prompts. Defaults follow the paper: 20 Euler steps, CFG 2.0, EMA weights.
+A bad checkpoint, a missing file, no prompts or an unwritable --out stop with one line on stderr (exit 1).
 """
 import argparse
+import contextlib
+import datetime
 import hashlib
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 import flow_dit
 import projector
@@ -32,15 +39,34 @@ from projector import CLIPTextEncoder, TextDecoder, TextProjector
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": ("FlowTok-H.pth", "FlowTiTok_512.bin")}
+OFFICIAL_CLIP_TOWER = "ViT-L-14-336-quickgelu"       # the text tower of the release
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class CheckpointError(Exception):
-    """A missing, unreadable or wrong-kind checkpoint: reported in one line."""
+    """A missing, unreadable or wrong-kind checkpoint, or another user error: reported in one line."""
+
+
+def one_line(err):
+    """An exception -> one line: its first line, plus up to three more joined with '; '."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    more = "; ".join(lines[1:4]) + ("; ..." if len(lines) > 4 else "")
+    return lines[0] + (f" ({more})" if more else "")
+
+
+@contextlib.contextmanager
+def user_errors(what):
+    """Turn the errors of loading user-given files (bad shapes, missing keys, no file) into a CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{what}: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images
+# Images and noise
 # ----------------------------------------------------------------------------------------------------------
 
 def to_uint8(images):
@@ -68,6 +94,24 @@ def sample_noise(prompt_index, sample_index, seed, shape=(77, 16)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
 
 
+def sample_path(out, prompt_index, sample_index):
+    """OUT/{prompt index:05d}_{sample index:02d}.png: sorted names list prompt by prompt."""
+    return os.path.join(out, f"{prompt_index:05d}_{sample_index:02d}.png")
+
+
+def save_png(image, path):
+    """(H, W, 3) uint8 -> PNG, written to a temporary name then renamed: a kill never leaves half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_png(path):
+    """An image file -> (3, H, W) uint8 tensor."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------------
@@ -77,11 +121,13 @@ class FlowTokPipeline:
 
     t2i: CLIP(prompts) -> projector sample z -> Euler + CFG with `dit` -> tokenizer.decode_flow_tokens(x1, E).
     i2t: tokenizer posterior sample x0 -> Euler + CFG with `i2t_dit` -> text latent -> text_decoder -> caption.
+    `info` describes where the weights came from (set by the loaders; printed by the evaluation protocols).
     """
 
     def __init__(self, clip, projector, dit, tokenizer, i2t_dit=None, text_decoder=None, precision="fp32"):
         self.clip, self.projector, self.dit, self.tokenizer = clip, projector, dit, tokenizer
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
+        self.info = {}
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
                 m.eval()
@@ -174,8 +220,9 @@ def find_runs(path):
 
 def _part(ckpt, name, cls, ema):
     """Rebuild one trained part of a checkpoint (EMA weights unless ema=False)."""
-    module = cls(**ckpt["config"][name])
-    module.load_state_dict(ckpt["ema" if ema else "model"][name])
+    with user_errors(f"{ckpt['path']}: part '{name}'"):
+        module = cls(**ckpt["config"][name])
+        module.load_state_dict(ckpt["ema" if ema else "model"][name])
     return module
 
 
@@ -187,13 +234,12 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
         raise CheckpointError(f"{runs[stage]} is a '{stage}' checkpoint; sampling needs a 'flow' (text to image) or "
                               f"'flow-i2t' (image to text) run")
     main = load_checkpoint(runs.get("flow") or runs["flow-i2t"])
-    clip_cfg = main["config"]["clip"]
-    clip = CLIPTextEncoder(clip_cfg["tower"], clip_weights or resolve_path(clip_cfg["weights"], main["path"]))
+    with user_errors(f"{main['path']}: CLIP text tower"):
+        clip_cfg = main["config"]["clip"]
+        clip = CLIPTextEncoder(clip_cfg["tower"], clip_weights or resolve_path(clip_cfg["weights"], main["path"]))
     tok_path = tokenizer or resolve_path(main["config"]["tokenizer"], main["path"])
-    try:
+    with user_errors(f"tokenizer {tok_path}"):
         tok = tokenizer_lib.load_tokenizer(tok_path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"tokenizer {tok_path}: {e}") from None
     dit = proj = i2t = decoder = None
     if "flow" in runs:
         dit, proj = _part(main, "dit", FlowDiT, ema), _part(main, "projector", TextProjector, ema)
@@ -202,39 +248,172 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
         i2t = _part(ck, "dit", FlowDiT, ema)
         text_ae = load_checkpoint(resolve_path(ck["config"]["text_ae"], ck["path"]))
         decoder = _part(text_ae, "text_decoder", TextDecoder, True)
-    mods = [m.to(device) if m is not None else None for m in (clip, proj, dit, tok, i2t, decoder)]
-    return FlowTokPipeline(*mods, precision=precision)
+    with user_errors(f"moving the model to {device}"):
+        mods = [m.to(device) if m is not None else None for m in (clip, proj, dit, tok, i2t, decoder)]
+    pipe = FlowTokPipeline(*mods, precision=precision)
+    pipe.info = dict(source=main["path"], step=main.get("step"), weights="EMA" if ema else "raw (--no-ema)")
+    return pipe
 
 
 def official_files(name, official_dir=None):
     """The released checkpoint and its tokenizer: from --official-dir, or the Hugging Face cache / download."""
     files = OFFICIAL[name]
+    fetch = (f"huggingface-cli download {OFFICIAL_REPO} {' '.join(files)} --local-dir DIR (or the browser: "
+             f"https://huggingface.co/{OFFICIAL_REPO})")
     if official_dir:
         paths = [os.path.join(official_dir, f) for f in files]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise CheckpointError(f"missing {', '.join(missing)}: download {', '.join(files)} from "
-                                  f"https://huggingface.co/{OFFICIAL_REPO} into {official_dir}")
+            raise CheckpointError(f"missing {', '.join(missing)}: fetch {', '.join(files)} with {fetch} and pass "
+                                  f"--official-dir DIR")
         return paths
     try:
         from huggingface_hub import hf_hub_download
         return [hf_hub_download(OFFICIAL_REPO, f) for f in files]
-    except Exception as e:
-        raise CheckpointError(
-            f"could not get {', '.join(files)} from the Hugging Face Hub ({type(e).__name__}); download them from "
-            f"https://huggingface.co/{OFFICIAL_REPO} into a folder and pass --official-dir FOLDER") from None
+    except Exception as e:   # offline, no huggingface_hub, proxy...: one actionable line
+        raise CheckpointError(f"could not get {', '.join(files)} from the Hugging Face Hub ({type(e).__name__}); "
+                              f"on a machine with internet run {fetch}, copy DIR here and pass --official-dir DIR"
+                              ) from None
 
 
-def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=None, precision="fp32"):
-    """The released FlowTok-XL / FlowTok-H (512 px, with FlowTiTok_512 and CLIP ViT-L/14-336) -> pipeline."""
+def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=None, precision="fp32",
+                           clip_tower=None):
+    """The released FlowTok-XL / FlowTok-H (512 px, with FlowTiTok_512 and CLIP ViT-L/14-336) -> pipeline.
+
+    The released files hold one set of weights (the EMA ones, preferred by read_state_dict if both are there).
+    clip_tower None: the tower whose width the projector expects (ViT-L-14-336 for the release; tiny official-
+    layout files in the tests get the tiny tower).
+    """
     flow_path, tok_path = official_files(name, official_dir)
-    try:
+    with user_errors(f"{flow_path}"):
         dit, proj = flow_dit.load_official_flowtok(flow_path)
+    with user_errors(f"{tok_path}"):
         tok = tokenizer_lib.load_official_tokenizer(tok_path)
-    except ValueError as e:
-        raise CheckpointError(str(e).splitlines()[0]) from None
-    clip = CLIPTextEncoder(weights=clip_weights or "openai")
-    return FlowTokPipeline(clip.to(device), proj.to(device), dit.to(device), tok.to(device), precision=precision)
+    width = proj.config["clip_dim"]
+    if clip_tower is None:
+        fits = [t for t, cfg in projector.CLIP_TOWERS.items() if cfg["width"] == width]
+        clip_tower = OFFICIAL_CLIP_TOWER if OFFICIAL_CLIP_TOWER in fits or not fits else fits[0]
+    tower_width = projector.CLIP_TOWERS[clip_tower]["width"]
+    if width != tower_width or tok.config["text_dim"] != tower_width:   # before any CLIP download
+        raise CheckpointError(f"{flow_path} expects {width}-d text features but the CLIP tower {clip_tower} gives "
+                              f"{tower_width}-d")
+    with user_errors("CLIP text tower"):
+        clip = CLIPTextEncoder(clip_tower, clip_weights or "openai")
+    with user_errors(f"moving the model to {device}"):
+        mods = [m.to(device) for m in (clip, proj, dit, tok)]
+    pipe = FlowTokPipeline(*mods, precision=precision)
+    pipe.info = dict(source=f"official {name} ({flow_path}, {tok_path})", step=None, weights="released")
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running: devices, ranks, generation to a folder (shared with evaluate.py's protocols)
+# ----------------------------------------------------------------------------------------------------------
+
+def pick_device(name, local_rank=0):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun, auto / cuda mean the local rank's GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if name == "auto":
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CheckpointError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+@contextlib.contextmanager
+def ranks():
+    """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
+
+    The group only serves barriers (wait for every rank's images), so gloo works on CPU and GPU alike.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))   # ranks wait for the slowest
+    try:
+        yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(world):
+    """Wait for every rank (no-op alone)."""
+    if world > 1:
+        dist.barrier()
+
+
+def check_writable(out, rank=0):
+    """Create --out and prove it writable now, before any model is loaded."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{rank}_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--out {out} is not writable ({e.strerror or e})") from None
+
+
+def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=20, cfg=2.0, batch_size=16, rank=0, world=1,
+                    skip_existing=False, progress=False):
+    """This rank's share of OUT/{i:05d}_{j:02d}.png for every (prompt i, sample j) -> (generated, reused).
+
+    Rank r of `world` takes jobs r, r + world, ... of the (i, j) list: together the ranks write every file
+    exactly once. skip_existing keeps files already there (PNGs are written atomically, so they are whole).
+    """
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)][rank::world]
+    todo = [job for job in jobs if not (skip_existing and os.path.isfile(sample_path(out, *job)))]
+    with tqdm(total=len(todo), desc=f"rank {rank}" if world > 1 else "sampling", unit="img",
+              disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            eps = torch.stack([sample_noise(i, j, seed) for i, j in chunk])                  # (b, 77, 16)
+            images = pipe.generate([prompts[i] for i, _ in chunk], steps, cfg, eps=eps)     # (b, 3, S, S)
+            for (i, j), img in zip(chunk, to_uint8(images)):
+                save_png(img, sample_path(out, i, j))
+            bar.update(len(chunk))
+    return len(todo), len(jobs) - len(todo)
+
+
+def build_pipeline(args, device, precision):
+    """--official or --ckpt -> FlowTokPipeline on `device`."""
+    if args.official:
+        if args.no_ema:
+            print("warning: --no-ema is ignored with --official (the release holds one set of weights)",
+                  file=sys.stderr)
+        return load_official_pipeline(args.official, device, args.official_dir, args.clip_weights, precision)
+    if args.ckpt:
+        return load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
+    raise CheckpointError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model_args(p):
+    """The model and sampling options shared by sample.py and evaluate.py's protocols."""
+    p.add_argument("--ckpt", help="a train.py run folder or checkpoint (a demo folder with stage subfolders too)")
+    p.add_argument("--official", choices=list(OFFICIAL),
+                   help=f"the released checkpoints (Hugging Face {OFFICIAL_REPO})")
+    p.add_argument("--official-dir", help="a folder already holding the official files (offline use)")
+    p.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded/downloaded one")
+    p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
+    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument("--steps", type=positive_int, default=20, help="Euler steps")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,8 +428,8 @@ def read_prompts(args):
             with open(args.prompts, encoding="utf-8") as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"--prompts {args.prompts}: {e}") from None
-    return prompts
+            raise CheckpointError(f"--prompts {args.prompts}: {one_line(e)}") from None
+    return [" ".join(p.split()) for p in prompts]      # one line each: prompts.txt maps line i to prompt i
 
 
 def image_paths(items):
@@ -263,104 +442,79 @@ def image_paths(items):
             paths.append(item)
         else:
             raise CheckpointError(f"no such image or folder: {item}")
+    if not paths:
+        raise CheckpointError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(items)}")
     return paths
 
 
-def main(args):
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "auto":
-        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda":
-        args.device = f"cuda:{local}"
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    prompts = [] if args.caption else read_prompts(args)
-    if not args.caption and not prompts:
-        raise CheckpointError("no prompts: give them on the command line or with --prompts FILE")
-    if not args.caption:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            probe = os.path.join(args.out, f".write_test_{rank}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise CheckpointError(f"--out {args.out} is not writable ({e.strerror})") from None
-    if args.official:
-        pipe = load_official_pipeline(args.official, args.device, args.official_dir, args.clip_weights, args.precision)
-    elif args.ckpt:
-        pipe = load_pipeline(args.ckpt, args.device, not args.no_ema, args.precision, args.clip_weights,
-                             args.tokenizer)
-    else:
-        raise CheckpointError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
-
-    if args.caption:
-        paths = image_paths(args.caption)
-        size = pipe.tokenizer.image_size
-        import data
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            images = []
-            for p in chunk:
-                try:
-                    images.append(data.transform(data.load_image(p), size))
-                except data.BadSample as e:
-                    raise CheckpointError(f"{p}: {e.reason}") from None
-            eps = torch.stack([sample_noise(start + i, 0, args.seed) for i in range(len(chunk))])
-            for p, c in zip(chunk, pipe.caption(torch.stack(images), args.steps, args.cfg, eps=eps)):
-                print(f"{p}\t{c}")
-        return
-
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][rank::world]
-    written = []
+def caption_images(pipe, args, rank, world):
+    """--caption: print 'path<TAB>caption' for this rank's share of the images."""
+    import data
+    paths = image_paths(args.caption)
+    jobs = list(range(len(paths)))[rank::world]
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
-        eps = torch.stack([sample_noise(i, j, args.seed) for i, j in chunk])
-        images = pipe.generate([prompts[i] for i, _ in chunk], args.steps, args.cfg, eps=eps)
-        for (i, j), img in zip(chunk, to_uint8(images)):
-            path = os.path.join(args.out, f"{i:05d}_{j:02d}.png")
-            Image.fromarray(img).save(path)
-            written.append(path)
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("gloo")         # only to wait for every rank before the grid
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:
-        names = sorted(f for f in os.listdir(args.out) if f.endswith(".png") and f[:5].isdigit())[:64]
-        grid = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(args.out, f)))).permute(2, 0, 1)
-                            for f in names]).float() / 255
-        grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=args.n_per_prompt
-                              if args.n_per_prompt > 1 else 8)
-        print(f"wrote {len(jobs) * world if world > 1 else len(written)} samples to {args.out} (grid: {grid_path})")
+        images = []
+        for k in chunk:
+            try:
+                images.append(data.transform(data.load_image(paths[k]), pipe.tokenizer.image_size))
+            except data.BadSample as e:
+                raise CheckpointError(f"{paths[k]}: {e.reason}") from None
+        eps = torch.stack([sample_noise(k, 0, args.seed) for k in chunk])
+        for k, c in zip(chunk, pipe.caption(torch.stack(images), args.steps, args.cfg, eps=eps)):
+            print(f"{paths[k]}\t{c}")
+
+
+def main(args):
+    with ranks() as (rank, world, local):
+        device = pick_device(args.device, local)
+        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        if args.caption:
+            image_paths(args.caption)                 # fail on a bad path before loading the model
+            return caption_images(build_pipeline(args, device, precision), args, rank, world)
+        prompts = read_prompts(args)
+        if not prompts:
+            raise CheckpointError("no prompts: give them on the command line or with --prompts FILE")
+        check_writable(args.out, rank)
+        pipe = build_pipeline(args, device, precision)
+        made, kept = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps, args.cfg,
+                                     args.batch_size, rank, world, args.skip_existing, progress=rank == 0)
+        barrier(world)                                # every rank's files exist before the grid reads them
+        if rank != 0:
+            return
+        with open(os.path.join(args.out, "prompts.txt"), "w", encoding="utf-8") as f:
+            f.writelines(p + "\n" for p in prompts)
+        first = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][:64]
+        grid = torch.stack([read_png(sample_path(args.out, i, j)) for i, j in first]).float() / 255
+        nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
+        grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=nrow)
+        total = len(prompts) * args.n_per_prompt
+        reused = f", {kept} of them already there" if kept and world == 1 else ""
+        print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
+              f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts_inline", nargs="*", metavar="PROMPT", help="prompts (text to image)")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--caption", nargs="+", metavar="IMAGE", help="image files or folders to caption (image to text)")
-    p.add_argument("--ckpt", help="a train.py run folder or checkpoint (a demo folder with stage subfolders too)")
-    p.add_argument("--official", choices=list(OFFICIAL), help="the released checkpoints (Hugging Face turkeyju/FlowTok)")
-    p.add_argument("--official-dir", help="a folder already holding the official files (offline use)")
-    p.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded/downloaded one")
-    p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-per-prompt", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument("--n-per-prompt", type=positive_int, default=1)
+    p.add_argument("--skip-existing", action="store_true", help="keep samples already in --out (resume a run)")
+    add_model_args(p)
     return p
 
 
-if __name__ == "__main__":
-    args = build_parser().parse_args()
+def cli(argv=None):
+    """The command line: user errors become one line on stderr and exit status 1 (no traceback)."""
+    args = build_parser().parse_args(argv)
     try:
         main(args)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(f"sample.py: error: {one_line(e)}")
+
+
+if __name__ == "__main__":
+    cli()

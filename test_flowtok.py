@@ -31,12 +31,14 @@ import data
 import evaluate
 import flow_dit
 import projector
+import sample
 import tokenizer
 from flow_dit import FLOW_MODELS, FlowDiT, build_flowtok, euler_sample, flowtok_loss, load_official_flowtok
 from projector import CLIPTextEncoder, TextDecoder, TextProjector
 from tokenizer import Tokenizer, load_official_tokenizer
 
-TESTDATA = Path(__file__).parent / "testdata"
+REPO = Path(__file__).resolve().parent
+TESTDATA = REPO / "testdata"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -772,14 +774,14 @@ def test_tar_source_decodes_and_counts(tmp_path):
     assert source.skipped == {"missing shard": 1} and len(source.shards) == 2
     counts, captions = collections.Counter(), []
     stream = source.samples(seed=0, reader=0, readers=1, cursor=dict(epoch=0, shard=0, offset=0, seen=0))
-    for sample, cursor in itertools.islice(stream, 100):
+    for item, cursor in itertools.islice(stream, 100):
         if cursor["epoch"] == 1:
             break
-        if isinstance(sample, data.BadSample):
-            counts[sample.reason] += 1
+        if isinstance(item, data.BadSample):
+            counts[item.reason] += 1
         else:
-            assert sample["image"].shape == (3, 32, 32)
-            captions.append(sample["caption"][:10])
+            assert item["image"].shape == (3, 32, 32)
+            captions.append(item["caption"][:10])
     assert cursor["epoch"] == 1, "the stream must move on to epoch 1 after both shards"
     assert counts == {"missing caption": 1, "missing image": 1, "unreadable image": 1, "bad json caption": 1,
                       "empty caption": 1, "unreadable shard": 1}
@@ -975,11 +977,10 @@ def test_shape_analyser_reads_renders_back(split):
     wrong = [dict(x, colour="cyan" if x["colour"] != "cyan" else "red") for x in attrs]
     assert data.shape_accuracy(images, wrong)["colour"] == 0
 
+
 # ==========================================================================================================
 # evaluate.py: Frechet distance, the bundled FID Inception, the fid CLI, BLEU-4 and CIDEr-D
 # ==========================================================================================================
-
-REPO = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------- Frechet distance
@@ -1310,7 +1311,6 @@ import time  # noqa: E402
 
 import train  # noqa: E402
 
-REPO = Path(__file__).resolve().parent
 TINY = ["--image-size", "32", "--clip-tower", "tiny", "--num-workers", "0", "--log-every", "1",
         "--sample-every", "0", "--no-progress", "--projector-depth", "1", "--projector-ff", "64", "--seed", "0"]
 
@@ -1569,3 +1569,422 @@ def test_two_process_flow_with_gathered_negatives(tiny_tokenizer, tmp_path):
                                                        "--gather-negatives", "--ckpt-every", 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("weights identical on all 2 ranks") == 2
+
+# ==========================================================================================================
+# sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
+# ==========================================================================================================
+
+PROMPTS = ["a red circle on the left", "a blue square", "three small green triangles"]
+
+
+def script(*argv, torchrun=False):
+    """Start `python sample.py|evaluate.py ...` (or under torchrun, 2 CPU processes) in the repo; -> Popen."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
+           else [sys.executable])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    """Wait for a Popen -> (returncode, stdout, stderr)."""
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def pixels(path):
+    return np.array(Image.open(path))
+
+
+def in_process(argv):
+    """evaluate.main on argv -> (result, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = evaluate.main(evaluate.build_parser().parse_args([str(a) for a in argv]))
+    return result, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny train.py-schema run written by hand: CLIP tower file, tokenizer checkpoint, flow checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """-> {"flow", "tokenizer", "clip"} paths; the flow checkpoint's raw weights differ from its EMA weights."""
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    clip = CLIPTextEncoder("tiny", "random")
+    save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, root / "clip.safetensors")
+    clip_cfg = {"tower": "tiny", "weights": str(root / "clip.safetensors")}
+    tok = Tokenizer.from_preset("tiny", text_dim=64)
+    with torch.no_grad():  # a decoder whose images depend visibly on the tokens (the official init barely does)
+        for p in tok.decoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        tok.decoder.conv_out.bias.fill_(0.5)
+    tok_sd = tok.state_dict()
+    torch.save({"stage": "tokenizer", "args": {}, "config": {"tokenizer": tok.config, "clip": clip_cfg}, "step": 0,
+                "model": {"tokenizer": tok_sd}, "ema": {"tokenizer": tok_sd}}, root / "tokenizer.pt")
+    dit, proj = FlowDiT(depth=1, width=32, heads=2), TextProjector(clip_dim=64, depth=1, heads=4, d_ff=64)
+    with torch.no_grad():  # non-zero adaLN / output layers, so that the flow moves the tokens
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = {"dit": {k: v.clone() for k, v in dit.state_dict().items()}, "projector": proj.state_dict()}
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"stage": "flow", "args": {}, "step": 3,
+                "config": {"clip": clip_cfg, "tokenizer": str(root / "tokenizer.pt"), "dit": dit.config,
+                           "projector": proj.config},
+                "model": {"dit": dit.state_dict(), "projector": proj.state_dict()}, "ema": ema}, root / "flow.pt")
+    return {"flow": root / "flow.pt", "tokenizer": root / "tokenizer.pt", "clip": root / "clip.safetensors"}
+
+
+TINY_OFFICIAL = dict(depth=2, width=64, heads=4)   # the fixture's DiT size
+
+
+def write_official_dir(folder):
+    """The official file layout (FlowTok-XL.pth, FlowTiTok_512.bin) holding the fixture's tiny official weights."""
+    official = torch.load(TESTDATA / "official_tiny.pt", weights_only=True)
+    folder.mkdir(exist_ok=True)
+    torch.save(official["flowtok_state_dict"], folder / "FlowTok-XL.pth")
+    torch.save(official["flowtitok_state_dict"], folder / "FlowTiTok_512.bin")
+    return official
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tiny_run, tmp_path_factory):
+    """sample.py run concurrently: batch 1, batch 5, --no-ema, torchrun x 2 (3 prompts x 2), --official (tiny)."""
+    out = tmp_path_factory.mktemp("samples")
+    common = ["--ckpt", tiny_run["flow"], *PROMPTS, "--n-per-prompt", "2", "--steps", "3", "--seed", "5",
+              "--device", "cpu"]
+    procs = {"b1": script("sample.py", *common, "--batch-size", "1", "--out", out / "b1"),
+             "b5": script("sample.py", *common, "--batch-size", "5", "--out", out / "b5"),
+             "raw": script("sample.py", *common, "--no-ema", "--out", out / "raw"),
+             "ddp": script("sample.py", *common, "--batch-size", "2", "--out", out / "ddp", torchrun=True)}
+    if TINY_OFFICIAL in flow_dit.FLOW_MODELS.values():  # --official on tiny official-layout files
+        write_official_dir(out / "official_files")
+        procs["official"] = script("sample.py", "--official", "FlowTok-XL", "--official-dir", out / "official_files",
+                                   "--clip-weights", tiny_run["clip"], *PROMPTS[:2], "--steps", "2", "--device",
+                                   "cpu", "--out", out / "official")
+    runs = {name: finish(p) for name, p in procs.items()}
+    return out, runs
+
+
+NAMES = [f"{i:05d}_{j:02d}.png" for i in range(3) for j in range(2)]
+
+
+def test_sample_cli_writes_named_samples_grid_and_prompts(sample_runs):
+    out, runs = sample_runs
+    rc, stdout, stderr = runs["b1"]
+    assert rc == 0, stderr
+    assert sorted(f for f in os.listdir(out / "b1") if f[0].isdigit()) == NAMES
+    assert f"wrote 6 samples (3 prompts x 2) to {out / 'b1'}" in stdout and str(out / "b1" / "grid.png") in stdout
+    assert pixels(out / "b1" / NAMES[0]).shape == (32, 32, 3)
+    # one row per prompt (n-per-prompt 2): 2 columns x 3 rows of 32 px with 2 px padding
+    grid = pixels(out / "b1" / "grid.png")
+    assert grid.shape == (3 * 34 + 2, 2 * 34 + 2, 3)
+    np.testing.assert_array_equal(grid[36:68, 36:68], pixels(out / "b1" / "00001_01.png"))
+    assert (out / "b1" / "prompts.txt").read_text().splitlines() == PROMPTS
+    assert len({pixels(out / "b1" / n).tobytes() for n in NAMES}) == 6      # every sample its own noise
+
+
+def test_sample_cli_same_seed_same_pngs_for_any_batch_size(sample_runs):
+    out, runs = sample_runs
+    assert runs["b5"][0] == 0, runs["b5"][2]
+    for name in NAMES:
+        np.testing.assert_array_equal(pixels(out / "b1" / name), pixels(out / "b5" / name))
+
+
+def test_sample_cli_no_ema_uses_the_raw_weights(sample_runs):
+    out, runs = sample_runs
+    assert runs["raw"][0] == 0, runs["raw"][2]
+    assert all(not np.array_equal(pixels(out / "b1" / n), pixels(out / "raw" / n)) for n in NAMES)
+
+
+def test_sample_torchrun_two_processes_cover_every_sample_once(sample_runs):
+    out, runs = sample_runs
+    rc, stdout, stderr = runs["ddp"]
+    assert rc == 0, stderr
+    assert stdout.count("wrote 6 samples") == 1                             # rank 0 reports, once
+    assert sorted(f for f in os.listdir(out / "ddp") if f[0].isdigit()) == NAMES
+    for name in NAMES:                                                      # same images as one process
+        np.testing.assert_array_equal(pixels(out / "b1" / name), pixels(out / "ddp" / name))
+
+
+class RecordingPipe:
+    """A stand-in pipeline: records the prompts it generates, returns flat images of value 20 x the prompt."""
+
+    def __init__(self):
+        self.seen = []
+
+    def generate(self, prompts, steps, cfg, eps=None):
+        self.seen += prompts
+        return torch.stack([torch.full((3, 4, 4), int(p) * 20 / 255) for p in prompts])
+
+
+def test_generate_folder_ranks_partition_the_jobs_and_resume(tmp_path):
+    prompts = [str(i) for i in range(4)]
+    made, pipes = [], []
+    for rank in range(3):  # 3 ranks, 4 prompts x 2 samples = 8 jobs
+        pipes.append(RecordingPipe())
+        made.append(sample.generate_folder(pipes[-1], prompts, str(tmp_path), 2, batch_size=2, rank=rank, world=3))
+    assert [m for m, _ in made] == [3, 3, 2] and sum(len(p.seen) for p in pipes) == 8
+    assert sorted(os.listdir(tmp_path)) == [f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
+    assert pixels(tmp_path / "00003_01.png")[0, 0, 0] == 60
+    os.remove(tmp_path / "00002_00.png")
+    again = RecordingPipe()
+    assert sample.generate_folder(again, prompts, str(tmp_path), 2, skip_existing=True) == (1, 7)
+    assert again.seen == ["2"] and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_sample_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    flow = tiny_run["flow"]
+    cases = {  # argv -> what the one line must say
+        ("--ckpt", tiny_run["tokenizer"], "a"): ["'tokenizer' checkpoint", "needs a 'flow'"],
+        ("--ckpt", tmp_path / "missing.pt", "a"): ["no checkpoint at"],
+        ("--ckpt", flow, "--prompts", tmp_path / "blank.txt"): ["no prompts"],
+        ("--ckpt", flow, "a", "--out", regular / "sub"): ["not writable"],
+        ("a", "b"): ["give --ckpt"],
+        ("--official", "FlowTok-XL", "--official-dir", tmp_path, "a"):   # says which files and where from
+            ["missing", "FlowTok-XL.pth, FlowTiTok_512.bin", "huggingface.co/turkeyju/FlowTok", "--official-dir"],
+    }
+    procs = {argv: script("sample.py", *argv, *([] if "--out" in argv else ["--out", tmp_path / "o"]))
+             for argv in cases}
+    for argv, proc in procs.items():
+        rc, _, stderr = finish(proc)
+        lines = stderr.strip().splitlines()
+        assert rc != 0 and "Traceback" not in stderr and len(lines) == 1, (argv, stderr)
+        assert lines[0].startswith("sample.py: error:"), (argv, lines[0])
+        assert all(want in lines[0] for want in cases[argv]), (argv, lines[0])
+
+
+def test_official_pipeline_from_a_local_folder(tiny_run, tmp_path, monkeypatch):
+    official = write_official_dir(tmp_path)
+    kwargs = dict(official_dir=str(tmp_path), clip_weights=str(tiny_run["clip"]))
+    sizes = {k: v for k, v in flow_dit.FLOW_MODELS.items() if v != TINY_OFFICIAL}
+    monkeypatch.setattr(flow_dit, "FLOW_MODELS", sizes)                 # the table without the tiny size
+    with pytest.raises(sample.CheckpointError, match="matches no size"):
+        sample.load_official_pipeline("FlowTok-XL", **kwargs)
+    monkeypatch.setattr(flow_dit, "FLOW_MODELS", {**sizes, "tiny": TINY_OFFICIAL})
+    pipe = sample.load_official_pipeline("FlowTok-XL", **kwargs)       # the 64-d projector picks the tiny tower
+    assert pipe.info["weights"] == "released" and pipe.dit.config["depth"] == 2 and pipe.clip.tower == "tiny"
+    with torch.no_grad():  # the loaded DiT and tokenizer reproduce the official code's outputs
+        x1 = euler_sample(pipe.dit, official["sampler_xT"], steps=5, cfg=2.0)
+        torch.testing.assert_close(x1, official["sampler_out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pipe.tokenizer.decode_flow_tokens(x1, official["cond"]), official["pipe_img"],
+                                   atol=1e-5, rtol=0)
+    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(2)])
+    images = pipe.generate(PROMPTS[:2], steps=2, cfg=2.0, eps=eps)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    with pytest.raises(sample.CheckpointError, match="expects 64-d text features"):
+        sample.load_official_pipeline("FlowTok-XL", official_dir=str(tmp_path), clip_tower="demo")  # 128-d
+
+
+def test_sample_cli_official_from_a_local_folder(sample_runs):
+    out, runs = sample_runs
+    if "official" not in runs:
+        pytest.skip("flow_dit.FLOW_MODELS has no size for the fixture's tiny official DiT (64 wide, depth 2)")
+    rc, stdout, stderr = runs["official"]
+    assert rc == 0, stderr
+    assert sorted(f for f in os.listdir(out / "official") if f[0].isdigit()) == ["00000_00.png", "00001_00.png"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate.py: protocols on a tiny fake COCO / MJHQ, CLIP score, speed benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A fake COCO (3 images of mixed sizes, 3 captions each), a fake MJHQ (3 images, 2 categories) and random
+    FID-Inception weights in the release file's key layout (no download)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    (root / "val2014").mkdir()
+    images, anns = [], []
+    for k in range(3):
+        name = f"COCO_val2014_{k:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (30 + 7 * k, 40, 3), dtype=np.uint8)).save(root / "val2014" / name)
+        images.append({"id": 100 + k, "file_name": name})
+        anns += [{"id": 1000 + 10 * k + c, "image_id": 100 + k, "caption": f" image {k}\ncaption {c} "}
+                 for c in range(3)]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    meta = {}
+    for k in range(3):
+        category = ("people", "animals")[k % 2]
+        (root / "mjhq" / category).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(root / "mjhq" / category / f"m{k}.jpg")
+        meta[f"m{k}"] = {"category": category, "prompt": f"a {category} photo number {k}"}
+    (root / "meta_data.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    net = evaluate.InceptionV3()
+    with torch.no_grad():  # activations that stay O(1) through the ~100 layers
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), root / "inception.pth")
+    return root
+
+
+@pytest.fixture
+def frechet_spy(monkeypatch):
+    """Record the statistics the protocols compare; the distance on 16 dimensions (a 2048-d sqrtm costs ~1 min)."""
+    calls, real = [], evaluate.frechet_distance
+
+    def spy(mu1, sigma1, mu2, sigma2):
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return real(mu1[:16], sigma1[:16, :16], mu2[:16], sigma2[:16, :16])
+    monkeypatch.setattr(evaluate, "frechet_distance", spy)
+    return calls
+
+
+def protocol_args(tiny_run, corpus, out, *extra):
+    return ["--ckpt", tiny_run["flow"], "--out", out, "--steps", "2", "--batch-size", "2", "--device", "cpu",
+            "--inception-weights", corpus / "inception.pth", "--num-workers", "0", *extra]
+
+
+def test_coco30k_smoke_run_block_warning_reuse_and_reference(tiny_run, corpus, frechet_spy, tmp_path):
+    out = tmp_path / "coco"
+    args = ["coco30k", "--coco-captions", corpus / "captions.json", "--coco-images", corpus / "val2014",
+            *protocol_args(tiny_run, corpus, out, "--limit", "2")]
+    fid, stdout, stderr = in_process(args)
+    for line in ["protocol        COCO-30K", "pytorch-fid InceptionV3", "shorter side to 256 + centre crop",
+                 "samples         2 (protocol: 30000), --limit 2", "seed            0", "2 Euler steps, cfg 2.0",
+                 "precision fp32", f"weights         EMA ({tiny_run['flow']}, step 3)", "3 images ->"]:
+        assert line in stdout, line
+    assert "warning: 2 samples < the protocol's 30000" in stderr
+    assert sorted(os.listdir(out / "samples")) == [f"{i:05d}_00.png" for i in range(2)]
+    # one caption per distinct image, whitespace cleaned, in the seeded order; a --limit run is a prefix
+    draw = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len({d["id"] for d in draw}) == 2 and all(d["prompt"].startswith("image ") for d in draw)
+    assert [d["prompt"] for d in draw] == (out / "prompts.txt").read_text().splitlines()
+    full, _ = evaluate.coco_draw(corpus / "captions.json", None, seed=0)
+    assert [d["prompt"] for d in full[:2]] == [d["prompt"] for d in draw] and len(full) == 3
+    assert [d["prompt"] for d in evaluate.coco_draw(corpus / "captions.json", None, seed=1)[0]] != \
+        [d["prompt"] for d in full]
+    # the FID compares the saved reference statistics of all 3 val images with the statistics of the 2 samples
+    (mu_r, sigma_r, mu_f, _), = frechet_spy
+    with np.load(out / "ref_coco30k_crop256+bilinear.npz") as ref:
+        assert int(ref["n"]) == 3 and str(ref["resize"]) == "crop256+bilinear"
+        np.testing.assert_array_equal(ref["mu"], mu_r)
+    net = evaluate.load_inception(str(corpus / "inception.pth"))
+    files = [out / "samples" / f"{i:05d}_00.png" for i in range(2)]
+    mine = evaluate.files_stats(files, net, "bilinear", size=256)
+    np.testing.assert_allclose(mine.mu, mu_f, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "results.json").read_text())["fid"] == fid and f"FID: {fid:.4f}" in stdout
+    # a rerun reuses every sample and the saved reference; other sampling settings are refused
+    stamp = os.path.getmtime(files[0])
+    fid2, stdout2, stderr2 = in_process(args)
+    assert "generated 0, reused 2" in stdout2 and "wrote the reference" not in stdout2 and fid2 == fid
+    assert os.path.getmtime(files[0]) == stamp
+    with pytest.raises(evaluate.EvalError, match=r"other settings \(steps 2 -> 3\)"):
+        in_process([*args, "--steps", "3"])
+
+
+def test_mjhq30k_smoke_run(tiny_run, corpus, frechet_spy, tmp_path):
+    out = tmp_path / "mjhq"
+    fid, stdout, stderr = in_process(["mjhq30k", "--mjhq-meta", corpus / "meta_data.json", "--mjhq-images",
+                                      corpus / "mjhq", *protocol_args(tiny_run, corpus, out, "--limit", "2")])
+    for line in ["protocol        MJHQ-30K", "native resolution, then PIL bicubic on float32 (clean-fid's 'clean')",
+                 "samples         2 (protocol: 30000)", "seed            0", "cfg 2.0", "precision fp32", "EMA",
+                 "3 images ->"]:
+        assert line in stdout, line
+    assert "warning: 2 samples < the protocol's 30000" in stderr and np.isfinite(fid)
+    assert sorted(os.listdir(out / "samples")) == ["00000_00.png", "00001_00.png"]
+    (mu_r, _, mu_f, _), = frechet_spy
+    with np.load(out / "ref_mjhq30k_clean.npz") as ref:   # all 3 images of the category folders
+        assert int(ref["n"]) == 3 and str(ref["resize"]) == "clean"
+        np.testing.assert_array_equal(ref["mu"], mu_r)
+    assert not np.allclose(mu_r, mu_f)
+    # no images and no statistics: a one-line error before anything is generated
+    with pytest.raises(evaluate.EvalError, match="no reference"):
+        in_process(["mjhq30k", "--mjhq-meta", corpus / "meta_data.json",
+                    *protocol_args(tiny_run, corpus, tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+
+
+def test_clean_resize_is_pil_bicubic_on_floats():
+    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3)).astype(np.float32)
+    out = evaluate.resize_clean(img, 299)
+    ref = np.asarray(Image.fromarray(img[..., 1]).resize((299, 299), Image.BICUBIC)).clip(0, 255)
+    assert out.shape == (299, 299, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[..., 1], ref)
+    x = evaluate.preprocess(torch.from_numpy(img.astype(np.uint8)).permute(2, 0, 1)[None], "clean")
+    torch.testing.assert_close(x[0, 1], (torch.from_numpy(out[..., 1]) - 128) / 128)
+
+
+class LookupCLIP(nn.Module):
+    """Image k (all pixels k) and text k -> fixed feature vectors: CLIP-score known answers."""
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    texts = torch.tensor([[3.0, 4.0], [-1.0, 0.0], [0.0, 1.0]])
+
+    def encode_image(self, x):
+        return self.images[x[:, 0, 0, 0].long()]
+
+    def encode_text(self, ids):
+        return self.texts[ids[:, 0]]
+
+
+def test_clip_scores_known_answers(tmp_path):
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"{k:05d}_00.png")
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(files[-1])
+    transform = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1).float()   # noqa: E731
+    tokenize = lambda texts: torch.tensor([["a", "b", "c"].index(t) for t in texts])[:, None]  # noqa: E731
+    scores = evaluate.clip_scores(files, ["a", "b", "c"], (LookupCLIP(), transform, tokenize), batch_size=2)
+    torch.testing.assert_close(scores, torch.tensor([60.0, 0.0, 100.0]))     # cos 0.6, -1 -> 0, 1
+
+
+def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
+    import open_clip
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tinyclip.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    net = open_clip.CLIP(**cfg)
+    with torch.no_grad():  # varied features (a fresh tiny CLIP maps every image to nearly the same vector)
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    torch.save(net.state_dict(), tmp_path / "tinyclip.pt")
+    folder = sample_runs[0] / "b1"      # 3 prompts x 2 samples, grid.png and prompts.txt are skipped
+    score, stdout, _ = in_process(["clipscore", folder, "--prompts", folder / "prompts.txt", "--clip-model",
+                                   tmp_path / "tinyclip.json", "--clip-weights", tmp_path / "tinyclip.pt",
+                                   "--device", "cpu", "--batch-size", "4"])
+    transform = open_clip.image_transform(32, is_train=False)
+    tokenize = open_clip.get_tokenizer("tinyclip")
+    with torch.no_grad():
+        img = net.eval().encode_image(torch.stack([transform(Image.open(folder / n).convert("RGB")) for n in NAMES]))
+        txt = net.encode_text(tokenize([PROMPTS[int(n[:5])] for n in NAMES]))
+    expected = (100 * torch.cosine_similarity(img, txt, dim=-1).clamp(min=0)).mean().item()
+    assert expected > 0 and score == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert f"CLIP score: {score:.4f}" in stdout and "6 images of 3 prompts" in stdout
+    (tmp_path / "two.txt").write_text("one\ntwo\n")
+    with pytest.raises(evaluate.EvalError, match="prompt index 2"):
+        in_process(["clipscore", folder, "--prompts", tmp_path / "two.txt", "--clip-model",
+                    tmp_path / "tinyclip.json", "--clip-weights", tmp_path / "tinyclip.pt"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_speed_benchmark_tiny(train):
+    argv = ["speed", "--model", "S", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
+            "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "256"]
+    rows, stdout, _ = in_process(argv + (["--train"] if train else []))
+    stages = ["forward", "backward", "optimizer"] if train else ["text encoding", "projector", "flow (2 steps)",
+                                                                  "decoding"]
+    assert [r["stage"] for r in rows] == stages + ["total"]
+    for stage in stages + ["total"]:
+        assert any(line.startswith(stage) for line in stdout.splitlines()), stage
+    assert all(r["seconds"] > 0 for r in rows) and rows[-1]["share"] == pytest.approx(1.0)
+    assert sum(r["seconds"] for r in rows[:-1]) == pytest.approx(rows[-1]["seconds"])
+    assert "samples/s" in stdout and "peak memory" in stdout and "matmul peak" in stdout
+    flops = {r["stage"]: r["flops"] for r in rows}
+    if train:   # backward ~ 2x forward; AdamW is elementwise (no counted FLOPs)
+        assert flops["backward"] == pytest.approx(2 * flops["forward"], rel=0.1) and flops["optimizer"] == 0
+    else:       # the DiT: 2 steps x 2B tokens x 2 FLOPs per MAC x its weights, at least
+        dit = FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1})
+        assert flops["flow (2 steps)"] >= 2 * 2 * (2 * 2 * 77) * sum(p.numel() for p in dit.blocks.parameters()) * 0.5

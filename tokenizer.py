@@ -291,6 +291,8 @@ TOKENIZER_PRESETS = {
     "bl77-512": dict(image_size=512, **_BL77),   # official FlowTiTok_512.bin
     "tiny": dict(image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2,
                  dec_heads=4, text_dim=64),       # tests (the official fixture's sizes)
+    "demo": dict(image_size=32, patch_size=8, enc_width=128, enc_depth=2, enc_heads=4, dec_width=128, dec_depth=3,
+                 dec_heads=4, text_dim=128, latent_layout="linear", text_guidance=False, logvar_init=-7.0),
 }
 
 

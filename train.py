@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -77,7 +78,29 @@ NOISE = {"tokenizer": dict(img=T), "flow": dict(img=T, txt=T, t=1, null=1), "tex
 # arguments a resumed run must share with the run it continues
 RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
                 "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
-                "decoder_width", "decoder_depth", "seed")
+                "projector_patch_size", "decoder_width", "decoder_depth", "seed")
+
+
+# The embedded demo (--preset demo): the whole FlowTok pipeline on the built-in shapes world, on a laptop CPU.
+# Small sizes and the speed knobs of the real modules (a linear 77-token layout in the tokenizer, 7 latent
+# tokens per transformer token in the DiT and the projector); the CLIP tower is random (no download).
+DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
+               "--ckpt-every", "250", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.99"]
+DEMO_TEXT = ["--projector-depth", "2", "--projector-heads", "4", "--projector-ff", "256", "--projector-patch-size", "7"]
+DEMO_FLOW = ["--model", "demo", "--dit-patch-size", "7", "--global-batch", "128", "--lr", "1e-3", "--ema", "0.99"]
+DEMO = {   # stage -> (steps, arguments); {out} is the demo folder
+    "tokenizer": (1200, ["--tokenizer-preset", "demo", "--clip-weights", "random", "--data", "shapes:n=20000",
+                         "--global-batch", "64", "--lr", "2e-3", "--schedule", "cosine", "--min-lr", "0",
+                         "--ema", "0.999", "--w-kl", "1e-5"]),
+    "flow": (1800, [*DEMO_FLOW, *DEMO_TEXT, "--caption-groups", "--data", "cache:{out}/cache",
+                    "--tokenizer", "{out}/tokenizer", "--clip-weights", "{out}/tokenizer/clip_text.safetensors"]),
+    "text-ae": (300, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
+                      "--global-batch", "128", "--lr", "1e-3", "--ema", "0.99", "--data", "cache:{out}/cache",
+                      "--clip-weights", "{out}/tokenizer/clip_text.safetensors"]),
+    "flow-i2t": (600, [*DEMO_FLOW, "--data", "cache:{out}/cache", "--tokenizer", "{out}/tokenizer",
+                       "--text-ae", "{out}/text-ae", "--clip-weights", "{out}/tokenizer/clip_text.safetensors"]),
+}
+DEMO_CACHE = 8000          # pre-encoded training images for the flow stages
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,10 +260,12 @@ def build_stage(args, device, rank=0):
     clip, clip_weights = build_clip(args, device, rank)
     frozen, config = {"clip": clip}, {"clip": dict(tower=args.clip_tower, weights=clip_weights)}
     proj_kwargs = dict(clip_dim=clip.width, depth=args.projector_depth, heads=args.projector_heads,
-                       d_ff=args.projector_ff, dropout=args.projector_dropout)
+                       d_ff=args.projector_ff, dropout=args.projector_dropout, patch_size=args.projector_patch_size)
     if args.stage == "tokenizer":
         overrides = dict(text_dim=clip.width, image_size=args.image_size)
         parts = {"tokenizer": Tokenizer.from_preset(args.tokenizer_preset, **overrides)}
+        if not parts["tokenizer"].config["text_guidance"]:
+            frozen["clip"] = None              # a decoder without text guidance: no CLIP features to compute
     elif args.stage in ("flow", "flow-i2t"):
         if not args.tokenizer:
             raise TrainError(f"--stage {args.stage} needs --tokenizer (a tokenizer run or the official .bin)")
@@ -269,14 +294,14 @@ def prepare(batch, frozen, args, device):
     """A loader batch -> the tensors the stage's loss needs, with the frozen encoders applied (no grad)."""
     noise = split_noise(batch["noise"].to(device, non_blocking=True), args.stage)
     ids = batch["ids"].to(device, non_blocking=True)
+    if args.stage == "tokenizer":                         # CLIP only if the decoder is text-guided
+        clip = frozen["clip"](ids) if frozen["clip"] is not None else None
+        return dict(clip=clip, ids=ids, images=batch["image"].to(device, non_blocking=True), eps=noise["img"])
     if "clip" in batch:                                   # pre-tokenised cache: both encoders skipped
         clip = batch["clip"].to(device, non_blocking=True)
     else:
         clip = frozen["clip"](ids)
     inputs = dict(clip=clip, ids=ids)
-    if args.stage == "tokenizer":
-        inputs.update(images=batch["image"].to(device, non_blocking=True), eps=noise["img"])
-        return inputs
     if args.stage == "text-ae":
         inputs.update(eps=noise["txt"])
         return inputs
@@ -317,14 +342,14 @@ def stage_loss(parts, inputs, args, gather=None):
                     sigma=torch.exp(0.5 * out["logvar"].detach()).mean(), mu=out["mu"].detach().abs().mean())
     if args.stage == "text-ae":
         z, mu, logvar = parts["projector"](inputs["clip"], inputs["eps"])
-        logits = parts["text_decoder"](z)
-        ce = projector.text_reconstruction_loss(logits, inputs["ids"])
+        ids, keep = inputs["ids"], projector.caption_mask(inputs["ids"])
+        logits = parts["text_decoder"](z, keep)                                  # (N, vocab): real tokens only
+        ce = projector.text_reconstruction_loss(logits, ids)
         kl = projector.kl_standard(mu, logvar)
-        pred, ids = logits.detach().argmax(-1), inputs["ids"]
-        keep = torch.arange(77, device=ids.device)[None] <= (ids == projector.EOT).int().argmax(1, keepdim=True)
-        correct = (pred == ids) | ~keep
-        return dict(loss=ce + args.w_kl * kl, ce=ce, kl=kl, token_acc=((pred == ids) & keep).sum() / keep.sum(),
-                    exact=correct.all(1).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
+        wrong = torch.zeros_like(keep)
+        wrong[keep] = logits.detach().argmax(-1) != ids[keep]
+        return dict(loss=ce + args.w_kl * kl, ce=ce, kl=kl, token_acc=1 - wrong.sum() / keep.sum(),
+                    exact=(~wrong.any(1)).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
     out = flow_dit.flow_loss(parts["dit"], inputs["x0"], inputs["x1"], inputs["t"], inputs["null"])
     return dict(loss=out["diff"], diff=out["diff"])
 
@@ -377,7 +402,7 @@ def write_samples(ema, frozen, fixed, args, step, device):
     if args.stage == "tokenizer":
         tok = ema["tokenizer"]
         mean, _ = tok.encode(fixed["images"])
-        recon = tok.decode(mean, frozen["clip"](fixed["ids"])).clamp(0, 1)
+        recon = tok.decode(mean, frozen["clip"](fixed["ids"]) if frozen["clip"] is not None else None).clamp(0, 1)
         grid = torch.stack([fixed["images"], recon], 1).flatten(0, 1)         # input, reconstruction, ...
         return sample.save_grid(grid, os.path.join(folder, f"step_{step:07d}.png"), nrow=8)
     if args.stage == "flow":
@@ -655,10 +680,111 @@ def preview_inputs(source, args, device):
     return fixed
 
 
+def demo_args(stage, out, smoke):
+    """The parsed arguments of one demo stage."""
+    steps, extra = DEMO[stage]
+    argv = DEMO_COMMON + [a.format(out=out) for a in extra] + ["--stage", stage, "--out", os.path.join(out, stage),
+                                                              "--steps", str(3 if smoke else steps)]
+    return build_parser().parse_args(argv)
+
+
+def run_demo(args):
+    """--preset demo: tokenizer -> pre-tokenised cache -> text-to-image -> text autoencoder -> image-to-text,
+    then a report (report.json + a printed table) and a sample grid; --resume continues an interrupted demo."""
+    out, times = args.out, {}
+    os.makedirs(out, exist_ok=True)
+    print(f"FlowTok demo in {out}: the built-in shapes world, {'smoke-test sizes' if args.smoke else 'full run'}")
+    print("note: the CLIP text tower is random (untrained, no download); captions become fixed features")
+    for stage in ("tokenizer", "pretokenize", "flow", "text-ae", "flow-i2t"):
+        t0 = time.time()
+        if stage == "pretokenize":
+            if not os.path.exists(os.path.join(out, "cache", "done")):
+                shutil.rmtree(os.path.join(out, "cache"), ignore_errors=True)
+                n = 64 if args.smoke else DEMO_CACHE
+                data.pretokenize(data.build_parser().parse_args([
+                    "pretokenize", "--data", f"shapes:n={n}", "--tokenizer", os.path.join(out, "tokenizer"),
+                    "--out", os.path.join(out, "cache"), "--num-workers", "0"]))
+                open(os.path.join(out, "cache", "done"), "w").close()
+        else:
+            stage_args = demo_args(stage, out, args.smoke)
+            last = os.path.join(stage_args.out, "last.pt")
+            if os.path.exists(last) and torch.load(last, weights_only=True)["step"] >= stage_args.steps:
+                print(f"{stage}: already trained ({last})")
+                continue
+            stage_args.resume = os.path.exists(last)
+            print(f"--- {stage}: {stage_args.steps} steps")
+            if main(stage_args)["step"] < stage_args.steps:          # stopped by a signal: stop the demo too
+                raise TrainError(f"demo interrupted during {stage}; run the same command again to continue")
+        times[stage] = time.time() - t0
+    t0 = time.time()
+    report = demo_report(out, args.smoke)
+    times["evaluation"] = time.time() - t0
+    report["wall_time_s"] = {k: round(v, 1) for k, v in times.items()}
+    report["wall_time_s"]["total"] = round(sum(times.values()), 1)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print_report(report, out)
+    return report
+
+
+@torch.no_grad()
+def demo_report(out, smoke=False):
+    """Held-out numbers: tokenizer PSNR, prompt accuracy (CFG 2, no CFG, novel pairs), caption accuracy, CIDEr."""
+    import evaluate
+    pipe = sample.load_pipeline(out)
+    n_img, per_prompt = (16, 1) if smoke else (512, 4)
+    images, attrs = data.shapes_batch("heldout", list(range(n_img)), size=pipe.tokenizer.image_size)
+    mean, _ = pipe.tokenizer.encode(images)
+    recon = pipe.tokenizer.decode(mean).clamp(0, 1)
+    psnr = (-10 * torch.log10(((recon - images) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+    prompts = data.shapes_prompts("heldout")[:8 if smoke else None]
+    novel = data.shapes_prompts("novel")[:4 if smoke else None]
+    report = {"tokenizer_psnr_db": round(psnr, 2), "samples_per_prompt": per_prompt,
+              "heldout_prompts": len(prompts), "novel_prompts": len(novel)}
+    report["prompt_accuracy_cfg2"] = evaluate.shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=2.0)
+    report["prompt_accuracy_no_cfg"] = evaluate.shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=1.0)
+    report["novel_pair_accuracy_cfg2"] = evaluate.shapes_prompt_accuracy(pipe, novel, per_prompt, cfg=2.0)
+    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(n_img)])
+    captions = pipe.caption(images, steps=20, cfg=2.0, eps=eps)
+    report["caption_accuracy"] = evaluate.shapes_caption_accuracy(captions, attrs)
+    truth = [data.caption_for(a) for a in attrs]
+    report["caption_cider_d"] = round(evaluate.cider_d(dict(enumerate(captions)),
+                                                       {i: [t] for i, t in enumerate(truth)}), 3)
+    report["caption_examples"] = [f"{t} -> {c}" for t, c in list(zip(truth, captions))[:5]]
+    grid_prompts = prompts[::max(1, len(prompts) // 16)][:16]
+    eps = torch.stack([sample.sample_noise(i, j, 0) for i in range(len(grid_prompts)) for j in range(4)])
+    grid = pipe.generate([p for p in grid_prompts for _ in range(4)], cfg=2.0, eps=eps)
+    report["grid"] = sample.save_grid(grid, os.path.join(out, "heldout_grid.png"), nrow=4)
+    with open(os.path.join(out, "heldout_grid.txt"), "w") as f:
+        f.write("\n".join(grid_prompts) + "\n")
+    return report
+
+
+def print_report(r, out):
+    """The demo's report as a table."""
+    acc = lambda d: f"both {d['both']:.1%}  colour {d['colour']:.1%}  shape {d['shape']:.1%}  " \
+                    f"size {d['size']:.1%}  position {d['position']:.1%}"
+    rows = [("tokenizer PSNR, held-out images", f"{r['tokenizer_psnr_db']:.2f} dB"),
+            (f"prompt accuracy, {r['heldout_prompts']} held-out prompts x {r['samples_per_prompt']}, CFG 2",
+             acc(r["prompt_accuracy_cfg2"])),
+            ("  same, no CFG (CFG 1)", acc(r["prompt_accuracy_no_cfg"])),
+            (f"  {r['novel_prompts']} prompts of colour-shape pairs never trained", acc(r["novel_pair_accuracy_cfg2"])),
+            ("caption accuracy (image to text)", acc(r["caption_accuracy"])),
+            ("caption CIDEr-D vs the true captions", f"{r['caption_cider_d']:.3f}")]
+    rows += [(f"wall time: {k}", f"{v:.0f} s") for k, v in r["wall_time_s"].items()]
+    width = max(len(a) for a, _ in rows)
+    print("\n" + "\n".join(f"{a:<{width}}  {b}" for a, b in rows))
+    print("\nexamples: " + "\n          ".join(r["caption_examples"][:3]))
+    print(f"report: {os.path.join(out, 'report.json')}   grid: {r['grid']}   "
+          f"sample: python sample.py --ckpt {out} \"a large red circle on the left\"")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="flow")
+    p.add_argument("--preset", choices=["demo"], help="run the whole embedded demo instead of one stage")
+    p.add_argument("--smoke", action="store_true", help="with --preset demo: a few steps per stage (a quick check)")
     p.add_argument("--data", default="shapes", help="data spec (see data.py), e.g. jsonl:FILE,root=DIR")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.txt, samples/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -679,6 +805,7 @@ def build_parser():
     p.add_argument("--projector-heads", type=int, default=8)
     p.add_argument("--projector-ff", type=int, default=1024)
     p.add_argument("--projector-dropout", type=float, default=0.1)
+    p.add_argument("--projector-patch-size", type=int, default=1, help="group this many CLIP tokens (CPU speed)")
     p.add_argument("--decoder-width", type=int, default=768, help="TextDecoder width (text-ae)")
     p.add_argument("--decoder-depth", type=int, default=6)
     p.add_argument("--decoder-ff", type=int, default=3072)
@@ -724,7 +851,7 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     try:
-        main(args)
+        run_demo(args) if args.preset else main(args)
     except (TrainError, sample.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
