@@ -84,6 +84,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from scipy import ndimage
+from tqdm import tqdm
 
 from projector import tokenize
 
@@ -1011,6 +1012,8 @@ def pretokenize(args):
         os.path.join(part, "ids.npy")) else 0
     bf16 = device.type == "cuda" and not args.fp32
     total, skipped = done, collections.Counter()
+    share = len(range(rank, len(source), world)) if hasattr(source, "__len__") else None
+    bar = tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0)
     for batch, skipped in _pretokenize_batches(source, rank, world, args.batch_size, args.num_workers, done):
         images = torch.stack([s["image"] for s in batch]).to(device)
         captions = [s["caption"] for s in batch]
@@ -1021,9 +1024,9 @@ def pretokenize(args):
             feats = None if clip is None else clip(ids.to(device))              # (B, 77, C)
         write_cache(part, torch.cat([mean, logvar], -1), feats, ids, captions)
         total += len(batch)
-        if rank == 0:
-            print(f"\rpre-tokenised {total} samples (rank 0 of {world})", end="", flush=True)
-    print(f"\nrank {rank}: {total} samples in {part}; skipped: {format_skips(skipped)}")
+        bar.update(len(batch))
+    bar.close()
+    print(f"rank {rank}: {total} samples in {part}; skipped: {format_skips(skipped)}")
 
 
 def build_parser():

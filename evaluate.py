@@ -12,6 +12,10 @@
         --out eval/mjhq
     torchrun --nproc_per_node 8 evaluate.py coco30k ...       # each rank generates its slice, rank 0 does the FID
     python evaluate.py clipscore eval/coco/samples --prompts eval/coco/prompts.txt      # CLIP score
+    # image to text: caption Karpathy's COCO test split (5,000 images) -> BLEU-4, CIDEr-D
+    python evaluate.py captions --ckpt runs/demo --karpathy-split dataset_coco.json --images coco/ --out eval/cap
+    python evaluate.py captions --ckpt runs/i2t --karpathy-split dataset_coco.json --images coco/ --limit 100
+    python evaluate.py captions --ckpt runs/i2t --captions-json annotations/captions_val2014.json --images val2014/
     python evaluate.py speed --model XL --batch-size 64 --precision bf16 [--steps 20] [--train]
     python evaluate.py speed --model S --depth 1 --tokenizer-preset tiny --clip-tower tiny --batch-size 2  # seconds
 
@@ -58,6 +62,17 @@ ones). One warm-up pass counts each stage's FLOPs (torch FlopCounterMode), then 
 stage (text encoding, projector, the Euler steps with CFG as one batched pass, decoding), samples/s, peak memory
 and the achieved FLOP/s against a matmul timed in the same run and precision. --train times one flow training
 step (flowtok_loss + backward + AdamW) instead.
+
+Captions (captions). Every image of a Karpathy split (--split, default test; dataset_coco.json: 5,000 test
+images) or of a COCO captions file (--captions-json: every image with a caption, in id order) is brought to the
+tokenizer's size as in training (data.transform: PIL bicubic, shorter side to the size, centre crop) and captioned
+by sample.py's code (FlowTokPipeline.caption, per-image noise sample_noise(image index, 0, seed): the same caption
+as `sample.py --caption` for the same images in the same order). References: the split's `raw` sentences (or
+the file's annotations). Images are found at IMAGES/filepath/filename or IMAGES/filename. A missing image stops
+the run before the model is loaded, an unreadable one when it is reached; both name the file. OUT/captions.jsonl
+({id, file, caption, references} per image, split order), protocol.json and results.json record the run; a
+rerun with the same settings reuses the captions already in captions.jsonl. Corpus metrics depend on the image
+set (CIDEr-D's idf comes from the references of the scored images): only full-split numbers are comparable.
 
 Caption metrics (image-to-text) follow the COCO caption evaluation toolkit (pycocoevalcap): corpus BLEU-4 and
 CIDEr-D on lower-cased PTB tokens with punctuation removed. The toolkit runs the Stanford PTBTokenizer (Java);
@@ -868,6 +883,200 @@ def run_protocol(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Captions: a Karpathy split (or a COCO captions file) -> captions by sample.py's code -> BLEU-4 and CIDEr-D
+# ----------------------------------------------------------------------------------------------------------------
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def _one_line_text(text):
+    """A caption with its whitespace (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+def karpathy_items(split_json, split):
+    """Karpathy's dataset_*.json -> the images of one split [{id, file, references}], in the file's order.
+
+    id: cocoid (dataset_coco.json), else imgid (the Flickr8k/30k files); file: filepath/filename (COCO's
+    filepath is train2014 or val2014; the Flickr files have none); references: the `raw` sentences.
+    """
+    data = _read_json(split_json, "--karpathy-split")
+    try:
+        items = [dict(id=im["cocoid"] if "cocoid" in im else im["imgid"],
+                      file=os.path.join(im.get("filepath", ""), im["filename"]),
+                      references=[r for r in (_one_line_text(s["raw"]) for s in im["sentences"]) if r])
+                 for im in data["images"] if im["split"] == split]
+    except (KeyError, TypeError) as err:
+        raise EvalError(f"--karpathy-split {split_json}: not a Karpathy split file (missing {err})") from None
+    if not items:
+        found = sorted({str(im["split"]) for im in data["images"]})
+        raise EvalError(f"--karpathy-split {split_json}: no image in split {split!r} (its splits: "
+                        f"{', '.join(found) or 'none'})")
+    return items
+
+
+def coco_caption_items(captions_json):
+    """A COCO captions file (images + annotations) -> every image with a caption [{id, file, references}], by id."""
+    data = _read_json(captions_json, "--captions-json")
+    try:
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        references = {}
+        for ann in sorted(data["annotations"], key=lambda a: a["id"]):   # a fixed reference order per image
+            text = _one_line_text(ann["caption"])
+            if text:
+                references.setdefault(ann["image_id"], []).append(text)
+    except (KeyError, TypeError) as err:
+        raise EvalError(f"--captions-json {captions_json}: not a COCO captions file (missing {err})") from None
+    items = [dict(id=i, file=files[i], references=references[i]) for i in sorted(files) if i in references]
+    if not items:
+        raise EvalError(f"--captions-json {captions_json}: no image has a caption")
+    return items
+
+
+def locate_images(items, images_dir):
+    """Set each item's `path` (IMAGES/file, else IMAGES/<file name>); missing images: one error naming them."""
+    missing = []
+    for it in items:
+        tries = (os.path.join(images_dir, it["file"]), os.path.join(images_dir, os.path.basename(it["file"])))
+        it["path"] = next((p for p in tries if os.path.isfile(p)), None)
+        if it["path"] is None:
+            missing.append(tries[0])
+    if missing:
+        names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise EvalError(f"{len(missing)} of the {len(items)} images are missing (looked for IMAGES/filepath/filename "
+                        f"and IMAGES/filename, --images {images_dir}): {names}")
+
+
+def _caption_record(item, caption):
+    """One line of OUT/captions.jsonl."""
+    return json.dumps(dict(id=item["id"], file=item["file"], caption=caption, references=item["references"])) + "\n"
+
+
+def read_captions(path, items):
+    """The captions already in OUT/captions.jsonl for these items (same id and file) -> {id: caption}."""
+    files, done = {it["id"]: it["file"] for it in items}, {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    if files.get(record["id"]) == record["file"] and isinstance(record["caption"], str):
+                        done[record["id"]] = record["caption"]
+                except (ValueError, KeyError, TypeError):   # a line torn by a kill
+                    continue
+    return done
+
+
+def write_captions(path, items, captions):
+    """Rewrite OUT/captions.jsonl atomically: the captioned items, in split order."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(_caption_record(it, captions[it["id"]]) for it in items if it["id"] in captions)
+    os.replace(tmp, path)
+
+
+def caption_items(pipe, items, captions, path, seed=0, steps=20, cfg=2.0, batch_size=64, progress=False):
+    """Caption the items missing from `captions` (filled in place, appended to `path` batch by batch) -> count.
+
+    Item k (its position in the split) gets the noise sample_noise(k, 0, seed), as image k of `sample.py
+    --caption`: a caption depends neither on the batch size nor on --limit.
+    """
+    import data
+    todo = [k for k, it in enumerate(items) if it["id"] not in captions]
+    with open(path, "a", encoding="utf-8") as log, \
+            tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk, images = todo[start:start + batch_size], []
+            for k in chunk:
+                try:   # as in training: shorter side to the tokenizer's size (bicubic), centre crop
+                    images.append(data.transform(data.load_image(items[k]["path"]), pipe.tokenizer.image_size))
+                except data.BadSample as err:
+                    raise EvalError(f"{items[k]['path']}: {err.reason} (the {len(captions)} captions made so far are "
+                                    f"kept in {path}: replace the image and rerun to continue)") from None
+            eps = torch.stack([sample.sample_noise(k, 0, seed) for k in chunk])                # (b, 77, 16)
+            for k, text in zip(chunk, pipe.caption(torch.stack(images), steps, cfg, eps=eps)):  # (b, 3, S, S)
+                captions[items[k]["id"]] = text
+                log.write(_caption_record(items[k], text))
+            log.flush()                          # a killed run keeps every finished batch
+            bar.update(len(chunk))
+    return len(todo)
+
+
+def i2t_checkpoint(path):
+    """The image-to-text checkpoint load_pipeline takes from `path`: a demo folder's flow-i2t/, else path."""
+    sub = os.path.join(path, "flow-i2t")
+    return sub if os.path.isfile(os.path.join(sub, "last.pt")) else path
+
+
+def run_captions(args):
+    """`captions`: caption a Karpathy split (or a COCO captions file), score it -> the results dict."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise EvalError("captions runs in one process (a 5,000-image split takes minutes on one GPU): no torchrun")
+    if args.karpathy_split:
+        split = args.split or "test"
+        items = karpathy_items(args.karpathy_split, split)
+        kind, scope, source = "karpathy", "split", f"Karpathy split '{split}' of {args.karpathy_split}"
+    else:
+        if args.split:
+            raise EvalError("--split picks a split of --karpathy-split; --captions-json has none")
+        items, split = coco_caption_items(args.captions_json), None
+        kind, scope, source = "coco", "file", f"every captioned image of {args.captions_json}"
+    ids = Counter(it["id"] for it in items)
+    if len(ids) < len(items):
+        raise EvalError(f"{source}: image id {ids.most_common(1)[0][0]} occurs more than once")
+    full = len(items)
+    n = min(args.limit or full, full)
+    items = items[:n]
+    bare = next((it for it in items if not it["references"]), None)
+    if bare is not None:                             # the metrics need at least one reference per image
+        raise EvalError(f"{source}: image {bare['id']} ({bare['file']}) has no reference caption")
+    locate_images(items, args.images)                # before the model is loaded
+    device = sample.pick_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    sample.check_writable(args.out)
+    pipe = sample.load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
+    if pipe.i2t_dit is None or pipe.text_decoder is None:
+        raise EvalError(f"--ckpt {args.ckpt} has no image-to-text model: give a flow-i2t run, or a folder holding "
+                        f"flow-i2t/ (train the stages text-ae and flow-i2t)")
+    settings = dict(protocol=f"captions {kind} {split}", seed=args.seed, steps=args.steps, cfg=args.cfg,
+                    precision=precision, model=os.path.abspath(args.ckpt), weights="raw" if args.no_ema else "EMA")
+    check_settings(args.out, settings)               # after loading: a wrong --ckpt leaves OUT reusable
+    path = os.path.join(args.out, "captions.jsonl")
+    captions = read_captions(path, items)
+    write_captions(path, items, captions)            # without torn lines, before appending to it
+    size = pipe.tokenizer.image_size
+    refs = sum(len(it["references"]) for it in items)
+    print("\n".join([
+        f"protocol        image to text: {source}",
+        f"images          {n} of the {full} in the {scope}" + (f" (--limit {args.limit})" if n < full else "") +
+        f"; PIL bicubic, shorter side to {size} + centre crop (data.transform)",
+        f"references      {refs} ({refs / n:.2f} per image): " +
+        ("the split's raw sentences" if kind == "karpathy" else "the file's annotations"),
+        "metrics         corpus BLEU-4 and CIDEr-D (sigma 6, idf from these images' references), the COCO caption "
+        "toolkit's formulas on ptb_tokenize tokens (lower case, punctuation removed)",
+        f"seed            {args.seed} (per-image noise sample_noise(image index, 0, seed))",
+        f"sampling        {args.steps} Euler steps, cfg {args.cfg}, precision {precision}, batch {args.batch_size}, "
+        f"{device}",
+        f"weights         {settings['weights']} (image to text: {i2t_checkpoint(args.ckpt)})"]))
+    if n < full:
+        print(f"warning: {n} of the {scope}'s {full} images: BLEU-4 and CIDEr-D of a subset are not comparable "
+              f"with published full-{scope} numbers" + (" (CIDEr-D is 0 for a single image)" if n == 1 else ""),
+              file=sys.stderr)
+    made = caption_items(pipe, items, captions, path, args.seed, args.steps, args.cfg, args.batch_size, progress=True)
+    write_captions(path, items, captions)            # split order
+    print(f"captioned {made}, reused {n - made} images -> {path}")
+    candidates = {it["id"]: captions[it["id"]] for it in items}
+    references = {it["id"]: it["references"] for it in items}
+    result = dict(settings, source=source, split=split, images=n, split_images=full, image_size=size,
+                  bleu4=bleu4(candidates, references), cider_d=cider_d(candidates, references), captions=path)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"BLEU-4: {result['bleu4']:.4f}  CIDEr-D: {result['cider_d']:.4f} ({n} images; papers print both x100; "
+          f"{args.out}/results.json)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Speed: samples/s, per-stage time, FLOP/s and peak memory of sampling (or of one training step)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1111,13 +1320,15 @@ def run_clipscore(args):
 
 
 def main(args):
-    """Run the chosen subcommand; returns its result (the FID, the CLIP score, the speed rows)."""
+    """Run the chosen subcommand; returns its result (the FID, the CLIP score, the caption scores, the speed rows)."""
     if args.command == "fid":
         return run_fid(args)
     if args.command in PROTOCOLS:
         return run_protocol(args)
     if args.command == "clipscore":
         return run_clipscore(args)
+    if args.command == "captions":
+        return run_captions(args)
     if args.command == "speed":
         return run_speed(args)
     raise EvalError(f"unknown command {args.command}")
@@ -1171,6 +1382,27 @@ def build_parser():
     clip.add_argument("--clip-weights", metavar="FILE", help="a local file of those weights (offline)")
     clip.add_argument("--batch-size", type=int, default=64)
     clip.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    cap = sub.add_parser("captions", help="image to text: caption a Karpathy split (or a COCO captions file), "
+                         "BLEU-4 and CIDEr-D")
+    where = cap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--karpathy-split", metavar="JSON", help="Karpathy's dataset_coco.json (or dataset_flickr30k)")
+    where.add_argument("--captions-json", metavar="JSON", help="a COCO captions file: captions_val2014.json")
+    cap.add_argument("--images", required=True, help="image root: IMAGES/filepath/filename or IMAGES/filename")
+    cap.add_argument("--split", choices=KARPATHY_SPLITS, help="the Karpathy split (default test)")
+    cap.add_argument("--ckpt", required=True, help="a flow-i2t run, or a demo folder holding tokenizer/, text-ae/, "
+                     "flow-i2t/ (there are no released image-to-text weights)")
+    cap.add_argument("--out", default="eval/captions", help="folder for captions.jsonl, protocol.json, results.json")
+    cap.add_argument("--limit", type=sample.positive_int, help="only the first N images of the split (smoke runs)")
+    cap.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded one")
+    cap.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
+    cap.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    cap.add_argument("--steps", type=sample.positive_int, default=20, help="Euler steps")
+    cap.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--batch-size", type=sample.positive_int, default=64)
+    cap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    cap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
     speed = sub.add_parser("speed", help="samples/s, per-stage time, FLOP/s and memory (random weights)")
     speed.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size")

@@ -275,31 +275,41 @@ KL_TERMS = {"official": (kl_official, 0.01), "standard": (kl_standard, 1e-4)}   
 # ----------------------------------------------------------------------------------------------------------
 
 class TextDecoder(nn.Module):
-    """(B, 77, 16) text latent -> logits (B, 77, vocab): Linear in, learned positions, N layers, Linear out.
+    """(B, 77, 16) text latent -> logits (B, 77, classes): Linear in, learned positions, N layers, Linear out.
 
     Non-causal: every position sees the whole latent and predicts its CLIP id in one shot; decoding reads
-    the ids up to the first EOT (see detokenize).
+    the ids up to the first EOT (see detokenize). The classes are all 49408 CLIP ids, or (vocab_ids, a CPU
+    speed knob) only the ids that occur in the training captions: the head then costs a few hundred outputs
+    per position instead of 49408.
     """
 
-    def __init__(self, channels=16, width=768, depth=6, heads=8, d_ff=3072, dropout=0.1, vocab=CLIP_VOCAB):
+    def __init__(self, channels=16, width=768, depth=6, heads=8, d_ff=3072, dropout=0.1, vocab_ids=None):
         super().__init__()
         self.config = dict(channels=channels, width=width, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
-                           vocab=vocab)
+                           vocab_ids=vocab_ids)
         self.embed = nn.Linear(channels, width)
         self.pos = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * width ** -0.5)
         self.layers = nn.ModuleList([EncoderLayer(width, heads, d_ff, dropout) for _ in range(depth)])
-        self.head = nn.Linear(width, vocab)
+        ids = torch.arange(CLIP_VOCAB) if vocab_ids is None else torch.tensor(sorted(set(vocab_ids) | {SOT, EOT}))
+        self.register_buffer("vocab_ids", ids, persistent=False)                         # class -> CLIP id
+        self.register_buffer("class_of", torch.full((CLIP_VOCAB,), -100).index_put_(   # CLIP id -> class
+            (ids,), torch.arange(len(ids))), persistent=False)                           # (-100: not a class)
+        self.head = nn.Linear(width, len(ids))
 
     def forward(self, z, keep=None):
-        """(B, 77, 16) -> (B, 77, vocab) logits; with keep (B, 77) bool only those positions: (N, vocab).
+        """(B, 77, 16) -> (B, 77, classes) logits; with keep (B, 77) bool only those positions: (N, classes).
 
-        The vocabulary head dominates the cost (49408 outputs per position): training asks only for the
-        positions of real tokens (SOT..EOT, see caption_mask), typically 10-20 of the 77.
+        With all 49408 classes the head dominates the cost: training asks only for the positions of real
+        tokens (SOT..EOT, see caption_mask), typically 10-20 of the 77.
         """
         h = self.embed(z) + self.pos
         for layer in self.layers:
             h = layer(h)
         return self.head(h if keep is None else h[keep])
+
+    def decode(self, z):
+        """(B, 77, 16) latent -> (B, 77) CLIP ids (most likely class at each position)."""
+        return self.vocab_ids[self(z).argmax(-1)]
 
 
 def caption_mask(ids):
@@ -308,7 +318,7 @@ def caption_mask(ids):
     return torch.arange(ids.shape[1], device=ids.device)[None] <= eot_pos
 
 
-def text_reconstruction_loss(logits, ids):
-    """Token cross-entropy over SOT..EOT: logits (B, 77, vocab) or already masked (N, vocab) by caption_mask."""
-    keep = caption_mask(ids)
-    return F.cross_entropy((logits[keep] if logits.dim() == 3 else logits).float(), ids[keep])
+def text_reconstruction_loss(logits, targets, keep):
+    """Token cross-entropy over the positions `keep` (caption_mask): logits (B, 77, C) or already masked (N, C);
+    targets (B, 77) class indices (TextDecoder.class_of[ids]; ids outside the classes, -100, are ignored)."""
+    return F.cross_entropy((logits[keep] if logits.dim() == 3 else logits).float(), targets[keep])

@@ -164,7 +164,7 @@ class FlowTokPipeline:
             mean, logvar = self.tokenizer.encode(images.to(self.device))
             x0 = self.tokenizer.flow_tokens(mean, logvar, eps.to(self.device))         # image tokens, t = 0
             latent = flow_dit.euler_sample(self.i2t_dit, x0, steps=steps, cfg=cfg)     # text latent, t = 1
-            ids = self.text_decoder(latent).argmax(-1)                                  # (B, 77)
+            ids = self.text_decoder.decode(latent)                                      # (B, 77) CLIP ids
         return projector.detokenize(ids)
 
 

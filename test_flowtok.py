@@ -430,19 +430,34 @@ def test_clip_text_encoder_local_weights_and_offline_error(tmp_path, monkeypatch
 
 def test_text_decoder_and_reconstruction_loss():
     torch.manual_seed(0)
-    dec = TextDecoder(width=32, depth=2, heads=4, d_ff=64, vocab=projector.CLIP_VOCAB)
+    dec = TextDecoder(width=32, depth=2, heads=4, d_ff=64)
     logits = dec(torch.randn(2, 77, 16))
     assert logits.shape == (2, 77, projector.CLIP_VOCAB)
     ids, _ = projector.tokenize(["a red circle", "a blue square on the left"])
+    keep = projector.caption_mask(ids)
+    assert keep.sum(1).tolist() == [5, 8]             # SOT, the words, EOT; never the padding
+    targets = dec.class_of[ids]
+    assert torch.equal(targets, ids)                   # all CLIP ids: classes are the ids themselves
     # perfect logits on SOT..EOT give ~0 loss whatever the padding positions predict
     perfect = torch.full((2, 77, projector.CLIP_VOCAB), -1e4)
     perfect.scatter_(2, ids[..., None], 1e4)
     perfect[:, -1] = 0.0                     # garbage after EOT is ignored
-    assert projector.text_reconstruction_loss(perfect, ids).item() == pytest.approx(0.0, abs=1e-6)
+    assert projector.text_reconstruction_loss(perfect, targets, keep).item() == pytest.approx(0.0, abs=1e-6)
     uniform = torch.zeros(2, 77, projector.CLIP_VOCAB)
     uniform[:, -1, 0] = 1e4                  # a confident wrong guess after EOT must not count either
     expected = math.log(projector.CLIP_VOCAB)
-    assert projector.text_reconstruction_loss(uniform, ids).item() == pytest.approx(expected, rel=1e-6)
+    assert projector.text_reconstruction_loss(uniform, targets, keep).item() == pytest.approx(expected, rel=1e-6)
+    assert projector.text_reconstruction_loss(uniform[keep], targets, keep).item() == pytest.approx(expected,
+                                                                                                 rel=1e-6)
+    # a vocabulary of the training captions only: few classes, ids mapped both ways
+    vocab = sorted(set(ids.flatten().tolist()) - {0})
+    small = TextDecoder(width=32, depth=1, heads=4, d_ff=64, vocab_ids=vocab)
+    assert small.head.out_features == len(vocab) and small.config["vocab_ids"] == vocab
+    assert torch.equal(small.vocab_ids[small.class_of[ids[keep]]], ids[keep])
+    assert small.class_of[1234].item() == -100         # an id outside the vocabulary is ignored by the loss
+    z = torch.randn(2, 77, 16)
+    assert set(small.decode(z).flatten().tolist()) <= set(vocab)
+
 
 # ==========================================================================================================
 # data.py: decoding, sources and skip counts, the tar stream, the resumable loader, shapes, cache
@@ -1988,3 +2003,288 @@ def test_speed_benchmark_tiny(train):
     else:       # the DiT: 2 steps x 2B tokens x 2 FLOPs per MAC x its weights, at least
         dit = FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1})
         assert flops["flow (2 steps)"] >= 2 * 2 * (2 * 2 * 77) * sum(p.numel() for p in dit.blocks.parameters()) * 0.5
+
+
+# ==========================================================================================================
+# image to text: the text autoencoder round trip, sample.py --caption, evaluate.py captions
+# ==========================================================================================================
+
+I2T_TINY = ["--image-size", "32", "--clip-tower", "tiny", "--num-workers", "0", "--log-every", "50",
+            "--sample-every", "0", "--no-progress", "--projector-depth", "1", "--projector-ff", "64", "--seed", "0",
+            "--global-batch", "6", "--warmup", "1"]
+TAE_STEPS = 100   # converges with 5 of 5 seeds by 80 steps (~3 s): exact reconstruction of all 6 captions
+
+
+def _train(*argv):
+    """train.main in this process on a tiny CPU configuration."""
+    return train.main(train.build_parser().parse_args(I2T_TINY + [str(a) for a in argv]))
+
+
+def _shapes_pngs(folder, split, indices, size=40):
+    """Render shapes-world samples to folder/<i>.png -> (paths, captions); 40 px, so the pipeline resizes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, attrs = data.shapes_batch(split, indices, size=size)
+    paths = []
+    for i, img in zip(indices, sample.to_uint8(images)):
+        paths.append(folder / f"{i:03d}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths, [data.caption_for(a) for a in attrs]
+
+
+@pytest.fixture(scope="module")
+def i2t_demo(tmp_path_factory):
+    """A demo-style folder (tokenizer/, text-ae/, flow-i2t/) trained by train.py on 6 captioned shapes images."""
+    root = tmp_path_factory.mktemp("i2t")
+    paths, captions = _shapes_pngs(root / "corpus", "train", list(range(6)))
+    assert len(set(captions)) == 6
+    corpus = root / "corpus" / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"image": p.name, "caption": c}) + "\n" for p, c in zip(paths, captions)))
+    demo, spec = root / "demo", f"jsonl:{corpus}"
+    _train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data", spec,
+           "--out", demo / "tokenizer", "--steps", 3, "--lr", 1e-3)
+    clip = demo / "tokenizer" / "clip_text.safetensors"   # every stage shares the tokenizer run's random tower
+    _train("--stage", "text-ae", "--clip-weights", clip, "--data", spec, "--out", demo / "text-ae", "--steps",
+           TAE_STEPS, "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 64, "--decoder-vocab", "data",
+           "--lr", 3e-3, "--ema", 0.9)
+    _train("--stage", "flow-i2t", "--model", "tiny", "--tokenizer", demo / "tokenizer", "--text-ae", demo / "text-ae",
+           "--clip-weights", clip, "--data", spec, "--out", demo / "flow-i2t", "--steps", 3, "--lr", 1e-3)
+    return {"demo": demo, "clip": clip, "captions": captions, "images": paths, "root": root}
+
+
+def _text_ae(ckpt, weights="ema"):
+    """A text-ae checkpoint -> (projector, decoder) in eval mode; weights 'ema', 'model' or 'init' (untrained)."""
+    proj = projector.TextProjector(**ckpt["config"]["projector"])
+    dec = projector.TextDecoder(**ckpt["config"]["text_decoder"])
+    if weights != "init":
+        proj.load_state_dict(ckpt[weights]["projector"])
+        dec.load_state_dict(ckpt[weights]["text_decoder"])
+    return proj.eval(), dec.eval()
+
+
+@torch.no_grad()
+def test_text_autoencoder_reconstructs_its_training_captions_exactly(i2t_demo):
+    captions = i2t_demo["captions"]
+    ids, _ = projector.tokenize(captions)
+    assert projector.detokenize(ids) == captions       # lossless BPE on these captions: compare with them directly
+    ckpt = sample.load_checkpoint(str(i2t_demo["demo"] / "text-ae"))
+    assert ckpt["stage"] == "text-ae" and ckpt["step"] == TAE_STEPS
+    feats = projector.CLIPTextEncoder("tiny", str(i2t_demo["clip"]))(ids)     # (6, 77, 64)
+    decoded = {}
+    for weights in ("ema", "model", "init"):
+        proj, dec = _text_ae(ckpt, weights)
+        _, mu, _ = proj(feats)                                                  # the posterior mean, (6, 77, 16)
+        decoded[weights] = projector.detokenize(dec.decode(mu))
+    assert decoded["ema"] == captions                  # what sampling uses (flow-i2t trains on these latents)
+    assert decoded["model"] == captions
+    assert sum(a == b for a, b in zip(decoded["init"], captions)) == 0   # untrained: the check can fail
+
+
+def _run(*argv):
+    """Start `python <script> ...` in the repo on one thread, offline -> Popen."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_sample_caption_cli_files_folders_and_errors(i2t_demo, tmp_path):
+    folder = tmp_path / "folder"
+    extra, _ = _shapes_pngs(folder, "heldout", [0, 1])
+    (folder / "notes.txt").write_text("not an image")                          # ignored in a folder
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    common = ["sample.py", "--ckpt", i2t_demo["demo"], "--steps", 2, "--device", "cpu", "--batch-size", 2]
+    first = i2t_demo["images"][0]
+    procs = {"ok": _run(*common, "--caption", first, folder),
+             "missing": _run(*common, "--caption", first, tmp_path / "missing.png"),
+             "broken": _run(*common, "--caption", first, broken)}
+    runs = {name: _finish(p) for name, p in procs.items()}
+    rc, out, err = runs["ok"]
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(first), *map(str, extra)]   # one line per image, in order
+    for line in lines:
+        path, caption = line.split("\t")                                        # exactly one tab
+        assert caption == caption.strip() and "<start_of_text>" not in caption and "<end_of_text>" not in caption
+        assert "!" not in caption   # id 0 (padding) decodes to '!': it must never reach a caption
+    for name, want in (("missing", "missing.png"), ("broken", "broken.png")):
+        rc, out, err = runs[name]
+        assert rc != 0 and out == "" and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("sample.py: error:") and want in err, err
+
+
+def _evaluate(*argv):
+    """evaluate.main in this process -> (result, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = evaluate.main(evaluate.build_parser().parse_args([str(a) for a in argv]))
+    return result, out.getvalue(), err.getvalue()
+
+
+def _sample_captions(demo, files, *argv):
+    """`sample.py --caption` in this process -> [(path, caption)]."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sample.main(sample.build_parser().parse_args(["--ckpt", str(demo), "--caption", *map(str, files),
+                                                      "--device", "cpu", *map(str, argv)]))
+    return [tuple(line.split("\t")) for line in out.getvalue().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def karpathy(tmp_path_factory):
+    """A fake Karpathy split file: 5 test images (one only at IMAGES/filename), 1 val, 1 restval; 2 sentences each."""
+    root = tmp_path_factory.mktemp("karpathy")
+    paths, captions = _shapes_pngs(root / "render", "heldout", list(range(7)))
+    entries = []
+    for k, (p, c) in enumerate(zip(paths, captions)):
+        name, where = f"COCO_val2014_{k:012d}.png", root / "images" / ("" if k == 3 else "val2014")
+        where.mkdir(parents=True, exist_ok=True)
+        p.rename(where / name)
+        split = "test" if k < 5 else ("val", "restval")[k - 5]
+        raws = [f"{c.capitalize()}.\n", f"  There is a {c.split()[2]} shape {k}  "]   # messy whitespace, cased
+        sentences = [{"raw": r, "tokens": r.split(), "imgid": k, "sentid": 2 * k + j} for j, r in enumerate(raws)]
+        entries.append({"filepath": "val2014", "filename": name, "imgid": k, "split": split, "cocoid": 500 - k,
+                        "sentids": [2 * k, 2 * k + 1], "sentences": sentences})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return root
+
+
+def test_evaluate_captions_karpathy_smoke_run(i2t_demo, karpathy, tmp_path):
+    out, demo = tmp_path / "cap", i2t_demo["demo"]
+    model = ["--ckpt", demo, "--steps", 2, "--device", "cpu", "--seed", 3]
+    args = ["captions", "--karpathy-split", karpathy / "dataset_coco.json", "--images", karpathy / "images",
+            "--out", out, *model]
+    result, stdout, stderr = _evaluate(*args, "--batch-size", 2, "--limit", 3)
+    for line in [f"protocol        image to text: Karpathy split 'test' of {karpathy / 'dataset_coco.json'}",
+                 "images          3 of the 5 in the split (--limit 3); PIL bicubic, shorter side to 32 + centre crop",
+                 "references      6 (2.00 per image): the split's raw sentences", "BLEU-4 and CIDEr-D",
+                 "ptb_tokenize", "seed            3", "2 Euler steps, cfg 2.0, precision fp32, batch 2",
+                 f"weights         EMA (image to text: {demo / 'flow-i2t'})", "captioned 3, reused 0"]:
+        assert line in stdout, line
+    assert "warning: 3 of the split's 5 images" in stderr
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    split = json.loads((karpathy / "dataset_coco.json").read_text())["images"]
+    assert [r["id"] for r in records] == [500, 499, 498]                       # cocoid, in the file's order
+    assert [r["file"] for r in records] == [f"val2014/COCO_val2014_{k:012d}.png" for k in range(3)]
+    assert [r["references"] for r in records] == [[" ".join(s["raw"].split()) for s in im["sentences"]]
+                                                  for im in split[:3]]
+    assert all(isinstance(r["caption"], str) and "<end_of_text>" not in r["caption"] for r in records)
+    # the scores are the metrics of the written captions
+    cands, refs = {r["id"]: r["caption"] for r in records}, {r["id"]: r["references"] for r in records}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["bleu4"] == evaluate.bleu4(cands, refs) and saved["cider_d"] == evaluate.cider_d(cands, refs)
+    assert saved == result and saved["images"] == 3 and saved["split_images"] == 5 and saved["split"] == "test"
+    assert f"BLEU-4: {saved['bleu4']:.4f}  CIDEr-D: {saved['cider_d']:.4f}" in stdout
+    # the same captions as `sample.py --caption` on the same images in the same order (noise by image index)
+    files = [karpathy / "images" / ("" if k == 3 else "val2014") / f"COCO_val2014_{k:012d}.png" for k in range(5)]
+    by_sample = _sample_captions(demo, files, "--steps", 2, "--seed", 3, "--batch-size", 5)
+    assert [c for _, c in by_sample[:3]] == [r["caption"] for r in records]
+    # the full split reuses the 3 captions (any batch size), finds image 3 at IMAGES/filename, warns no more
+    result, stdout, stderr = _evaluate(*args, "--batch-size", 3)
+    assert "captioned 2, reused 3" in stdout and "images          5 of the 5 in the split;" in stdout
+    assert "warning" not in stderr and result["images"] == 5
+    full = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert full[:3] == records and [r["caption"] for r in full] == [c for _, c in by_sample]
+    with pytest.raises(evaluate.EvalError, match=r"other settings \(steps 2 -> 3\)"):
+        _evaluate(*args, "--steps", 3)
+    # the same images as a COCO captions file (ids in this split's order) give the same captions
+    coco = {"images": [{"id": 1000 + k, "file_name": r["file"]} for k, r in enumerate(full)],
+            "annotations": [{"id": 10 * k + j, "image_id": 1000 + k, "caption": ref}
+                            for k, r in enumerate(full) for j, ref in enumerate(r["references"])]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    result, stdout, _ = _evaluate("captions", "--captions-json", tmp_path / "captions.json", "--images",
+                                  karpathy / "images", "--out", tmp_path / "coco", *model)
+    assert "every captioned image of" in stdout and "images          5 of the 5 in the file;" in stdout
+    coco_records = [json.loads(line) for line in (tmp_path / "coco" / "captions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in coco_records] == [1000 + k for k in range(5)]
+    assert [(r["file"], r["caption"], r["references"]) for r in coco_records] == \
+        [(r["file"], r["caption"], r["references"]) for r in full]
+
+
+def test_evaluate_captions_errors(i2t_demo, karpathy, tmp_path):
+    demo, images = i2t_demo["demo"], karpathy / "images"
+    entries = json.loads((karpathy / "dataset_coco.json").read_text())["images"]
+
+    def split_file(name, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"images": rows}))
+        return path
+
+    def run(split_json, *extra, ckpt=demo, out=tmp_path / "out"):
+        return _evaluate("captions", "--karpathy-split", split_json, "--images", images, "--ckpt", ckpt, "--out",
+                         out, "--steps", 1, "--batch-size", 1, "--device", "cpu", *extra)
+
+    # a missing image: named, before the model is loaded or anything is written
+    gone = split_file("gone.json", [entries[0], dict(entries[1], filename="nowhere.png")])
+    with pytest.raises(evaluate.EvalError, match=r"1 of the 2 images are missing .*val2014/nowhere\.png"):
+        run(gone, out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    # an unreadable image: named; the captions made before it are kept and a rerun continues from them
+    (images / "val2014" / "bad.png").write_bytes(b"garbage")
+    bad = split_file("bad.json", [entries[0], entries[1], dict(entries[2], filename="bad.png"), entries[4]])
+    with pytest.raises(evaluate.EvalError, match=r"bad\.png: unreadable image .*2 captions made so far"):
+        run(bad, out=tmp_path / "partial")
+    assert len((tmp_path / "partial" / "captions.jsonl").read_text().splitlines()) == 2
+    (images / "val2014" / "bad.png").unlink()
+    with pytest.raises(evaluate.EvalError, match="no image in split 'val' .*its splits: test"):
+        run(split_file("test_only.json", entries[:2]), "--split", "val")
+    with pytest.raises(evaluate.EvalError, match=r"image 499 \(val2014/COCO_val2014_000000000001.png\) has no ref"):
+        run(split_file("bare.json", [entries[0], dict(entries[1], sentences=[{"raw": " \n"}])]))
+    with pytest.raises(evaluate.EvalError, match="not a Karpathy split file"):
+        run(split_file("coco_like.json", [{"id": 1, "file_name": "x.png"}]))
+    with pytest.raises(sample.CheckpointError, match="'tokenizer' checkpoint"):
+        run(karpathy / "dataset_coco.json", ckpt=demo / "tokenizer")
+    with pytest.raises(evaluate.EvalError, match="--split picks a split of --karpathy-split"):
+        _evaluate("captions", "--captions-json", tmp_path / "c.json", "--images", images, "--ckpt", demo, "--split",
+                  "val")
+    # the command line turns them into one line, exit status 1
+    rc, out, err = _finish(_run("evaluate.py", "captions", "--karpathy-split", gone, "--images", images, "--ckpt",
+                                demo, "--out", tmp_path / "cli"))
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("evaluate.py: error: 1 of the 2 images are missing") and "nowhere.png" in err
+
+
+# ==========================================================================================================
+# README: every command in it is a valid command line of our scripts
+# ==========================================================================================================
+
+def readme_commands():
+    """The python / torchrun command lines of README.md's code blocks (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in text.split("```")[1::2]:
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = part.split("#")[0].split()
+                if words and words[0] in ("python", "torchrun"):
+                    commands.append(words)
+    return commands
+
+
+def test_readme_commands_are_valid_command_lines():
+    """Each README command parses with its script's own parser (flags, choices, subcommands).
+
+    Smoke versions of what they do run elsewhere in this file: the demo (test_demo_*), training stages, resume
+    and torchrun (test_every_stage_*, test_resume_*, test_two_process_*), pretokenize (test_pretokenised_*),
+    sampling with our and official-layout checkpoints (test_sample_cli_*, test_official_pipeline_*), the
+    protocols (test_coco30k_*, test_mjhq30k_*), clipscore and speed; `pip install` and pytest run in .ci/run.
+    """
+    import shlex
+    parsers = {"train.py": train.build_parser, "sample.py": sample.build_parser,
+               "evaluate.py": evaluate.build_parser, "data.py": data.build_parser}
+    env = {"$NODE_RANK": "0", "$MASTER": "127.0.0.1"}
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for words in commands:
+        if words[:3] == ["python", "-m", "pytest"]:
+            continue
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        argv = [env.get(w, w) for w in shlex.split(" ".join(words[script + 1:]))]
+        try:
+            parsers[words[script]]().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: {' '.join(words)}")

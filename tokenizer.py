@@ -279,6 +279,16 @@ class Tokenizer(nn.Module):
         return self.decode(x1 / self.scale_factor, text)
     # --------------------------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def estimate_scale_factor(self, images, generator=None):
+        """1 / std of posterior samples of `images`: the factor that gives the flow unit-variance targets.
+
+        (The official 1.0143 belongs to the official weights; a newly trained tokenizer needs its own.)
+        """
+        mean, logvar = self.encode(images)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return 1.0 / (mean + torch.exp(0.5 * logvar) * eps).float().std().item()
+
 
 def posterior_kl(mean, logvar):
     """KL(N(mean, sigma^2) || N(0, I)) per token: 1/2 sum_c (mean^2 + sigma^2 - 1 - logvar), (B, 77)."""

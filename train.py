@@ -44,6 +44,7 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -95,6 +96,7 @@ DEMO = {   # stage -> (steps, arguments); {out} is the demo folder
     "flow": (1800, [*DEMO_FLOW, *DEMO_TEXT, "--caption-groups", "--data", "cache:{out}/cache",
                     "--tokenizer", "{out}/tokenizer", "--clip-weights", "{out}/tokenizer/clip_text.safetensors"]),
     "text-ae": (300, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
+                      "--decoder-vocab", "data",
                       "--global-batch", "128", "--lr", "1e-3", "--ema", "0.99", "--data", "cache:{out}/cache",
                       "--clip-weights", "{out}/tokenizer/clip_text.safetensors"]),
     "flow-i2t": (600, [*DEMO_FLOW, "--data", "cache:{out}/cache", "--tokenizer", "{out}/tokenizer",
@@ -255,6 +257,21 @@ def load_frozen_text_ae(path, device):
     return proj.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
 
 
+def caption_vocabulary(args):
+    """The CLIP ids of every training caption of --data (for --decoder-vocab data)."""
+    source = data.build_dataset(args.data, image_size=args.image_size)
+    if isinstance(source, data.CacheSource):
+        return sorted({int(i) for a in source._open() for i in np.unique(a["ids"])})
+    if isinstance(source, data.ShapesSource):
+        captions = data.shapes_prompts(source.split)
+    elif hasattr(source, "captions"):
+        captions = [source.captions[i] for i in range(len(source))]
+    else:
+        raise TrainError(f"--decoder-vocab data needs a map-style source, not {args.data}")
+    ids = torch.cat([projector.tokenize(captions[i:i + 4096])[0] for i in range(0, len(captions), 4096)])
+    return sorted(int(i) for i in ids.unique())
+
+
 def build_stage(args, device, rank=0):
     """-> (trainable parts {name: module}, frozen encoders {name: module}, config for the checkpoint)."""
     clip, clip_weights = build_clip(args, device, rank)
@@ -263,6 +280,8 @@ def build_stage(args, device, rank=0):
                        d_ff=args.projector_ff, dropout=args.projector_dropout, patch_size=args.projector_patch_size)
     if args.stage == "tokenizer":
         overrides = dict(text_dim=clip.width, image_size=args.image_size)
+        if args.scale_factor != "auto":
+            overrides["scale_factor"] = float(args.scale_factor)
         parts = {"tokenizer": Tokenizer.from_preset(args.tokenizer_preset, **overrides)}
         if not parts["tokenizer"].config["text_guidance"]:
             frozen["clip"] = None              # a decoder without text guidance: no CLIP features to compute
@@ -273,7 +292,8 @@ def build_stage(args, device, rank=0):
         config["tokenizer"] = args.tokenizer
         dit = FlowDiT(**FLOW_MODELS[args.model], patch_size=args.dit_patch_size)
         if args.stage == "flow":
-            parts = {"dit": dit, "projector": TextProjector(**proj_kwargs, align_hidden=512 if args.w_con else 0)}
+            align = args.align_hidden if args.w_con else 0       # no alignment head without the contrastive term
+            parts = {"dit": dit, "projector": TextProjector(**proj_kwargs, align_hidden=align)}
         else:
             if not args.text_ae:
                 raise TrainError("--stage flow-i2t needs --text-ae (a text-ae run)")
@@ -284,7 +304,9 @@ def build_stage(args, device, rank=0):
         parts = {"projector": TextProjector(**proj_kwargs, align_hidden=0),
                  "text_decoder": TextDecoder(width=args.decoder_width, depth=args.decoder_depth,
                                              heads=args.projector_heads, d_ff=args.decoder_ff,
-                                             dropout=args.projector_dropout)}
+                                             dropout=args.projector_dropout,
+                                             vocab_ids=caption_vocabulary(args) if args.decoder_vocab == "data"
+                                             else None)}
     config.update({name: m.config for name, m in parts.items()})
     return {k: v.to(device) for k, v in parts.items()}, frozen, config
 
@@ -342,12 +364,13 @@ def stage_loss(parts, inputs, args, gather=None):
                     sigma=torch.exp(0.5 * out["logvar"].detach()).mean(), mu=out["mu"].detach().abs().mean())
     if args.stage == "text-ae":
         z, mu, logvar = parts["projector"](inputs["clip"], inputs["eps"])
-        ids, keep = inputs["ids"], projector.caption_mask(inputs["ids"])
-        logits = parts["text_decoder"](z, keep)                                  # (N, vocab): real tokens only
-        ce = projector.text_reconstruction_loss(logits, ids)
+        decoder, keep = parts["text_decoder"], projector.caption_mask(inputs["ids"])
+        targets = decoder.class_of[inputs["ids"]]                                # CLIP ids -> head classes
+        logits = decoder(z, keep)                                                # (N, classes): real tokens only
+        ce = projector.text_reconstruction_loss(logits, targets, keep)
         kl = projector.kl_standard(mu, logvar)
         wrong = torch.zeros_like(keep)
-        wrong[keep] = logits.detach().argmax(-1) != ids[keep]
+        wrong[keep] = logits.detach().argmax(-1) != targets[keep]
         return dict(loss=ce + args.w_kl * kl, ce=ce, kl=kl, token_acc=1 - wrong.sum() / keep.sum(),
                     exact=(~wrong.any(1)).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
     out = flow_dit.flow_loss(parts["dit"], inputs["x0"], inputs["x1"], inputs["t"], inputs["null"])
@@ -412,7 +435,7 @@ def write_samples(ema, frozen, fixed, args, step, device):
     if args.stage == "text-ae":
         _, mu, _ = ema["projector"](frozen["clip"](fixed["ids"]))          # decode the mean latent
         lines = [f"{a}  ->  {b}" for a, b in zip(fixed["captions"],
-                                                 projector.detokenize(ema["text_decoder"](mu).argmax(-1)))]
+                                                 projector.detokenize(ema["text_decoder"].decode(mu)))]
     else:
         pipe = sample.FlowTokPipeline(frozen["clip"], None, None, frozen["tokenizer"], i2t_dit=ema["dit"],
                                       text_decoder=frozen["text_decoder"])
@@ -568,6 +591,11 @@ def main(args):
             raise TrainError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
         if world > 1:
             say(f"step {step}: weights identical on all {world} ranks")
+        if rank == 0 and args.stage == "tokenizer" and args.scale_factor == "auto" and scale_images is not None:
+            config["tokenizer"]["scale_factor"] = ema["tokenizer"].estimate_scale_factor(
+                scale_images, torch.Generator().manual_seed(0))
+            say(f"scale factor (1 / std of posterior samples of {len(scale_images)} images): "
+                f"{config['tokenizer']['scale_factor']:.4f}")
         if rank == 0:
             state = {"stage": args.stage, "args": vars(args), "config": config, "step": step,
                      "model": {k: v.state_dict() for k, v in objective.parts.items()},
@@ -576,7 +604,7 @@ def main(args):
                      "stats": {"skips": all_skips}}
             say(f"saved {save_checkpoint(state, args.out, step, args.keep)}")
 
-    stop, handlers = [], {}
+    scale_images, stop, handlers = None, [], {}
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):       # preemption: checkpoint, then exit
         handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
     try:
@@ -590,6 +618,8 @@ def main(args):
             model.train()
             for micro in range(args.accum):
                 batch = next(batches)
+                if scale_images is None and "image" in batch:       # a fixed batch for the scale estimate
+                    scale_images = batch["image"][:256].to(device)
                 skips.update(batch["skipped"])
                 inputs = prepare(batch, frozen, args, device)
                 accumulating = world > 1 and micro < args.accum - 1      # sync gradients on the last one only
@@ -797,6 +827,8 @@ def build_parser():
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
     p.add_argument("--dit-patch-size", type=int, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256")
+    p.add_argument("--scale-factor", default="auto", help="tokenizer stage: the flow-space scale recorded in the "
+                   "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
     p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default="ViT-L-14-336-quickgelu")
@@ -806,9 +838,12 @@ def build_parser():
     p.add_argument("--projector-ff", type=int, default=1024)
     p.add_argument("--projector-dropout", type=float, default=0.1)
     p.add_argument("--projector-patch-size", type=int, default=1, help="group this many CLIP tokens (CPU speed)")
+    p.add_argument("--align-hidden", type=int, default=512, help="hidden width of the alignment MLP (official 512)")
     p.add_argument("--decoder-width", type=int, default=768, help="TextDecoder width (text-ae)")
     p.add_argument("--decoder-depth", type=int, default=6)
     p.add_argument("--decoder-ff", type=int, default=3072)
+    p.add_argument("--decoder-vocab", choices=["all", "data"], default="all",
+                   help="TextDecoder classes: all 49408 CLIP ids, or only those in the training captions (fast)")
     # objective
     p.add_argument("--w-con", type=float, default=1.0, help="contrastive alignment weight (flow)")
     p.add_argument("--kl", choices=list(projector.KL_TERMS), default="official",
