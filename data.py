@@ -7,6 +7,7 @@ What this file offers
   format_skips(counts)                   skip counts -> "empty caption: 7, missing file: 5" for a log line
   expand_braces(pattern)                 "shard-{000..002}.tar" -> ["shard-000.tar", "shard-001.tar", ...]
   write_cache(dir, ...)                  what the pre-tokeniser calls; read back with the `cache:` spec
+  python data.py pretokenize --data SPEC --tokenizer RUN_OR_BIN --out DIR   (torchrun: one part per rank)
   the shapes world                       COLOURS, SHAPES, SIZES, POSITIONS, HELDOUT_PAIRS, caption_for,
                                          parse_caption, shapes_prompts, shapes_batch, analyse_shape, shape_accuracy
 
@@ -18,7 +19,7 @@ Data specs, `kind:path[,key=value...]`
   tar:/data/laion/shard-{000000..000099}.tar      webdataset layout: key.jpg|jpeg|png|webp + key.txt|key.json
   folder:/data/pets                               pets/**/cat.jpg captioned by pets/**/cat.txt
   shapes  or  shapes:split=novel,n=2000,seed=0    the built-in synthetic world (split: train|heldout|novel)
-  cache:/data/cc3m_cache                          pre-tokenised features written by write_cache
+  cache:/data/cc3m_cache                          pre-tokenised features (DIR or its part-* folders)
 random_crop and flip (build_dataset arguments, for tokenizer training) apply to image sources, not to shapes.
 
 Use

@@ -1179,9 +1179,12 @@ def speed_training(args, device, autocast):
     proj = TextProjector(clip_dim=width).to(device).train()
     dit, dit_name = _speed_dit(args)
     dit = dit.to(device).train()
+    dit.grad_checkpointing = args.grad_checkpointing           # the official trainer forces it on
+    if args.grad_checkpointing:
+        dit_name += " with gradient checkpointing"
     params = list(dit.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    from train import fused_if_available                       # the optimizer exactly as train.py builds it
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03, **fused_if_available(device))
     feats = torch.randn(b, 77, width, device=device)                           # frozen CLIP features
     x1 = torch.randn(b, 77, 16, device=device)                                 # flow-space image tokens
     t, null = torch.sigmoid(torch.randn(b, device=device)), torch.rand(b, device=device) < 0.1
@@ -1413,6 +1416,8 @@ def build_parser():
     speed.add_argument("--steps", type=sample.positive_int, default=20, help="Euler steps")
     speed.add_argument("--cfg", type=float, default=2.0, help="guidance scale (1: no unconditional branch)")
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
+    speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
+                       "(the official trainer's setting)")
     speed.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256")
     speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default="ViT-L-14-336-quickgelu")
     speed.add_argument("--repeats", type=sample.positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")

@@ -2288,3 +2288,34 @@ def test_readme_commands_are_valid_command_lines():
             parsers[words[script]]().parse_args(argv)
         except SystemExit:
             pytest.fail(f"README command does not parse: {' '.join(words)}")
+
+
+# ==========================================================================================================
+# The embedded demo
+# ==========================================================================================================
+
+def test_demo_preset_smoke_run(tmp_path):
+    """--preset demo --smoke: every stage for a few steps, the report, then sample.py on the result."""
+    out = tmp_path / "demo"
+    report = train.run_demo(train.build_parser().parse_args(["--preset", "demo", "--smoke", "--out", str(out)]))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["tokenizer_psnr_db"] == report["tokenizer_psnr_db"] > 12
+    for key in ("prompt_accuracy_cfg2", "prompt_accuracy_no_cfg", "novel_pair_accuracy_cfg2", "caption_accuracy"):
+        assert set(saved[key]) >= {"colour", "shape", "both", "size", "position"}
+        assert all(0 <= v <= 1 for v in saved[key].values())
+    assert saved["prompt_accuracy_cfg2"]["colour"] > 1 / 6 + 0.1          # above chance (6 colours)
+    assert saved["heldout_prompts"] == 25 and saved["samples_per_prompt"] == 1
+    assert set(saved["wall_time_s"]) == {"tokenizer", "pretokenize", "flow", "text-ae", "flow-i2t", "evaluation",
+                                         "total"}
+    assert (out / "heldout_grid.png").exists() and 0 <= saved["caption_cider_d"]
+    for stage in ("tokenizer", "flow", "text-ae", "flow-i2t"):
+        assert torch.load(out / stage / "last.pt", weights_only=True)["step"] == train.DEMO[stage][1]
+    # the README's next command works on the result
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out), "a large red circle on the left",
+                        "--out", str(tmp_path / "s"), "--steps", "4"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "s" / "00000_00.png").size == (32, 32)
+    # running it again finds every stage trained and only re-evaluates
+    again = train.run_demo(train.build_parser().parse_args(["--preset", "demo", "--smoke", "--out", str(out)]))
+    assert set(again["wall_time_s"]) == {"evaluation", "total", "pretokenize"}
+    assert again["prompt_accuracy_cfg2"] == report["prompt_accuracy_cfg2"]
