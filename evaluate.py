@@ -16,6 +16,8 @@
     python evaluate.py captions --ckpt runs/demo --karpathy-split dataset_coco.json --images coco/ --out eval/cap
     python evaluate.py captions --ckpt runs/i2t --karpathy-split dataset_coco.json --images coco/ --limit 100
     python evaluate.py captions --ckpt runs/i2t --captions-json annotations/captions_val2014.json --images val2014/
+    # tokenizer reconstruction: rFID, PSNR, SSIM of the first 50,000 images of a folder (ImageNet val at 256)
+    python evaluate.py rfid --tokenizer runs/tok --images imagenet/val --num-images 50000
     python evaluate.py speed --model XL --batch-size 64 --precision bf16 [--steps 20] [--train]
     python evaluate.py speed --model S --depth 1 --tokenizer-preset tiny --clip-tower tiny --batch-size 2  # seconds
 
@@ -1266,6 +1268,106 @@ def run_speed(args):
 # Commands
 # ----------------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer reconstruction: rFID, PSNR, SSIM
+# ----------------------------------------------------------------------------------------------------------------
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) of images in [0, 1], (B, C, H, W) -> (B,): an 11x11 Gaussian window
+    (sigma 1.5) at every valid position, K1 = 0.01, K2 = 0.03, data range 1; averaged over channels and positions."""
+    x, y = x.double(), y.double()
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - window // 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).to(x.device).expand(x.shape[1], 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=x.shape[1])           # noqa: E731  (valid positions only)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def psnr(x, y):
+    """PSNR in dB of images in [0, 1], (B, C, H, W) -> (B,)."""
+    return -10 * torch.log10(((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-20))
+
+
+def load_rfid_tokenizer(path, clip_weights, ema, device):
+    """-> (tokenizer, CLIP text encoder or None, description): our tokenizer run / checkpoint or an official .bin."""
+    import tokenizer as tokenizer_lib
+    from projector import CLIPTextEncoder
+    ours = path.endswith(".pt") or os.path.isdir(path)
+    with sample.user_errors(f"--tokenizer {path}"):
+        ckpt = sample.load_checkpoint(path) if ours else path
+        tok = tokenizer_lib.load_tokenizer(ckpt, ema=ema).to(device)
+    clip = None
+    if tok.config["text_guidance"]:
+        tower, weights = "ViT-L-14-336-quickgelu", clip_weights or "openai"        # the official tokenizers' CLIP
+        if ours:
+            tower = ckpt["config"]["clip"]["tower"]
+            weights = clip_weights or sample.resolve_path(ckpt["config"]["clip"]["weights"], ckpt["path"])
+        with sample.user_errors("the tokenizer's CLIP text tower"):
+            clip = CLIPTextEncoder(tower, weights).to(device)
+    what = (f"{ckpt['path']} step {ckpt['step']}, {'EMA' if ema else 'raw'} weights" if ours
+            else f"{path} (official FlowTiTok)")
+    return tok.eval(), clip, what
+
+
+def run_rfid(args):
+    """`rfid`: reconstruct an image folder with a tokenizer -> rFID, PSNR, SSIM (dict)."""
+    from projector import tokenize
+    files = image_files(args.images, recursive=True)[:args.num_images]
+    device = sample.pick_device(args.device)
+    tok, clip, what = load_rfid_tokenizer(args.tokenizer, args.clip_weights, not args.no_ema, device)
+    size = args.image_size or tok.image_size
+    net = load_inception(args.inception_weights).to(device)
+    if args.save_recon:
+        os.makedirs(args.save_recon, exist_ok=True)
+    real, fake, psnrs, ssims, captioned = FeatureStats(device=device), FeatureStats(device=device), [], [], 0
+    with full_fp32(), torch.inference_mode():
+        for start in tqdm(range(0, len(files), args.batch_size), desc="reconstructing", unit="batch"):
+            batch, captions = [], []
+            for f in files[start:start + args.batch_size]:
+                try:
+                    with Image.open(f) as im:
+                        batch.append(torch.from_numpy(np.array(resize_crop(im.convert("RGB"), size))))
+                except (OSError, ValueError):
+                    raise EvalError(f"{f}: unreadable image") from None
+                side = Path(f).with_suffix(".txt")          # text guidance: a same-name caption file, else ""
+                captions.append(side.read_text(errors="replace").strip() if side.is_file() else "")
+                captioned += bool(captions[-1])
+            images = torch.stack(batch).permute(0, 3, 1, 2).to(device)                         # (B, 3, S, S) uint8
+            text = clip(tokenize(captions)[0].to(device)) if clip is not None else None
+            mean, _ = tok.encode(images.float() / 255)
+            recon = (tok.decode(mean, text).clamp(0, 1) * 255).round().to(torch.uint8)        # as saved images are
+            for i, img in enumerate(recon if args.save_recon else []):
+                Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).save(
+                    os.path.join(args.save_recon, f"{start + i:06d}.png"))
+            a, b = recon.double() / 255, images.double() / 255
+            psnrs.append(psnr(a, b).cpu())
+            ssims.append(ssim(a, b).cpu())
+            real.update(net(preprocess(images, args.resize).to(device)))
+            fake.update(net(preprocess(recon, args.resize).to(device)))
+    if len(files) < MIN_FID_IMAGES:
+        print(f"warning: {len(files)} < {MIN_FID_IMAGES} images: the covariance is rank-deficient and the rFID "
+              f"unreliable (the usual protocol: the 50,000 ImageNet val images)", file=sys.stderr)
+    value = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+    result = dict(rfid=value, psnr=torch.cat(psnrs).mean().item(), ssim=torch.cat(ssims).mean().item(),
+                  images=len(files))
+    guidance = ("none (a decoder without text)" if clip is None else
+                f"same-name .txt captions ({captioned} found), the empty caption otherwise")
+    print(f"tokenizer:      {what}; decoded from the posterior mean\n"
+          f"images:         the first {len(files)} of {args.images} (sorted paths, subfolders included)\n"
+          f"preprocessing:  PIL bicubic, shorter side to {size}, centre crop {size}x{size}; reconstructions clamped "
+          f"to [0, 1] and rounded to uint8\n"
+          f"text guidance:  {guidance}\n"
+          f"FID:            reconstructions vs the {size}px originals, pytorch-fid InceptionV3, --resize {args.resize} "
+          f"to 299\n"
+          f"PSNR, SSIM:     per image on the uint8 images (SSIM: 11x11 Gaussian, sigma 1.5, valid positions), mean\n"
+          f"rFID {value:.4f}  PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}")
+    return result
+
+
 def run_fid(args):
     """`fid`: FID between REAL and FAKE (folders or .npz), or only write REAL's statistics; returns the FID."""
     paths = [p for p in (args.real, args.fake) if p is not None]
@@ -1334,6 +1436,8 @@ def main(args):
         return run_captions(args)
     if args.command == "speed":
         return run_speed(args)
+    if args.command == "rfid":
+        return run_rfid(args)
     raise EvalError(f"unknown command {args.command}")
 
 
@@ -1406,6 +1510,20 @@ def build_parser():
     cap.add_argument("--batch-size", type=sample.positive_int, default=64)
     cap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     cap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    rfid = sub.add_parser("rfid", help="tokenizer reconstruction: rFID, PSNR, SSIM on an image folder")
+    rfid.add_argument("--tokenizer", required=True, help="a tokenizer run / checkpoint, or FlowTiTok_256/512.bin")
+    rfid.add_argument("--images", required=True, help="an image folder (subfolders included), e.g. ImageNet val")
+    rfid.add_argument("--num-images", type=sample.positive_int, help="only the first N (sorted) images")
+    rfid.add_argument("--image-size", type=sample.positive_int, help="default: the tokenizer's (256 for bl77-256)")
+    rfid.add_argument("--clip-weights", help="a local open_clip file for the text guidance (default: the recorded "
+                      "one; 'openai' download for the official tokenizers)")
+    rfid.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights of our checkpoints")
+    rfid.add_argument("--save-recon", metavar="DIR", help="also write the reconstructions as PNGs")
+    rfid.add_argument("--inception-weights", metavar="FILE", help=f"local {FID_WEIGHTS_FILE}")
+    rfid.add_argument("--resize", choices=["bilinear", "tf", "clean"], default="bilinear", help="to 299")
+    rfid.add_argument("--batch-size", type=sample.positive_int, default=32)
+    rfid.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
     speed = sub.add_parser("speed", help="samples/s, per-stage time, FLOP/s and memory (random weights)")
     speed.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size")

@@ -1327,7 +1327,8 @@ import time  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--image-size", "32", "--clip-tower", "tiny", "--num-workers", "0", "--log-every", "1",
-        "--sample-every", "0", "--no-progress", "--projector-depth", "1", "--projector-ff", "64", "--seed", "0"]
+        "--sample-every", "0", "--no-progress", "--projector-depth", "1", "--projector-ff", "64", "--seed", "0",
+        "--w-perceptual", "0", "--w-gan", "0"]   # tokenizer stage: L2 + KL unless a test turns the others on
 
 
 def train_args(*argv):
@@ -1374,8 +1375,9 @@ def all_tensors(ckpt):
         elif isinstance(x, (list, tuple)):
             for i, v in enumerate(x):
                 walk(f"{prefix}.{i}", v)
-    for key in ("model", "ema", "optimizer", "scheduler"):
-        walk(key, ckpt[key])
+    for key in ("model", "ema", "optimizer", "scheduler", "discriminator"):
+        if key in ckpt:
+            walk(key, ckpt[key])
     return out
 
 
@@ -2011,7 +2013,7 @@ def test_speed_benchmark_tiny(train):
 
 I2T_TINY = ["--image-size", "32", "--clip-tower", "tiny", "--num-workers", "0", "--log-every", "50",
             "--sample-every", "0", "--no-progress", "--projector-depth", "1", "--projector-ff", "64", "--seed", "0",
-            "--global-batch", "6", "--warmup", "1"]
+            "--global-batch", "6", "--warmup", "1", "--w-perceptual", "0", "--w-gan", "0"]
 TAE_STEPS = 100   # converges with 5 of 5 seeds by 80 steps (~3 s): exact reconstruction of all 6 captions
 
 
@@ -2319,3 +2321,267 @@ def test_demo_preset_smoke_run(tmp_path):
     again = train.run_demo(train.build_parser().parse_args(["--preset", "demo", "--smoke", "--out", str(out)]))
     assert set(again["wall_time_s"]) == {"evaluation", "total", "pretokenize"}
     assert again["prompt_accuracy_cfg2"] == report["prompt_accuracy_cfg2"]
+
+
+# ==========================================================================================================
+# Tokenizer training: the one-stage TA-TiTok losses, rFID
+# ==========================================================================================================
+
+def test_discriminator_losses_known_answers():
+    real = torch.tensor([[2.0, 0.5], [-1.0, 1.0]])
+    fake = torch.tensor([[-2.0, 0.0], [0.5, -0.5]])
+    disc = tokenizer.PatchDiscriminator(width=32, lecam_decay=0.999)
+    disc.lecam_ema.copy_(torch.tensor([0.2, -0.1]))
+    d = disc.loss(real, fake, w_lecam=0.001)
+    # hinge: relu(1 - real) = 0, .5, 2, 0 (mean .625); relu(1 + fake) = 0, 1, 1.5, .5 (mean .75) -> (.625 + .75) / 2
+    assert d["hinge"].item() == pytest.approx(0.6875, abs=1e-7)
+    # LeCAM: means .625 and -.5 -> relu(.625 - (-.1))^2 + relu(.2 - (-.5))^2 = .725^2 + .7^2
+    assert d["lecam"].item() == pytest.approx(1.015625, abs=1e-7)
+    assert d["loss"].item() == pytest.approx(0.6875 + 0.001 * 1.015625, abs=1e-7)
+    disc.update_lecam(real.mean(), fake.mean())
+    assert disc.lecam_ema.tolist() == pytest.approx([0.999 * 0.2 + 0.001 * 0.625, 0.999 * -0.1 + 0.001 * -0.5])
+    assert tokenizer.generator_gan_loss(fake).item() == pytest.approx(0.5)
+    assert tokenizer.lecam_loss(torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0)) == 0
+
+
+def test_blur_downsampling_and_discriminator_shapes():
+    blur = tokenizer.BlurDown()
+    impulse = torch.zeros(1, 1, 8, 8)
+    impulse[0, 0, 4, 4] = 1
+    out = blur(impulse)[0, 0] * 64                     # kernel [1, 3, 3, 1] x [1, 3, 3, 1] / 64, stride 2, pad 1
+    want = torch.zeros(4, 4)
+    want[1:3, 1:3] = torch.tensor([[1.0, 3.0], [3.0, 9.0]])
+    assert torch.allclose(out, want, atol=1e-6)
+    ones = blur(torch.ones(1, 2, 8, 8))
+    edge = torch.tensor([7 / 8, 1, 1, 7 / 8])          # one zero-padded row / column of the kernel at each border
+    assert ones.shape == (1, 2, 4, 4) and torch.allclose(ones, torch.outer(edge, edge).expand(1, 2, 4, 4))
+    for size in (32, 64):
+        assert tokenizer.PatchDiscriminator(width=32)(torch.rand(2, 3, size, size)).shape == (2, 1, 16, 16)
+    # conv5 3->128 | 3 x (conv3, GroupNorm): 128->128, 128->256, 256->512 | conv1 512->512, conv5 512->1
+    n = sum(p.numel() for p in tokenizer.PatchDiscriminator().parameters())
+    assert n == (3 * 25 + 1) * 128 + (128 * 9 + 3) * 128 + (128 * 9 + 3) * 256 + (256 * 9 + 3) * 512 + \
+        (512 + 1) * 512 + 512 * 25 + 1
+
+
+def test_adaptive_gan_weight_closed_form():
+    torch.manual_seed(0)
+    w, a, b = torch.randn(3, 3, requires_grad=True), torch.randn(3, 3), torch.randn(3, 3)
+    got = tokenizer.adaptive_gan_weight((w * a).sum(), 2 * (w * b).sum(), w)   # gradients a and 2b
+    assert got.item() == pytest.approx((a.norm() / (2 * b.norm() + 1e-4)).item(), rel=1e-6)
+    assert not got.requires_grad
+
+
+def test_no_decay_groups_follow_ta_titok():
+    tok = Tokenizer.from_preset("tiny")
+    exempt = {n for n, p in tok.named_parameters() if tokenizer.no_decay(n, p)}
+    assert {"encoder.latent_tokens", "decoder.mask_token", "encoder.ln_pre.weight", "decoder.conv_out.bias",
+            "decoder.text_guidance_positional_embedding", "encoder.patch_embed.weight"} <= exempt
+    assert "decoder.conv_out.weight" not in exempt and "encoder.transformer.0.attn.qkv.weight" not in exempt
+
+
+@pytest.fixture(scope="module")
+def perceptual_dir(tmp_path_factory):
+    """The three perceptual weight files, named and keyed like the standard downloads, with random weights."""
+    import torchvision
+    folder = tmp_path_factory.mktemp("perceptual")
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16().features.state_dict()
+    torch.save({f"features.{k}": v for k, v in vgg.items()}, folder / "vgg16-397923af.pth")
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lins, folder / "lpips_vgg_v0.1.pth")
+    torch.save(torchvision.models.convnext_small().state_dict(), folder / "convnext_small-0c510722.pth")
+    return folder
+
+
+def reference_lpips(features, lins, x, y):
+    """LPIPS written out from the paper: VGG16 activations at relu1_2 .. relu5_3, channel-normalised,
+    squared differences weighted per channel, averaged over positions, summed over the five layers."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps(img):
+        h, out = (img * 2 - 1 - shift) / scale, []
+        for i in range(30):
+            h = features[i](h.clone())
+            if i in (3, 8, 15, 22, 29):
+                out.append(h)
+        return out
+    total = 0
+    for fx, fy, w in zip(taps(x), taps(y), lins):
+        nx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        ny = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + ((nx - ny) ** 2 * w.view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+    return total
+
+
+def test_perceptual_loss_equals_a_second_construction(perceptual_dir):
+    import torchvision
+    net = tokenizer.load_perceptual(str(perceptual_dir))
+    torch.manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    vgg = torchvision.models.vgg16().features.eval()
+    vgg.load_state_dict({k[9:]: v for k, v in torch.load(perceptual_dir / "vgg16-397923af.pth").items()})
+    lins = [v.flatten() for v in torch.load(perceptual_dir / "lpips_vgg_v0.1.pth").values()]
+    convnext = torchvision.models.convnext_small().eval()
+    convnext.load_state_dict(torch.load(perceptual_dir / "convnext_small-0c510722.pth"))
+    with torch.no_grad():
+        lp = reference_lpips(vgg, lins, x, y)
+        assert torch.allclose(net.lpips(x, y), lp, rtol=1e-5, atol=1e-6)
+        mean, std = torch.tensor(tokenizer.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(tokenizer.IMAGENET_STD).view(
+            1, 3, 1, 1)
+        logits = [convnext((F.interpolate(v, size=224, mode="bilinear", antialias=True) - mean) / std) for v in (x, y)]
+        want = (lp.mean() + 0.1 * F.mse_loss(*logits)) / 1.1
+        assert net(x, y).item() == pytest.approx(want.item(), rel=1e-5)
+        assert net(x, x).item() == 0
+    net.train()                                      # stays in eval mode (no dropout, no stochastic depth)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    x.requires_grad_(True)
+    net(x, y).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_perceptual_weights_missing_or_offline(tmp_path, monkeypatch):
+    with pytest.raises(OSError, match="lpips_vgg_v0.1.pth is missing"):
+        (tmp_path / "partial").mkdir()
+        torch.save({}, tmp_path / "partial" / "vgg16-397923af.pth")
+        torch.save({}, tmp_path / "partial" / "convnext_small-0c510722.pth")
+        tokenizer.load_perceptual(str(tmp_path / "partial"))
+
+    def offline(url, dst, **kw):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(OSError, match="--perceptual-weights FOLDER"):
+        tokenizer.load_perceptual()
+    # training goes on without the term, and says so
+    out = tmp_path / "run"
+    run_train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=16", "--out", out, "--steps", 1, "--global-batch", 4, "--w-perceptual", 1.1)
+    log = (out / "log.txt").read_text()
+    assert "Training WITHOUT the perceptual term" in log and "losses: mse + 1e-06 kl;" in log
+    assert "perceptual" not in log.split("step 1/1")[1].split("\n")[0]
+    with pytest.raises(train.TrainError, match="is missing"):
+        run_train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+                  "shapes:n=16", "--out", tmp_path / "run2", "--steps", 1, "--global-batch", 4, "--w-perceptual", 1,
+                  "--perceptual-weights", tmp_path / "partial")
+
+
+def test_tokenizer_training_with_every_loss_reduces_error(perceptual_dir, tmp_path):
+    out = tmp_path / "tok"
+    run_train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=256", "--out", out, "--steps", 16, "--global-batch", 2, "--lr", 3e-3, "--warmup", 1,
+              "--schedule", "constant", "--ema", 0, "--w-perceptual", 1.1, "--perceptual-weights", perceptual_dir,
+              "--w-gan", 0.1, "--gan-start", 8, "--adaptive-gan", "--disc-width", 32)
+    log = (out / "log.txt").read_text()
+    assert "+ 1.1 perceptual + 0.1 adaptive gan from step 8" in log
+    last = log.split("step 16/16")[1]
+    for key in ("perceptual", "gan ", "gan_weight", "d_hinge", "d_lecam", "d_logits_real", "mse"):
+        assert key in last
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["discriminator"]["scheduler"]["last_epoch"] == 8                # stepped from step 8 on only
+    assert ck["discriminator"]["model"]["lecam_ema"].abs().min() > 0
+    images, _ = data.shapes_batch("heldout", list(range(32)), size=32)
+    clip = CLIPTextEncoder("tiny", str(out / "clip_text.safetensors"))
+    text = clip(projector.tokenize([""] * 32)[0])
+
+    def error(tok):
+        with torch.no_grad():
+            return F.mse_loss(tok.decode(tok.encode(images)[0], text), images).item()
+    torch.manual_seed(0)                                         # the run's initial weights (seed 0, rank 0)
+    before, after = error(Tokenizer(**ck["config"]["tokenizer"])), error(tokenizer.load_tokenizer(str(out / "last.pt")))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_gan_resume_after_sigkill_restores_both_optimizers_and_the_discriminator(tmp_path):
+    args = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data", "shapes:n=64",
+            "--global-batch", 4, "--lr", 1e-3, "--warmup", 1, "--w-gan", 0.1, "--gan-start", 2, "--disc-width", 32,
+            "--steps", 16, "--ckpt-every", 4)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_train(*args, "--out", whole)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *map(str, args), "--out", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "step_0000004.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= torch.load(killed / "last.pt", weights_only=True)["step"] < 16
+    run_train(*args, "--out", killed, "--resume")
+    whole, killed = torch.load(whole / "last.pt", weights_only=True), torch.load(killed / "last.pt", weights_only=True)
+    a, b = all_tensors(whole), all_tensors(killed)
+    assert any(k.startswith("discriminator.optimizer.state") for k in a) and a.keys() == b.keys()
+    assert "discriminator.model.lecam_ema" in a and whole["discriminator"]["scheduler"]["last_epoch"] == 14
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert whole["discriminator"]["scheduler"] == killed["discriminator"]["scheduler"]
+
+
+def test_tokenizer_fine_tunes_from_the_official_file(tmp_path):
+    folder = tmp_path / "official"
+    write_official_dir(folder)
+    out = tmp_path / "ft"
+    run_train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=16", "--out", out, "--steps", 1, "--global-batch", 4, "--lr", 0, "--schedule", "constant",
+              "--image-size", 64, "--init", folder / "FlowTiTok_512.bin")
+    official = load_official_tokenizer(str(folder / "FlowTiTok_512.bin")).state_dict()
+    mine = torch.load(out / "last.pt", weights_only=True)["model"]["tokenizer"]
+    assert mine["encoder.rope_cos"].shape[0] == 4 * official["encoder.rope_cos"].shape[0]   # 64 px: 4x the patches
+    same = [k for k in mine if "rope_" not in k]
+    assert len(same) > 20 and all(torch.equal(mine[k], official[k]) for k in same)
+    with pytest.raises(train.TrainError, match="does not fit --tokenizer-preset demo"):
+        run_train("--stage", "tokenizer", "--tokenizer-preset", "demo", "--clip-weights", "random", "--data",
+                  "shapes:n=16", "--out", tmp_path / "bad", "--steps", 1, "--init", folder / "FlowTiTok_512.bin")
+
+
+def reference_ssim(x, y):
+    """SSIM of two (C, H, W) float64 arrays from Wang et al.'s formulas, with scipy's 2D correlation."""
+    from scipy.signal import correlate2d
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    maps = []
+    for a, b in zip(x, y):
+        mu_a, mu_b = correlate2d(a, w, "valid"), correlate2d(b, w, "valid")
+        var_a = correlate2d(a * a, w, "valid") - mu_a ** 2
+        var_b = correlate2d(b * b, w, "valid") - mu_b ** 2
+        cov = correlate2d(a * b, w, "valid") - mu_a * mu_b
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        maps.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    return np.mean(maps)
+
+
+def test_ssim_and_psnr_known_answers():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 20)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert evaluate.ssim(x, x).tolist() == pytest.approx([1.0, 1.0])
+    got = evaluate.ssim(x, y)
+    for i in range(2):
+        assert got[i].item() == pytest.approx(reference_ssim(x[i].double().numpy(), y[i].double().numpy()), rel=1e-9)
+    assert evaluate.psnr(x, (x + 0.1).clamp(max=2)).tolist() == pytest.approx([20.0, 20.0])
+
+
+def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, fid_weights, tmp_path):
+    weights, _ = fid_weights
+    folder, originals = tmp_path / "images", tmp_path / "originals"
+    paths, captions = _shapes_pngs(folder / "sub", "heldout", list(range(12)))      # 40 px: resized to 32
+    (folder / "sub" / "000.txt").write_text(captions[0])
+    originals.mkdir()
+    for p in paths:
+        evaluate.resize_crop(Image.open(p).convert("RGB"), 32).save(originals / p.name)
+    args = evaluate.build_parser().parse_args([
+        "rfid", "--tokenizer", str(tiny_tokenizer), "--images", str(folder), "--inception-weights", str(weights),
+        "--save-recon", str(tmp_path / "recon"), "--batch-size", "5", "--device", "cpu"])
+    result = evaluate.main(args)
+    assert result["images"] == 12
+    recon = sorted((tmp_path / "recon").glob("*.png"))
+    a = torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in sorted(originals.glob("*.png"))])
+    b = torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in recon])
+    a, b = a.permute(0, 3, 1, 2).double() / 255, b.permute(0, 3, 1, 2).double() / 255
+    want_psnr = (-10 * torch.log10(((a - b) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+    assert result["psnr"] == pytest.approx(want_psnr, rel=1e-9)
+    assert result["ssim"] == pytest.approx(np.mean([reference_ssim(x.numpy(), y.numpy()) for x, y in zip(a, b)]),
+                                           rel=1e-9)
+    fid = evaluate.main(evaluate.build_parser().parse_args(
+        ["fid", str(originals), str(tmp_path / "recon"), "--inception-weights", str(weights), "--device", "cpu",
+         "--num-workers", "0"]))
+    assert result["rfid"] == pytest.approx(fid, rel=1e-6, abs=1e-6)

@@ -384,3 +384,187 @@ def load_strict(model, sd, what):
         lines += [f"  shape: {w}" for w in wrong]
         raise ValueError("\n".join(lines))
     model.load_state_dict(sd, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer training losses: the one-stage TA-TiTok recipe (train.py --stage tokenizer)
+#
+#   generator:      1.0 * MSE(x, x_hat) + 1.1 * perceptual + 1e-6 * KL + 0.1 * d_weight * (-mean D(x_hat))
+#                   (the GAN term from --gan-start, 200k steps; d_weight 1, or VQGAN's adaptive balance)
+#   perceptual:     (1.0 * LPIPS-VGG16(x, x_hat) + 0.1 * MSE of ConvNeXt-S ImageNet logits at 224 px) / 1.1
+#   discriminator:  1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))                       (hinge)
+#                   + 0.001 * (relu(mean D(x) - ema_fake)^2 + relu(ema_real - mean D(x_hat))^2)   (LeCAM)
+#                   where ema_real / ema_fake are EMAs (decay 0.999) of the batch-mean logits
+# ----------------------------------------------------------------------------------------------------------
+
+# the standard downloads (the first two are torchvision's ImageNet weights, the third LPIPS v0.1's linear heads)
+PERCEPTUAL_FILES = {
+    "vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "convnext_small-0c510722.pth": "https://download.pytorch.org/models/convnext_small-0c510722.pth",
+    "lpips_vgg_v0.1.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 (VGG16): unit-normalised features at relu1_2 .. relu5_3, squared differences, learned 1x1 weights."""
+
+    ENDS = (4, 9, 16, 23, 30)           # torchvision vgg16.features indices that end each of the five stages
+
+    def __init__(self):
+        import torchvision               # installed with open_clip; only the architecture is used, weights load below
+        super().__init__()
+        self.features = torchvision.models.vgg16().features[:30]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+
+    def forward(self, x, y):
+        """Images in [0, 1], (B, 3, H, W) each -> (B,) distances."""
+        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale                # both images in one pass
+        dist, start = 0.0, 0
+        for lin, end in zip(self.lins, self.ENDS):
+            h = self.features[start:end](h)
+            start = end
+            fx, fy = (h / (h.norm(dim=1, keepdim=True) + 1e-10)).chunk(2)       # unit length over channels
+            dist = dist + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))
+        return dist
+
+
+class PerceptualLoss(nn.Module):
+    """TA-TiTok's perceptual term: (w_lpips * LPIPS + w_convnext * MSE of ConvNeXt-S logits) / (w_lpips + w_convnext).
+
+    Always in eval mode and frozen; the official loss runs it in float32 (autocast off), as train.py does.
+    """
+
+    def __init__(self, w_lpips=1.0, w_convnext=0.1):
+        import torchvision
+        super().__init__()
+        self.w_lpips, self.w_convnext = w_lpips, w_convnext
+        self.lpips = LPIPS()
+        self.convnext = torchvision.models.convnext_small()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)      # dropout and stochastic depth stay off inside the training loop
+
+    def forward(self, x, y):
+        """Images in [0, 1] (B, 3, H, W) -> scalar loss."""
+        lpips = self.lpips(x, y).mean()
+        both = F.interpolate(torch.cat([x, y]), size=224, mode="bilinear", align_corners=False, antialias=True)
+        fx, fy = self.convnext((both - self.mean) / self.std).float().chunk(2)
+        return (self.w_lpips * lpips + self.w_convnext * F.mse_loss(fx, fy)) / (self.w_lpips + self.w_convnext)
+
+
+def load_perceptual(folder=None):
+    """PerceptualLoss with pretrained weights from `folder` (the three PERCEPTUAL_FILES), or from torch's hub
+    cache (folder None), downloading what is missing there. Raises OSError naming what could not be had."""
+    cache = folder is None
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints") if cache else folder
+    paths = {}
+    for name, url in PERCEPTUAL_FILES.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) and cache:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                torch.hub.download_url_to_file(url, path, progress=False)
+            except Exception as e:                     # offline, proxy, disk: say what to fetch by hand
+                raise OSError(f"could not download {url} ({type(e).__name__}); put {name} in a folder and pass "
+                              f"--perceptual-weights FOLDER") from None
+        if not os.path.isfile(path):
+            raise OSError(f"{path} is missing (download it from {url})")
+        paths[name] = path
+    read = lambda name: torch.load(paths[name], map_location="cpu", weights_only=True)   # noqa: E731
+    model = PerceptualLoss()
+    vgg = {k.removeprefix("features."): v for k, v in read("vgg16-397923af.pth").items()
+           if k.startswith("features.") and int(k.split(".")[1]) < 30}
+    lins = {}
+    for k, v in read("lpips_vgg_v0.1.pth").items():   # lin{i}.model.1.weight (with dropout) or lin{i}.model.0.weight
+        if k.startswith("lin") and k.endswith(".weight"):
+            lins[f"{k[3]}.weight"] = v
+    try:
+        model.lpips.features.load_state_dict(vgg)
+        model.lpips.lins.load_state_dict(lins)
+        model.convnext.load_state_dict(read("convnext_small-0c510722.pth"))
+    except RuntimeError as e:
+        raise OSError(f"the perceptual weights in {folder} do not fit: {str(e)[:300]}") from None
+    return model
+
+
+class BlurDown(nn.Module):
+    """Anti-aliased 2x down-sampling: a depthwise [1, 3, 3, 1] x [1, 3, 3, 1] / 64 blur with stride 2."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 64).view(1, 1, 4, 4), persistent=False)
+
+    def forward(self, x):
+        def pad(n):                      # TF "same" padding for kernel 4, stride 2: (0..3) split floor / ceil
+            total = max((math.ceil(n / 2) - 1) * 2 + 4 - n, 0)
+            return total // 2, total - total // 2
+        x = F.pad(x, [*pad(x.shape[-1]), *pad(x.shape[-2])])
+        return F.conv2d(x, self.kernel.expand(x.shape[1], -1, -1, -1), stride=2, groups=x.shape[1])
+
+
+class PatchDiscriminator(nn.Module):
+    """TA-TiTok's NLayer PatchGAN: conv5 -> 3 x [conv3, blur down 2x, GroupNorm(32), LeakyReLU 0.1] -> adaptive
+    max-pool to 16x16 -> conv1, LeakyReLU, conv5 -> logits (B, 1, 16, 16). Holds the LeCAM EMAs as a buffer."""
+
+    def __init__(self, width=128, stages=3, lecam_decay=0.999):
+        super().__init__()
+        self.config = dict(width=width, stages=stages, lecam_decay=lecam_decay)
+        self.lecam_decay = lecam_decay
+        act = lambda: nn.LeakyReLU(0.1)                                           # noqa: E731
+        chans = [width] + [width * 2 ** i for i in range(stages)]                 # 128, 128, 256, 512
+        self.block_in = nn.Sequential(nn.Conv2d(3, width, 5, padding=2), act())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), BlurDown(), nn.GroupNorm(32, c_out), act())
+            for c_in, c_out in zip(chans[:-1], chans[1:]))
+        self.pool = nn.AdaptiveMaxPool2d((16, 16))
+        self.to_logits = nn.Sequential(nn.Conv2d(chans[-1], chans[-1], 1), act(), nn.Conv2d(chans[-1], 1, 5, padding=2))
+        self.register_buffer("lecam_ema", torch.zeros(2))                         # EMAs of mean D(real), D(fake)
+
+    def forward(self, images):
+        """(B, 3, H, W) in [0, 1] -> patch logits (B, 1, 16, 16)."""
+        h = self.block_in(images)
+        for block in self.blocks:
+            h = block(h)
+        return self.to_logits(self.pool(h))
+
+    def loss(self, logits_real, logits_fake, w_lecam):
+        """Hinge loss + w_lecam * LeCAM against the EMAs (call update_lecam afterwards) -> dict of scalars."""
+        hinge = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+        lecam = lecam_loss(logits_real.mean(), logits_fake.mean(), self.lecam_ema[0], self.lecam_ema[1])
+        return dict(loss=hinge + w_lecam * lecam, hinge=hinge, lecam=lecam,
+                    logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
+
+    @torch.no_grad()
+    def update_lecam(self, mean_real, mean_fake):
+        """ema = decay * ema + (1 - decay) * batch mean (pass means averaged over all GPUs)."""
+        self.lecam_ema.lerp_(torch.stack([mean_real, mean_fake]).float(), 1 - self.lecam_decay)
+
+
+def lecam_loss(mean_real, mean_fake, ema_real, ema_fake):
+    """LeCAM regulariser (Tseng et al. 2021): relu(mean D(x) - ema_fake)^2 + relu(ema_real - mean D(x_hat))^2."""
+    return F.relu(mean_real - ema_fake) ** 2 + F.relu(ema_real - mean_fake) ** 2
+
+
+def generator_gan_loss(logits_fake):
+    """The generator's hinge-GAN term: -mean D(x_hat)."""
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
+    """VQGAN's balance: |d rec / d W| / (|d gan / d W| + 1e-4) at the decoder's last layer W, clamped to [0, 1e4]."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def no_decay(name, param):
+    """TA-TiTok's AdamW groups: no weight decay on biases, norms, gains, embeddings, latent and mask tokens."""
+    return param.ndim < 2 or any(s in name for s in ("ln", "bias", "latent_tokens", "mask_token", "embed", "norm",
+                                                     "gamma"))

@@ -1,7 +1,7 @@
 """Train FlowTok with plain PyTorch DDP: every stage, one entry point, runs that survive being killed.
 
 Stages (--stage):
-  tokenizer   the 1D image tokenizer (L2 + KL; text-guided decoder)                  -> runs/X/last.pt
+  tokenizer   the 1D image tokenizer, TA-TiTok's one-stage recipe: L2 + perceptual + KL + PatchGAN with LeCAM
   flow        text -> image: DiT + text projector + alignment MLP on a frozen tokenizer and frozen CLIP
   text-ae     the text autoencoder of image-to-text: text projector + TextDecoder (token cross-entropy + KL)
   flow-i2t    image -> text: the same DiT and flow, from image tokens to the frozen text autoencoder's latents
@@ -16,13 +16,17 @@ Stages (--stage):
   # 2 nodes x 8 GPUs (run on both nodes, NODE_RANK 0 and 1)
   torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 --nproc_per_node 8 \\
       train.py --stage flow --model XL ... --batch-size 128 --out runs/xl
+  # the image tokenizer (8 GPUs x 32), or fine-tuning the released one (--init FlowTiTok_512.bin)
+  torchrun --nproc_per_node 8 train.py --stage tokenizer --tokenizer-preset bl77-256 --data tar:/data/{00000..09999}.tar \\
+      --batch-size 32 --out runs/tok
   # after a crash, a kill or a preemption: the same command plus --resume continues exactly
   python train.py ... --out runs/xl --resume
 
 Checkpoints (one schema for every stage; tensors and plain types only, read with weights_only=True):
   {"stage", "args", "config": {part: constructor kwargs, "clip": {...}, "tokenizer"/"text_ae": path},
    "step", "model": {part: state_dict}, "ema": {part: state_dict}, "optimizer", "scheduler",
-   "rng": [per-rank RNG states], "data_state": [per-rank loader states], "stats": {counters}}
+   "rng": [per-rank RNG states], "data_state": [per-rank loader states], "stats": {counters},
+   "discriminator": {"model", "optimizer", "scheduler", "config"} (tokenizer stage with a GAN term only)}
 written by rank 0 to a temporary file and renamed (atomic): out/step_XXXXXXX.pt, rotated, and out/last.pt.
 
 Randomness is drawn per sample from the data stream (data.py: seeded by stream position), so a run resumed
@@ -65,7 +69,8 @@ T = 77 * 16   # elements of one 77x16 latent
 # per stage: the official (or closest public) recipe; every value is one flag away
 STAGE_DEFAULTS = {
     "tokenizer": dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
-                      ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000),
+                      ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
+                      w_gan=0.1, gan_start=200_000, random_crop=True, flip=True),
     "flow": dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
                  ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000),
     "text-ae": dict(lr=2e-4, weight_decay=0.03, beta2=0.95, warmup=2000, schedule="constant", min_lr=0.0,
@@ -79,7 +84,7 @@ NOISE = {"tokenizer": dict(img=T), "flow": dict(img=T, txt=T, t=1, null=1), "tex
 # arguments a resumed run must share with the run it continues
 RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
                 "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
-                "projector_patch_size", "decoder_width", "decoder_depth", "seed")
+                "projector_patch_size", "decoder_width", "decoder_depth", "disc_width", "seed")
 
 
 # The embedded demo (--preset demo): the whole FlowTok pipeline on the built-in shapes world, on a laptop CPU.
@@ -88,7 +93,8 @@ RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "token
 # is random (no download). Two departures from the official recipe, both because the world has only 200 captions:
 # the KL weight is 1e-5 instead of 0.01 (the official weight holds sigma at 1 and drowns the caption signal of z in
 # noise: 16% prompt accuracy after 1000 steps against 74%), and captions repeated in a batch are all positives of
-# the contrastive loss (--caption-groups). The tokenizer and the text autoencoder train without KL: sharp, nearly
+# the contrastive loss (--caption-groups). The tokenizer trains on L2 alone (no perceptual weights offline; the
+# GAN term only sharpens textures the shapes do not have), and the tokenizer and the text autoencoder train without KL: sharp, nearly
 # deterministic latents make the easiest flow targets here (a KL of 1e-6 on the text autoencoder lowered caption
 # accuracy), and the demo never samples from the priors.
 DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
@@ -101,11 +107,12 @@ DEMO_FLOW = ["--model", "demo", "--dit-patch-size", "7", "--global-batch", "128"
 DEMO = {   # stage -> (steps, steps with --smoke, arguments); {out} is the demo folder
     "tokenizer": (2000, 150, ["--tokenizer-preset", "demo", "--clip-weights", "random", "--data", "shapes:n=20000",
                               "--global-batch", "64", "--lr", "2e-3", "--schedule", "cosine", "--min-lr", "0",
-                              "--w-kl", "0"]),
+                              "--w-kl", "0", "--w-perceptual", "0", "--w-gan", "0", "--no-random-crop",
+                              "--no-flip"]),
     "flow": (1800, 150, [*DEMO_FLOW, *DEMO_TEXT, "--caption-groups", "--w-kl", "1e-5", "--align-hidden", "128"]),
-    "text-ae": (200, 100, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
+    "text-ae": (300, 100, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
                            "--decoder-vocab", "data", "--global-batch", "128", "--lr", "1e-3", "--w-kl", "0"]),
-    "flow-i2t": (1000, 60, [*DEMO_FLOW, *DEMO_TEXT[-4:], "--text-ae", "{out}/text-ae"]),
+    "flow-i2t": (1000, 60, [*DEMO_FLOW, *DEMO_TEXT[-4:], "--text-ae", "{out}/text-ae", "--lr", "3e-3"]),
 }
 DEMO_CACHE = 8000          # pre-encoded training images for the flow stages (1024 with --smoke)
 
@@ -351,16 +358,38 @@ def prepare(batch, frozen, args, device):
     return inputs
 
 
-def stage_loss(parts, inputs, args, gather=None):
+def tokenizer_loss(tok, inputs, args, helpers):
+    """The one-stage TA-TiTok objective (formulas in tokenizer.py): MSE + perceptual + KL + GAN generator term."""
+    images = inputs["images"]
+    mean, logvar = tok.encode(images)
+    recon = tok.decode(mean + torch.exp(0.5 * logvar) * inputs["eps"], inputs["clip"]).float()
+    mse = F.mse_loss(recon, images)
+    kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()                # summed over tokens, batch mean
+    out = dict(mse=mse, kl=kl, psnr=-10 * torch.log10(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
+    rec = mse
+    if helpers.get("perceptual") is not None:
+        with torch.autocast(images.device.type, enabled=False):               # float32, as the official loss
+            out["perceptual"] = helpers["perceptual"](recon, images)
+        rec = rec + args.w_perceptual * out["perceptual"]
+    loss = rec + args.w_kl * kl
+    if inputs.get("gan"):                                                      # from --gan-start on
+        disc = helpers["discriminator"]
+        disc.requires_grad_(False)                # this term trains the tokenizer; D learns in its own step
+        with torch.autocast(images.device.type, enabled=False):
+            out["gan"] = tokenizer_lib.generator_gan_loss(disc(recon))
+        disc.requires_grad_(True)
+        weight = args.w_gan * (tokenizer_lib.adaptive_gan_weight(rec, out["gan"], tok.decoder.conv_out.weight)
+                               if args.adaptive_gan else 1.0)
+        out["gan_weight"] = torch.as_tensor(weight, dtype=torch.float32)
+        loss = loss + weight * out["gan"]
+    out.update(loss=loss, recon=recon.detach())   # recon: the discriminator's fakes (popped by the loop)
+    return out
+
+
+def stage_loss(parts, inputs, args, gather=None, helpers=None):
     """The stage's objective -> dict of scalars ("loss" is what backward sees)."""
     if args.stage == "tokenizer":
-        tok = parts["tokenizer"]
-        mean, logvar = tok.encode(inputs["images"])
-        recon = tok.decode(mean + torch.exp(0.5 * logvar) * inputs["eps"], inputs["clip"])
-        mse = F.mse_loss(recon.float(), inputs["images"])
-        kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()            # summed over tokens, batch mean
-        return dict(loss=mse + args.w_kl * kl, mse=mse, kl=kl, psnr=-10 * torch.log10(mse.detach()),
-                    sigma=torch.exp(0.5 * logvar.detach()).mean())
+        return tokenizer_loss(parts["tokenizer"], inputs, args, helpers or {})
     if args.stage == "flow":
         out = flow_dit.flowtok_loss(parts["dit"], parts["projector"], inputs["clip"], inputs["x1"], inputs["t"],
                                     inputs["null"], inputs["eps"], args.w_con, args.w_kl, args.kl,
@@ -389,9 +418,61 @@ class Objective(nn.Module):
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self.args, self.gather = args, gather
+        self.helpers = {}         # frozen perceptual net, discriminator: a plain dict, so DDP does not sync them
 
     def forward(self, inputs):
-        return stage_loss(self.parts, inputs, self.args, self.gather)
+        return stage_loss(self.parts, inputs, self.args, self.gather, self.helpers)
+
+
+def param_groups(objective, args):
+    """AdamW groups: the tokenizer recipe exempts biases, norms, embeddings and tokens from weight decay; the
+    official FlowTok stages decay every parameter."""
+    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    if args.stage != "tokenizer":
+        return [p for _, p in named]
+    return [{"params": [p for n, p in named if tokenizer_lib.no_decay(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not tokenizer_lib.no_decay(n, p)]}]
+
+
+def build_perceptual(args, device, rank, world, say):
+    """The frozen perceptual network, or None (with a warning) when --perceptual-weights auto finds none."""
+    if args.w_perceptual <= 0 or args.perceptual_weights == "none":
+        return None
+    folder = None if args.perceptual_weights == "auto" else args.perceptual_weights
+    for turn in range(2 if world > 1 else 1):        # rank 0 downloads first, the others read its files
+        if (rank == 0) == (turn == 0):
+            try:
+                net = tokenizer_lib.load_perceptual(folder).to(device)
+            except OSError as e:
+                if folder is not None:
+                    raise TrainError(f"--perceptual-weights {folder}: {e}") from None
+                net = None
+                say(f"warning: {e}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
+        if world > 1:
+            dist.barrier()
+    return net
+
+
+def init_weights(parts, args):
+    """--init: the trained parts from another run; for the tokenizer stage also any tokenizer checkpoint,
+    the official FlowTiTok_256/512.bin included (fine-tuning; RoPE tables follow this run's image size)."""
+    if args.stage != "tokenizer":
+        init = sample.load_checkpoint(args.init)
+        for name, m in parts.items():
+            m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
+        return
+    try:
+        src = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema).state_dict()
+    except (ValueError, OSError, RuntimeError) as e:
+        raise TrainError(f"--init {args.init}: {e}") from None
+    own = parts["tokenizer"].state_dict()
+    keys = [k for k in own if "rope_" not in k]
+    wrong = [k for k in keys if k not in src or src[k].shape != own[k].shape]
+    if wrong:
+        raise TrainError(f"--init {args.init} does not fit --tokenizer-preset {args.tokenizer_preset}: "
+                         + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
+                                     f"{tuple(own[k].shape)}" for k in wrong[:5]))
+    parts["tokenizer"].load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
 def autocast(args, device):
@@ -399,12 +480,12 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def lr_factor(step, args):
+def lr_factor(step, args, steps=None):
     """Linear warm-up over args.warmup steps (the first update already moves), then constant or cosine."""
     warm = min((step + 1) / max(args.warmup, 1), 1.0)
     if args.schedule == "constant" or step < args.warmup:
         return warm
-    progress = min((step - args.warmup) / max(args.steps - args.warmup, 1), 1.0)
+    progress = min((step - args.warmup) / max((steps or args.steps) - args.warmup, 1), 1.0)
     floor = args.min_lr / args.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -475,6 +556,8 @@ def fill_defaults(args, world):
             setattr(args, k, v)
     if args.w_kl is None:
         args.w_kl = projector.KL_TERMS[args.kl][1]
+    for k in ("random_crop", "flip", "w_perceptual", "w_gan", "gan_start"):    # tokenizer-only knobs elsewhere
+        setattr(args, k, getattr(args, k) or type(STAGE_DEFAULTS["tokenizer"][k])())
     if args.batch_size is None:
         if args.global_batch % world:
             raise TrainError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
@@ -539,16 +622,29 @@ def main(args):
                 if hasattr(sub, "grad_checkpointing"):
                     sub.grad_checkpointing = True
     if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
-        init = sample.load_checkpoint(args.init)
-        for name, m in parts.items():
-            m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
+        init_weights(parts, args)
     gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
     objective = Objective(parts, args, gather)
     ema = copy.deepcopy(objective.parts).eval().requires_grad_(False)
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay, **fused_if_available(device))
+    betas, fused = (args.beta1, args.beta2), fused_if_available(device)
+    optimizer = torch.optim.AdamW(param_groups(objective, args), lr=args.lr, betas=betas,
+                                  weight_decay=args.weight_decay, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
+    disc = disc_model = None                       # the tokenizer's PatchGAN: own optimizer, own schedule
+    if args.stage == "tokenizer":
+        objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, say)
+        if args.w_gan > 0:
+            disc = tokenizer_lib.PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
+            objective.helpers["discriminator"] = disc
+            groups = [{"params": [p for n, p in disc.named_parameters() if tokenizer_lib.no_decay(n, p)],
+                       "weight_decay": 0.0},
+                      {"params": [p for n, p in disc.named_parameters() if not tokenizer_lib.no_decay(n, p)]}]
+            disc_opt = torch.optim.AdamW(groups, lr=args.disc_lr or args.lr, betas=betas,
+                                         weight_decay=args.weight_decay, **fused)
+            # the official schedule: warm-up and cosine over the steps after --gan-start, stepped only then
+            disc_sched = torch.optim.lr_scheduler.LambdaLR(
+                disc_opt, lambda s: lr_factor(s, args, steps=max(args.steps - args.gan_start, 1)))
     try:
         source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
                                     flip=args.flip)
@@ -564,6 +660,10 @@ def main(args):
             ema[name].load_state_dict(ckpt["ema"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if disc is not None and "discriminator" in ckpt:
+            disc.load_state_dict(ckpt["discriminator"]["model"])
+            disc_opt.load_state_dict(ckpt["discriminator"]["optimizer"])
+            disc_sched.load_state_dict(ckpt["discriminator"]["scheduler"])
         step = ckpt["step"]
         mine = min(rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
         loader.load_state_dict(ckpt["data_state"][mine])
@@ -574,6 +674,11 @@ def main(args):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
+        if disc is not None:
+            disc_model = nn.parallel.DistributedDataParallel(
+                disc, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+    if disc_model is None:
+        disc_model = disc
     if args.compile:
         model = torch.compile(model)
 
@@ -581,6 +686,12 @@ def main(args):
         f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
         f"samples); global batch {args.global_batch} = {args.batch_size} x {world} GPUs x {args.accum} "
         f"accumulation; {args.precision}; {device}")
+    if args.stage == "tokenizer":
+        say(f"losses: mse + {args.w_kl:g} kl"
+            + (f" + {args.w_perceptual:g} perceptual" if objective.helpers["perceptual"] is not None else "")
+            + (f" + {args.w_gan:g}{' adaptive' if args.adaptive_gan else ''} gan from step {args.gan_start} "
+               f"(PatchGAN {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M, LeCAM {args.w_lecam:g})"
+               if disc is not None else "") + f"; random crop {args.random_crop}, flip {args.flip}")
     if args.clip_weights == "random":
         say("note: the CLIP text tower is randomly initialised (untrained): it hashes captions into features, it "
             "does not understand them")
@@ -591,7 +702,7 @@ def main(args):
         """Gather every rank's RNG, data position and skip counts; rank 0 writes."""
         rngs, positions = gather_objects(rng_state(), world), gather_objects(loader.state_dict(), world)
         all_skips = gather_objects(dict(skips), world)
-        sums = gather_objects(weight_checksum(objective.parts), world)
+        sums = gather_objects(weight_checksum(objective.parts) + (weight_checksum(disc) if disc else []), world)
         if any(c != sums[0] for c in sums):    # DDP keeps replicas identical; anything else is a bug to stop on
             raise TrainError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
         if world > 1:
@@ -607,6 +718,9 @@ def main(args):
                      "ema": {k: v.state_dict() for k, v in ema.items()}, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rngs, "data_state": positions,
                      "stats": {"skips": all_skips}}
+            if disc is not None:
+                state["discriminator"] = {"model": disc.state_dict(), "optimizer": disc_opt.state_dict(),
+                                          "scheduler": disc_sched.state_dict(), "config": disc.config}
             say(f"saved {save_checkpoint(state, args.out, step, args.keep)}")
 
     scale_images, stop, handlers = None, [], {}
@@ -621,15 +735,20 @@ def main(args):
         sums, n_steps, bad_in_a_row, t_log, seen = Counter(), 0, 0, time.time(), 0
         while step < args.steps:
             model.train()
+            gan_on, fakes = disc is not None and step >= args.gan_start, []
             for micro in range(args.accum):
                 batch = next(batches)
                 if scale_images is None and "image" in batch:       # a fixed batch for the scale estimate
                     scale_images = batch["image"][:256].to(device)
                 skips.update(batch["skipped"])
                 inputs = prepare(batch, frozen, args, device)
+                inputs["gan"] = gan_on
                 accumulating = world > 1 and micro < args.accum - 1      # sync gradients on the last one only
                 with model.no_sync() if accumulating else contextlib.nullcontext(), autocast(args, device):
                     out = model(inputs)
+                recon = out.pop("recon", None)
+                if gan_on:
+                    fakes.append((inputs["images"], recon))
                 (out["loss"] / args.accum).backward()
                 seen += len(batch["ids"])
                 for k, v in out.items():
@@ -649,6 +768,28 @@ def main(args):
                                      f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            for micro, (real, fake) in enumerate(fakes):     # the discriminator's step on this step's fakes
+                accumulating = world > 1 and micro < len(fakes) - 1
+                with disc_model.no_sync() if accumulating else contextlib.nullcontext():
+                    logits_real, logits_fake = disc_model(torch.cat([real, fake])).float().chunk(2)  # one pass
+                    d = disc.loss(logits_real, logits_fake, args.w_lecam)
+                (d["loss"] / args.accum).backward()
+                means = torch.stack([d["logits_real"], d["logits_fake"]])
+                if world > 1:                          # the LeCAM EMAs follow the global means: equal on all ranks
+                    dist.all_reduce(means)
+                    means /= world
+                disc.update_lecam(*means)
+                for k, v in d.items():
+                    sums["d_" + k] += v.detach().float() / args.accum
+            if fakes:
+                dnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(),
+                                                       args.grad_clip if args.grad_clip > 0 else float("inf"))
+                if torch.isfinite(dnorm):
+                    disc_opt.step()
+                else:
+                    skips["non-finite discriminator step"] += 1
+                disc_opt.zero_grad(set_to_none=True)
+                disc_sched.step()
             step += 1
             n_steps += 1
             if bar is not None:
@@ -826,8 +967,10 @@ def build_parser():
     p.add_argument("--init", help="initialise the trained parts from another run's checkpoint (not its optimizer)")
     p.add_argument("--init-from-ema", action="store_true", help="with --init: take the EMA weights")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--random-crop", action="store_true", help="random square crops (tokenizer training)")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips (tokenizer training)")
+    p.add_argument("--random-crop", action=argparse.BooleanOptionalAction,
+                   help="random square crops (default: on for the tokenizer stage)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips (default: on for the tokenizer stage)")
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
     p.add_argument("--dit-patch-size", type=int, default=1, help="group this many latent tokens per DiT token")
@@ -857,6 +1000,17 @@ def build_parser():
     p.add_argument("--cfg-prob", type=float, default=0.1, help="fraction of samples trained unconditionally")
     p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
     p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
+    # tokenizer stage: the one-stage TA-TiTok losses (tokenizer.py)
+    p.add_argument("--w-perceptual", type=float, help="perceptual weight (tokenizer default 1.1; 0: off)")
+    p.add_argument("--perceptual-weights", default="auto", help="'auto' (torch hub cache, downloading what is "
+                   "missing; offline: a warning and the term off), a folder with the three files, or 'none'")
+    p.add_argument("--w-gan", type=float, help="GAN generator weight (tokenizer default 0.1; 0: no discriminator)")
+    p.add_argument("--gan-start", type=int, help="step at which the GAN terms start (tokenizer default 200000)")
+    p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
+    p.add_argument("--w-lecam", type=float, default=0.001, help="LeCAM regularisation weight")
+    p.add_argument("--lecam-decay", type=float, default=0.999, help="EMA decay of LeCAM's mean logits")
+    p.add_argument("--disc-width", type=int, default=128, help="PatchGAN base channels")
+    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
     p.add_argument("--steps", type=int)
     p.add_argument("--global-batch", type=int)
