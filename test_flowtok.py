@@ -1457,8 +1457,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, tmp_path, monkeypatch):
     real_loss, calls = train.stage_loss, []
 
-    def poisoned(parts, inputs, args, gather=None):
-        out = real_loss(parts, inputs, args, gather)
+    def poisoned(parts, inputs, args, gather=None, helpers=None):
+        out = real_loss(parts, inputs, args, gather, helpers)
         calls.append(1)
         if len(calls) in poison:
             out["loss"] = out["loss"] * float("nan")

@@ -93,8 +93,9 @@ RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "token
 # is random (no download). Two departures from the official recipe, both because the world has only 200 captions:
 # the KL weight is 1e-5 instead of 0.01 (the official weight holds sigma at 1 and drowns the caption signal of z in
 # noise: 16% prompt accuracy after 1000 steps against 74%), and captions repeated in a batch are all positives of
-# the contrastive loss (--caption-groups). The tokenizer trains on L2 alone (no perceptual weights offline; the
-# GAN term only sharpens textures the shapes do not have), and the tokenizer and the text autoencoder train without KL: sharp, nearly
+# the contrastive loss (--caption-groups). The tokenizer trains on L2 alone: no perceptual weights offline, and the
+# GAN term at the recipe's fixed weight 0.1 swamps an L2 of 1e-3 (held-out PSNR 22.3 dB against 31.7 dB after the
+# same 2000 steps, GAN on for the last 600). The tokenizer and the text autoencoder train without KL: sharp, nearly
 # deterministic latents make the easiest flow targets here (a KL of 1e-6 on the text autoencoder lowered caption
 # accuracy), and the demo never samples from the priors.
 DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
