@@ -17,8 +17,8 @@ Stages (--stage):
   torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 --nproc_per_node 8 \\
       train.py --stage flow --model XL ... --batch-size 128 --out runs/xl
   # the image tokenizer (8 GPUs x 32), or fine-tuning the released one (--init FlowTiTok_512.bin)
-  torchrun --nproc_per_node 8 train.py --stage tokenizer --tokenizer-preset bl77-256 --data tar:/data/{00000..09999}.tar \\
-      --batch-size 32 --out runs/tok
+  torchrun --nproc_per_node 8 train.py --stage tokenizer --tokenizer-preset bl77-256 \\
+      --data tar:/data/{00000..09999}.tar --batch-size 32 --out runs/tok
   # after a crash, a kill or a preemption: the same command plus --resume continues exactly
   python train.py ... --out runs/xl --resume
 
@@ -95,10 +95,11 @@ RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "token
 # noise: 16% prompt accuracy after 1000 steps against 74%), and captions repeated in a batch are all positives of
 # the contrastive loss (--caption-groups). The tokenizer trains on L2 alone: no perceptual weights offline, and the
 # GAN term at the recipe's fixed weight 0.1 swamps an L2 of 1e-3 (held-out PSNR 22.3 dB against 31.7 dB after the
-# same 2000 steps, GAN on for the last 600). The tokenizer and the text autoencoder train without KL: sharp, nearly
-# deterministic latents make the easiest flow targets here (a KL of 1e-6 on the text autoencoder lowered caption
-# accuracy), and the demo never samples from the priors. The text autoencoder also drops dropout: on a CPU it cost
-# a third of that stage's time, and captions came out better without it (93.8% against 91.4%).
+# same 2000 steps, GAN on for the last 600; with --adaptive-gan 31.8 dB at 4x the step time). The tokenizer and the
+# text autoencoder train without KL: sharp, nearly deterministic latents make the easiest flow targets here (a KL of
+# 1e-6 on the text autoencoder lowered caption accuracy), and the demo never samples from the priors. The text
+# autoencoder also drops dropout: on a CPU it cost a third of that stage's time, and captions came out better
+# without it (93.8% against 91.4%).
 DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
                "--ckpt-every", "250", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.99",
                "--ema", "0.99"]
