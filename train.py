@@ -428,12 +428,10 @@ class Objective(nn.Module):
         return stage_loss(self.parts, inputs, self.args, self.gather, self.helpers)
 
 
-def param_groups(objective, args):
-    """AdamW groups: the tokenizer recipe exempts biases, norms, embeddings and tokens from weight decay; the
-    official FlowTok stages decay every parameter."""
-    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
-    if args.stage != "tokenizer":
-        return [p for _, p in named]
+def decay_groups(module):
+    """AdamW groups of the tokenizer recipe (tokenizer and discriminator): no decay on biases, norms, embeddings,
+    tokens. The official FlowTok stages decay every parameter and use plain parameter lists."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if tokenizer_lib.no_decay(n, p)], "weight_decay": 0.0},
             {"params": [p for n, p in named if not tokenizer_lib.no_decay(n, p)]}]
 
@@ -632,8 +630,8 @@ def main(args):
     ema = copy.deepcopy(objective.parts).eval().requires_grad_(False)
     params = [p for p in objective.parameters() if p.requires_grad]
     betas, fused = (args.beta1, args.beta2), fused_if_available(device)
-    optimizer = torch.optim.AdamW(param_groups(objective, args), lr=args.lr, betas=betas,
-                                  weight_decay=args.weight_decay, **fused)
+    groups = decay_groups(objective) if args.stage == "tokenizer" else params
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     disc = disc_model = None                       # the tokenizer's PatchGAN: own optimizer, own schedule
     if args.stage == "tokenizer":
@@ -641,10 +639,7 @@ def main(args):
         if args.w_gan > 0:
             disc = tokenizer_lib.PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
             objective.helpers["discriminator"] = disc
-            groups = [{"params": [p for n, p in disc.named_parameters() if tokenizer_lib.no_decay(n, p)],
-                       "weight_decay": 0.0},
-                      {"params": [p for n, p in disc.named_parameters() if not tokenizer_lib.no_decay(n, p)]}]
-            disc_opt = torch.optim.AdamW(groups, lr=args.disc_lr or args.lr, betas=betas,
+            disc_opt = torch.optim.AdamW(decay_groups(disc), lr=args.disc_lr or args.lr, betas=betas,
                                          weight_decay=args.weight_decay, **fused)
             # the official schedule: warm-up and cosine over the steps after --gan-start, stepped only then
             disc_sched = torch.optim.lr_scheduler.LambdaLR(
