@@ -77,6 +77,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import tarfile
 import warnings
 import zlib
@@ -87,7 +88,9 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 from tqdm import tqdm
 
-from projector import tokenize
+import tokenizer as tokenizer_lib
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, resolve_path, run_cli,
+                       tokenize)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -548,11 +551,11 @@ HELDOUT_PAIRS = (("red", "triangle"), ("green", "diamond"), ("blue", "circle"), 
 SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 SPLITS = ("train", "heldout", "novel")
 
-_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)  # per COLOURS
-_RADIUS = np.array([0.20, 0.28], np.float32)  # per SIZES, fraction of the image side
-_CENTRE = np.array([[0.33, 0.5], [0.67, 0.5], [0.5, 0.33], [0.5, 0.67], [0.5, 0.5]], np.float32)  # (x, y) per POSITIONS
+RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)  # per COLOURS
+RADIUS = np.array([0.20, 0.28], np.float32)  # per SIZES, fraction of the image side
+CENTRE = np.array([[0.33, 0.5], [0.67, 0.5], [0.5, 0.33], [0.5, 0.67], [0.5, 0.5]], np.float32)  # (x, y) per POSITIONS
 _WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")  # per POSITIONS
-_AREA = (np.pi, 4 * 0.85 ** 2, 0.75 * np.sqrt(3) * 1.1 ** 2, 2 * 1.1 ** 2)  # shape area / radius^2, per SHAPES
+AREA = (np.pi, 4 * 0.85 ** 2, 0.75 * np.sqrt(3) * 1.1 ** 2, 2 * 1.1 ** 2)  # shape area / radius^2, per SHAPES
 _CAPTION = re.compile(rf"an? ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(_WHERE)})")
 
 
@@ -600,10 +603,10 @@ def _shape_params(split, indices, seed):
          "shape": np.array([SHAPES.index(pairs[k][1]) for k in pair], int),
          "size": (u[:, 1] * len(SIZES)).astype(int),
          "position": (u[:, 2] * len(POSITIONS)).astype(int)}
-    p["rgb"] = np.clip(_RGB[p["colour"]] + (u[:, 3:6] - 0.5) * 0.2, 0, 1)  # (n, 3) saturated, +-0.1
+    p["rgb"] = np.clip(RGB[p["colour"]] + (u[:, 3:6] - 0.5) * 0.2, 0, 1)  # (n, 3) saturated, +-0.1
     p["background"] = u[:, 6:9] * 0.22  # (n, 3) dark
-    p["centre"] = _CENTRE[p["position"]] + (u[:, 9:11] - 0.5) * 0.04  # (n, 2) (x, y), +-0.02
-    p["radius"] = _RADIUS[p["size"]]  # (n,)
+    p["centre"] = CENTRE[p["position"]] + (u[:, 9:11] - 0.5) * 0.04  # (n, 2) (x, y), +-0.02
+    p["radius"] = RADIUS[p["size"]]  # (n,)
     return p
 
 
@@ -651,63 +654,6 @@ class ShapesSource:
         """Sample `index` -> {"image" (3, S, S), "caption"} (no crop or flip)."""
         images, attrs = shapes_batch(self.split, [index], self.seed, self.size)
         return {"image": images[0], "caption": caption_for(attrs[0])}
-
-
-@functools.lru_cache(maxsize=None)
-def _templates(h, w):
-    """The four SHAPES stretched over an h x w box -> (4, h, w) bool (4x supersampled, coverage > 0.5)."""
-    u = ((np.arange(4 * w) + 0.5) / (4 * w) * 2 - 1)[None, :]  # (1, 4w) in (-1, 1)
-    v = ((np.arange(4 * h) + 0.5) / (4 * h) * 2 - 1)[:, None]  # (4h, 1)
-    masks = [u * u + v * v <= 1,
-             np.ones((4 * h, 4 * w), bool),
-             abs(u) <= (v + 1) / 2,  # apex at the top, base at the bottom
-             abs(u) + abs(v) <= 1]
-    return np.stack([np.broadcast_to(m, (4 * h, 4 * w)).reshape(h, 4, w, 4).mean((1, 3)) > 0.5 for m in masks])
-
-
-def analyse_shape(image):
-    """Read a shapes image ((3, S, S) or (S, S, 3), values in [0, 1]) back -> dict(colour, shape, size, position).
-
-    Values are None when no foreground is found.
-    """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu()  # e.g. generated on the GPU
-    x = np.asarray(image, dtype=np.float32)
-    if x.shape[0] == 3:
-        x = x.transpose(1, 2, 0)  # (S, S, 3)
-    side = x.shape[0]
-    background = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)  # (3,)
-    distance = np.linalg.norm(x - background, axis=-1)  # (S, S)
-    peak = np.percentile(distance, 99.5)
-    labels, count = ndimage.label(distance > peak / 2)
-    if peak <= 0 or count == 0:
-        return {"colour": None, "shape": None, "size": None, "position": None}
-    mask = labels == 1 + np.bincount(labels.ravel())[1:].argmax()  # the largest component
-    core = mask & (distance > 0.75 * peak)  # edge pixels are blended with the background: colour the core
-    rgb = x[core if core.any() else mask].mean(0)
-    colour = int(np.linalg.norm(_RGB - rgb, axis=1).argmin())
-    ys, xs = np.nonzero(mask)
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    templates = _templates(*box.shape)
-    iou = (templates & box).sum((1, 2)) / (templates | box).sum((1, 2))
-    shape = int(iou.argmax())
-    area = mask.sum() / side ** 2
-    size = int(area > _AREA[shape] * _RADIUS[0] * _RADIUS[1])  # threshold: geometric mean of the two areas
-    centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / side
-    position = int(np.linalg.norm(_CENTRE - centroid, axis=1).argmin())
-    return {"colour": COLOURS[colour], "shape": SHAPES[shape], "size": SIZES[size], "position": POSITIONS[position]}
-
-
-def shape_accuracy(images, attrs):
-    """Fraction of images whose analysed colour, shape, both, size, position match attrs (dicts or captions)."""
-    hits = collections.Counter()
-    for image, want in zip(images, attrs):
-        want = parse_caption(want) if isinstance(want, str) else want
-        got = analyse_shape(image)
-        for key in ("colour", "shape", "size", "position"):
-            hits[key] += want is not None and got[key] == want[key]
-        hits["both"] += want is not None and got["colour"] == want["colour"] and got["shape"] == want["shape"]
-    return {key: hits[key] / max(len(attrs), 1) for key in ("colour", "shape", "both", "size", "position")}
 
 
 # ----------------------------------------------------------------------------- loader
@@ -994,17 +940,14 @@ def pretokenize(args):
     Under torchrun each rank writes DIR/part-<rank> (read back together); a killed run continues where it
     stopped (rows already in a part are not recomputed).
     """
-    import tokenizer as tokenizer_lib
-    from projector import CLIPTextEncoder
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     tok = tokenizer_lib.load_tokenizer(args.tokenizer).to(device)
-    clip_cfg = dict(tower="ViT-L-14-336-quickgelu", weights="openai")   # the official tokenizer's text tower
+    clip_cfg = dict(tower=OFFICIAL_CLIP_TOWER, weights="openai")   # the official tokenizer's text tower
     if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(".pt"):
-        import sample
-        ckpt = sample.load_checkpoint(args.tokenizer)
-        clip_cfg = dict(ckpt["config"]["clip"], weights=sample.resolve_path(ckpt["config"]["clip"]["weights"],
-                                                                            ckpt["path"]))
+        ckpt = load_checkpoint(args.tokenizer)
+        clip_cfg = dict(ckpt["config"]["clip"], weights=resolve_path(ckpt["config"]["clip"]["weights"],
+                                                                     ckpt["path"]))
     clip = None if args.no_clip else CLIPTextEncoder(args.clip_tower or clip_cfg["tower"],
                                                      args.clip_weights or clip_cfg["weights"]).to(device)
     source = build_dataset(args.data, image_size=tok.image_size)
@@ -1047,8 +990,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        pretokenize(args)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise SystemExit(f"data.py: error: {e}")
+    sys.exit(run_cli("data.py", pretokenize, build_parser().parse_args()))

@@ -95,24 +95,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import data
 import sample
+import tokenizer as tokenizer_lib
+from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
+from data import IMAGE_EXTENSIONS
+from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
+                       check_writable, fused_if_available, load_checkpoint, one_line, pick_device, ranks, resolve_path,
+                       run_cli, tokenize, user_errors)
+from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MIN_FID_IMAGES = 2048  # below the feature dimension the covariance is rank-deficient
 
-
-class EvalError(Exception):
-    """A user-facing error: the CLI prints its one-line message and exits non-zero."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,14 +291,14 @@ def load_inception(weights=None):
     """The FID InceptionV3 in eval mode, from `weights` (a local release file) or the hub cache / a download."""
     if weights is not None:
         if not os.path.isfile(weights):
-            raise EvalError(f"--inception-weights: no such file {weights}")
+            raise UserError(f"--inception-weights: no such file {weights}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
         try:  # reads the cached file if present, else downloads it there
             state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", weights_only=True)
         except OSError as err:  # URLError, timeouts, no route: we are offline
-            raise EvalError(f"the FID Inception weights are not in the torch hub cache and the download failed "
+            raise UserError(f"the FID Inception weights are not in the torch hub cache and the download failed "
                             f"({err}). Download {FID_WEIGHTS_URL} on a machine with internet access and either "
                             f"put it at {cached} or pass --inception-weights /path/to/{FID_WEIGHTS_FILE}") from None
     net = InceptionV3()
@@ -375,11 +381,11 @@ def image_files(folder, recursive=False):
     """The sorted image files inside `folder` (directly, or in any subfolder with recursive=True)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise EvalError(f"{folder}: not a folder (nor a .npz statistics file)")
+        raise UserError(f"{folder}: not a folder (nor a .npz statistics file)")
     found = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise EvalError(f"{folder}: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) in it")
+        raise UserError(f"{folder}: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) in it")
     return files
 
 
@@ -437,7 +443,7 @@ class FeatureStats:
     def mean_cov(self):
         """(mu (D,), sigma (D, D)) as float64 numpy arrays."""
         if self.n < 2:
-            raise EvalError(f"a covariance needs at least 2 images, got {self.n}")
+            raise UserError(f"a covariance needs at least 2 images, got {self.n}")
         mu = self.sum / self.n
         sigma = (self.gram - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -460,7 +466,7 @@ def files_stats(files, net, resize="bilinear", batch_size=50, device="cpu", num_
                 acc.update(net(x[ok].to(device, non_blocking=True)))  # (B, 2048)
     if unreadable:
         names = ", ".join(Path(p).name for p in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-        raise EvalError(f"{name}: {len(unreadable)} unreadable image(s): {names}")
+        raise UserError(f"{name}: {len(unreadable)} unreadable image(s): {names}")
     return Stats(*acc.mean_cov(), acc.n, resize_label(resize, size))
 
 
@@ -481,7 +487,7 @@ def load_stats(path):
             return Stats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                          int(f["n"]) if "n" in f else None, str(f["resize"]) if "resize" in f else None)
     except (OSError, KeyError, ValueError) as err:
-        raise EvalError(f"{path}: not a statistics file with 'mu' and 'sigma' ({err})") from None
+        raise UserError(f"{path}: not a statistics file with 'mu' and 'sigma' ({err})") from None
 
 
 def _sqrtm(a):
@@ -600,38 +606,6 @@ def cider_d(candidates, references, sigma=6.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The shapes world (the embedded demo): prompt accuracy of generated images, caption accuracy of generated text
-# ----------------------------------------------------------------------------------------------------------------
-
-def shapes_prompt_accuracy(pipe, prompts, n_per_prompt=4, steps=20, cfg=2.0, seed=0, batch_size=256):
-    """Generate n_per_prompt images per shapes prompt, read them back (data.analyse_shape) -> accuracies.
-
-    Returns {colour, shape, both, size, position}: the fraction of images whose attribute matches the prompt.
-    """
-    import data
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)]
-    images = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        eps = torch.stack([sample.sample_noise(i, j, seed) for i, j in chunk])
-        images.append(pipe.generate([prompts[i] for i, _ in chunk], steps, cfg, eps=eps).cpu())
-    return data.shape_accuracy(torch.cat(images), [prompts[i] for i, _ in jobs])
-
-
-def shapes_caption_accuracy(captions, attrs):
-    """Generated captions vs the true attributes of their images -> {colour, shape, both, size, position, parsed}."""
-    import data
-    hits, n = Counter(), max(len(captions), 1)
-    for caption, want in zip(captions, attrs):
-        got = data.parse_caption(caption) or {}
-        hits["parsed"] += bool(got)
-        for key in ("colour", "shape", "size", "position"):
-            hits[key] += got.get(key) == want[key]
-        hits["both"] += got.get("colour") == want["colour"] and got.get("shape") == want["shape"]
-    return {k: hits[k] / n for k in ("colour", "shape", "both", "size", "position", "parsed")}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLIP score (open_clip): prompt-image agreement of generated images
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -645,23 +619,22 @@ def load_clip_scorer(model="ViT-B-32", pretrained="openai", weights=None, device
     file holding the `pretrained` weights (offline use). QuickGELU is forced when the pretrained tag was trained
     with it (OpenAI's): open_clip 3 builds plain names with exact GELU.
     """
-    import open_clip
     name = model
     if model.endswith(".json"):
         if not os.path.isfile(model):
-            raise EvalError(f"--clip-model {model}: no such file")
+            raise UserError(f"--clip-model {model}: no such file")
         open_clip.add_model_config(model)
         name = Path(model).stem
     if weights is not None and not os.path.isfile(weights):
-        raise EvalError(f"--clip-weights {weights}: no such file")
+        raise UserError(f"--clip-weights {weights}: no such file")
     tag = open_clip.get_pretrained_cfg(name, pretrained or "")
     try:
         net, _, transform = open_clip.create_model_and_transforms(
             name, pretrained=weights or pretrained, device=device, force_quick_gelu=bool(tag.get("quick_gelu")))
     except Exception as err:  # unknown name, offline download, wrong file: one line that says what to do
         where = f"https://huggingface.co/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else "the open_clip docs"
-        raise EvalError(f"could not build CLIP {name} with weights {weights or pretrained} ({type(err).__name__}: "
-                        f"{sample.one_line(err)}); offline, download the weights ({where}) and pass --clip-weights "
+        raise UserError(f"could not build CLIP {name} with weights {weights or pretrained} ({type(err).__name__}: "
+                        f"{one_line(err)}); offline, download the weights ({where}) and pass --clip-weights "
                         f"FILE") from None
     return net.eval().requires_grad_(False), transform, open_clip.get_tokenizer(name)
 
@@ -692,9 +665,9 @@ def sample_files(folder, n_prompts):
             files.append(p)
             index.append(int(m.group(1)))
     if not files:
-        raise EvalError(f"{folder}: no samples named {{prompt:05d}}_{{sample:02d}}.png (as sample.py writes them)")
+        raise UserError(f"{folder}: no samples named {{prompt:05d}}_{{sample:02d}}.png (as sample.py writes them)")
     if max(index) >= n_prompts:
-        raise EvalError(f"{folder}: sample {files[index.index(max(index))].name} has prompt index {max(index)}, "
+        raise UserError(f"{folder}: sample {files[index.index(max(index))].name} has prompt index {max(index)}, "
                         f"but the prompt file has {n_prompts} prompts")
     return files, index
 
@@ -716,12 +689,12 @@ SAMPLE_SETTINGS = ("protocol", "seed", "steps", "cfg", "precision", "model", "we
 
 
 def _read_json(path, what):
-    """A JSON file -> object, or a one-line EvalError."""
+    """A JSON file -> object, or a one-line UserError."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise EvalError(f"{what} {path}: {err}") from None
+        raise UserError(f"{what} {path}: {err}") from None
 
 
 def coco_draw(captions_json, images_dir, seed):
@@ -739,7 +712,7 @@ def coco_draw(captions_json, images_dir, seed):
             if text:
                 captions.setdefault(ann["image_id"], []).append(text)
     except (KeyError, TypeError) as err:
-        raise EvalError(f"--coco-captions {captions_json}: not a COCO captions file (missing {err})") from None
+        raise UserError(f"--coco-captions {captions_json}: not a COCO captions file (missing {err})") from None
     ids = sorted(i for i in captions if i in files)
     folder = Path(images_dir) if images_dir else None
     draw = []
@@ -756,7 +729,7 @@ def mjhq_draw(meta_json, images_dir, seed):
     try:
         items = {k: (v["category"], " ".join(str(v["prompt"]).split())) for k, v in meta.items()}
     except (AttributeError, KeyError, TypeError) as err:
-        raise EvalError(f"--mjhq-meta {meta_json}: not MJHQ-30K's meta_data.json (missing {err})") from None
+        raise UserError(f"--mjhq-meta {meta_json}: not MJHQ-30K's meta_data.json (missing {err})") from None
     ids = sorted(k for k, (_, prompt) in items.items() if prompt)
     draw = [dict(id=ids[k], category=items[ids[k]][0], prompt=items[ids[k]][1])
             for k in np.random.default_rng(seed).permutation(len(ids))]
@@ -770,7 +743,7 @@ def check_settings(out, settings):
         old = _read_json(path, "the record")
         changed = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in SAMPLE_SETTINGS if old.get(k) != settings[k]]
         if changed:
-            raise EvalError(f"{out} holds samples made with other settings ({', '.join(changed)}): use another "
+            raise UserError(f"{out} holds samples made with other settings ({', '.join(changed)}): use another "
                             f"--out, or delete {out}")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
@@ -823,24 +796,24 @@ def run_protocol(args):
     n = min(args.limit or spec["samples"], len(draw))
     draw, prompts = draw[:n], [d["prompt"] for d in draw[:n]]
     if not prompts:
-        raise EvalError(f"no prompts in {source}")
+        raise UserError(f"no prompts in {source}")
     size = (spec["size"] if args.size is None else args.size) or None
     resize = args.resize or spec["resize"]
     ref_path = args.ref_stats or os.path.join(args.out, f"ref_{args.command}_{resize_label(resize, size)}.npz")
     if os.path.isfile(ref_path):
         ref = f"precomputed ({ref_path})"
     elif ref_files is None:
-        raise EvalError(f"no reference: give the images ({images_flag} DIR) or an existing --ref-stats FILE")
+        raise UserError(f"no reference: give the images ({images_flag} DIR) or an existing --ref-stats FILE")
     else:                                         # fail before generating, not after
         missing = [p for p in ref_files if not os.path.isfile(p)]
         if missing:
-            raise EvalError(f"{len(missing)} of the {len(ref_files)} reference images are missing (e.g. {missing[0]})")
+            raise UserError(f"{len(missing)} of the {len(ref_files)} reference images are missing (e.g. {missing[0]})")
         ref = f"{len(ref_files)} images -> {ref_path}"
     samples_dir = os.path.join(args.out, "samples")
-    with sample.ranks() as (rank, world, local):
-        device = sample.pick_device(args.device, local)
+    with ranks() as (rank, world, local):
+        device = pick_device(args.device, local)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-        sample.check_writable(samples_dir, rank)
+        check_writable(samples_dir, rank)
         settings = dict(protocol=args.command, seed=args.seed, steps=args.steps, cfg=args.cfg, precision=precision,
                         model=args.official or os.path.abspath(args.ckpt or ""),
                         weights="released" if args.official else "raw" if args.no_ema else "EMA")
@@ -850,7 +823,7 @@ def run_protocol(args):
                 f.writelines(p + "\n" for p in prompts)
             with open(os.path.join(args.out, "prompts.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(dict(index=k, **d)) + "\n" for k, d in enumerate(draw))
-        sample.barrier(world)                     # a settings mismatch stops rank 0 before anyone generates
+        barrier(world)                     # a settings mismatch stops rank 0 before anyone generates
         pipe = sample.build_pipeline(args, device, precision)
         if rank == 0:
             print(protocol_block(spec, args, settings, n, ref, resize, size, pipe, world))
@@ -861,7 +834,7 @@ def run_protocol(args):
                                             args.batch_size, rank, world, skip_existing=True, progress=rank == 0)
         print(f"rank {rank}: generated {made}, reused {kept} samples in {samples_dir}")
         del pipe
-        sample.barrier(world)                     # every sample is on disk before rank 0 reads them
+        barrier(world)                     # every sample is on disk before rank 0 reads them
         if rank != 0:
             return None
     if device.type == "cuda":
@@ -874,7 +847,7 @@ def run_protocol(args):
     try:
         value = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
     except ValueError as err:
-        raise EvalError(str(err)) from None
+        raise UserError(str(err)) from None
     result = dict(settings, fid=value, samples=n, reference=ref_path, reference_images=real.n,
                   input_pipeline=resize_label(resize, size))
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
@@ -909,10 +882,10 @@ def karpathy_items(split_json, split):
                       references=[r for r in (_one_line_text(s["raw"]) for s in im["sentences"]) if r])
                  for im in data["images"] if im["split"] == split]
     except (KeyError, TypeError) as err:
-        raise EvalError(f"--karpathy-split {split_json}: not a Karpathy split file (missing {err})") from None
+        raise UserError(f"--karpathy-split {split_json}: not a Karpathy split file (missing {err})") from None
     if not items:
         found = sorted({str(im["split"]) for im in data["images"]})
-        raise EvalError(f"--karpathy-split {split_json}: no image in split {split!r} (its splits: "
+        raise UserError(f"--karpathy-split {split_json}: no image in split {split!r} (its splits: "
                         f"{', '.join(found) or 'none'})")
     return items
 
@@ -928,10 +901,10 @@ def coco_caption_items(captions_json):
             if text:
                 references.setdefault(ann["image_id"], []).append(text)
     except (KeyError, TypeError) as err:
-        raise EvalError(f"--captions-json {captions_json}: not a COCO captions file (missing {err})") from None
+        raise UserError(f"--captions-json {captions_json}: not a COCO captions file (missing {err})") from None
     items = [dict(id=i, file=files[i], references=references[i]) for i in sorted(files) if i in references]
     if not items:
-        raise EvalError(f"--captions-json {captions_json}: no image has a caption")
+        raise UserError(f"--captions-json {captions_json}: no image has a caption")
     return items
 
 
@@ -945,7 +918,7 @@ def locate_images(items, images_dir):
             missing.append(tries[0])
     if missing:
         names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise EvalError(f"{len(missing)} of the {len(items)} images are missing (looked for IMAGES/filepath/filename "
+        raise UserError(f"{len(missing)} of the {len(items)} images are missing (looked for IMAGES/filepath/filename "
                         f"and IMAGES/filename, --images {images_dir}): {names}")
 
 
@@ -977,13 +950,12 @@ def write_captions(path, items, captions):
     os.replace(tmp, path)
 
 
-def caption_items(pipe, items, captions, path, seed=0, steps=20, cfg=2.0, batch_size=64, progress=False):
+def caption_items(pipe, items, captions, path, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=64, progress=False):
     """Caption the items missing from `captions` (filled in place, appended to `path` batch by batch) -> count.
 
     Item k (its position in the split) gets the noise sample_noise(k, 0, seed), as image k of `sample.py
     --caption`: a caption depends neither on the batch size nor on --limit.
     """
-    import data
     todo = [k for k, it in enumerate(items) if it["id"] not in captions]
     with open(path, "a", encoding="utf-8") as log, \
             tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not todo) as bar:
@@ -993,7 +965,7 @@ def caption_items(pipe, items, captions, path, seed=0, steps=20, cfg=2.0, batch_
                 try:   # as in training: shorter side to the tokenizer's size (bicubic), centre crop
                     images.append(data.transform(data.load_image(items[k]["path"]), pipe.tokenizer.image_size))
                 except data.BadSample as err:
-                    raise EvalError(f"{items[k]['path']}: {err.reason} (the {len(captions)} captions made so far are "
+                    raise UserError(f"{items[k]['path']}: {err.reason} (the {len(captions)} captions made so far are "
                                     f"kept in {path}: replace the image and rerun to continue)") from None
             eps = torch.stack([sample.sample_noise(k, 0, seed) for k in chunk])                # (b, 77, 16)
             for k, text in zip(chunk, pipe.caption(torch.stack(images), steps, cfg, eps=eps)):  # (b, 3, S, S)
@@ -1013,32 +985,32 @@ def i2t_checkpoint(path):
 def run_captions(args):
     """`captions`: caption a Karpathy split (or a COCO captions file), score it -> the results dict."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise EvalError("captions runs in one process (a 5,000-image split takes minutes on one GPU): no torchrun")
+        raise UserError("captions runs in one process (a 5,000-image split takes minutes on one GPU): no torchrun")
     if args.karpathy_split:
         split = args.split or "test"
         items = karpathy_items(args.karpathy_split, split)
         kind, scope, source = "karpathy", "split", f"Karpathy split '{split}' of {args.karpathy_split}"
     else:
         if args.split:
-            raise EvalError("--split picks a split of --karpathy-split; --captions-json has none")
+            raise UserError("--split picks a split of --karpathy-split; --captions-json has none")
         items, split = coco_caption_items(args.captions_json), None
         kind, scope, source = "coco", "file", f"every captioned image of {args.captions_json}"
     ids = Counter(it["id"] for it in items)
     if len(ids) < len(items):
-        raise EvalError(f"{source}: image id {ids.most_common(1)[0][0]} occurs more than once")
+        raise UserError(f"{source}: image id {ids.most_common(1)[0][0]} occurs more than once")
     full = len(items)
     n = min(args.limit or full, full)
     items = items[:n]
     bare = next((it for it in items if not it["references"]), None)
     if bare is not None:                             # the metrics need at least one reference per image
-        raise EvalError(f"{source}: image {bare['id']} ({bare['file']}) has no reference caption")
+        raise UserError(f"{source}: image {bare['id']} ({bare['file']}) has no reference caption")
     locate_images(items, args.images)                # before the model is loaded
-    device = sample.pick_device(args.device)
+    device = pick_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    sample.check_writable(args.out)
+    check_writable(args.out)
     pipe = sample.load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
     if pipe.i2t_dit is None or pipe.text_decoder is None:
-        raise EvalError(f"--ckpt {args.ckpt} has no image-to-text model: give a flow-i2t run, or a folder holding "
+        raise UserError(f"--ckpt {args.ckpt} has no image-to-text model: give a flow-i2t run, or a folder holding "
                         f"flow-i2t/ (train the stages text-ae and flow-i2t)")
     settings = dict(protocol=f"captions {kind} {split}", seed=args.seed, steps=args.steps, cfg=args.cfg,
                     precision=precision, model=os.path.abspath(args.ckpt), weights="raw" if args.no_ema else "EMA")
@@ -1099,7 +1071,6 @@ def _timed(fn, device):
 
 def _flops(fn):
     """-> (fn(), FLOPs of its matmuls, convolutions and attention, counted by torch's FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         out = fn()
     return out, counter.get_total_flops()
@@ -1119,7 +1090,7 @@ def peak_memory(device):
     """(bytes, what): CUDA max_memory_allocated, or the process's max RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    import resource
+    import resource   # Unix only: imported where it is used
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"  # Linux: KiB
 
 
@@ -1130,16 +1101,12 @@ def _params(*modules):
 
 def _speed_dit(args):
     """FlowDiT of size --model (random weights), --depth overriding its depth -> (model, its name)."""
-    from flow_dit import FLOW_MODELS, FlowDiT
     dit = FlowDiT(**{**FLOW_MODELS[args.model], **({"depth": args.depth} if args.depth else {})})
     return dit, f"DiT-{args.model}{f' (depth {args.depth})' if args.depth else ''} {_params(dit):.1f}M"
 
 
 def speed_sampling(args, device, autocast):
     """Text -> image as FlowTokPipeline.generate, random weights -> (stages [(name, fn(steps), steps)], models)."""
-    from flow_dit import euler_sample
-    from projector import CLIPTextEncoder, TextProjector
-    from tokenizer import Tokenizer
     clip = CLIPTextEncoder(args.clip_tower, "random").to(device)
     proj = TextProjector(clip_dim=clip.width).to(device).eval()
     dit, dit_name = _speed_dit(args)
@@ -1175,8 +1142,6 @@ def speed_sampling(args, device, autocast):
 
 def speed_training(args, device, autocast):
     """One flow training step (flowtok_loss, backward, AdamW) on random features -> (stages, models)."""
-    from flow_dit import flowtok_loss
-    from projector import CLIP_TOWERS, TextProjector
     width, b = CLIP_TOWERS[args.clip_tower]["width"], args.batch_size
     proj = TextProjector(clip_dim=width).to(device).train()
     dit, dit_name = _speed_dit(args)
@@ -1185,11 +1150,10 @@ def speed_training(args, device, autocast):
     if args.grad_checkpointing:
         dit_name += " with gradient checkpointing"
     params = list(dit.parameters()) + list(proj.parameters())
-    from train import fused_if_available                       # the optimizer exactly as train.py builds it
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03, **fused_if_available(device))
     feats = torch.randn(b, 77, width, device=device)                           # frozen CLIP features
     x1 = torch.randn(b, 77, 16, device=device)                                 # flow-space image tokens
-    t, null = torch.sigmoid(torch.randn(b, device=device)), torch.rand(b, device=device) < 0.1
+    t, null = draw_time_and_null(torch.randn(b, device=device), torch.randn(b, device=device))
     eps, state = torch.randn(b, 77, 16, device=device), {}
 
     def forward(steps):
@@ -1209,7 +1173,7 @@ def speed_training(args, device, autocast):
 
 def run_speed(args):
     """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
-    device = sample.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     def autocast():
@@ -1289,24 +1253,22 @@ def ssim(x, y, window=11, sigma=1.5):
 
 def psnr(x, y):
     """PSNR in dB of images in [0, 1], (B, C, H, W) -> (B,)."""
-    return -10 * torch.log10(((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-20))
+    return tokenizer_lib.psnr(((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-20))
 
 
 def load_rfid_tokenizer(path, clip_weights, ema, device):
     """-> (tokenizer, CLIP text encoder or None, description): our tokenizer run / checkpoint or an official .bin."""
-    import tokenizer as tokenizer_lib
-    from projector import CLIPTextEncoder
     ours = path.endswith(".pt") or os.path.isdir(path)
-    with sample.user_errors(f"--tokenizer {path}"):
-        ckpt = sample.load_checkpoint(path) if ours else path
+    with user_errors(f"--tokenizer {path}"):
+        ckpt = load_checkpoint(path) if ours else path
         tok = tokenizer_lib.load_tokenizer(ckpt, ema=ema).to(device)
     clip = None
     if tok.config["text_guidance"]:
-        tower, weights = "ViT-L-14-336-quickgelu", clip_weights or "openai"        # the official tokenizers' CLIP
+        tower, weights = OFFICIAL_CLIP_TOWER, clip_weights or "openai"        # the official tokenizers' CLIP
         if ours:
             tower = ckpt["config"]["clip"]["tower"]
-            weights = clip_weights or sample.resolve_path(ckpt["config"]["clip"]["weights"], ckpt["path"])
-        with sample.user_errors("the tokenizer's CLIP text tower"):
+            weights = clip_weights or resolve_path(ckpt["config"]["clip"]["weights"], ckpt["path"])
+        with user_errors("the tokenizer's CLIP text tower"):
             clip = CLIPTextEncoder(tower, weights).to(device)
     what = (f"{ckpt['path']} step {ckpt['step']}, {'EMA' if ema else 'raw'} weights" if ours
             else f"{path} (official FlowTiTok)")
@@ -1315,9 +1277,8 @@ def load_rfid_tokenizer(path, clip_weights, ema, device):
 
 def run_rfid(args):
     """`rfid`: reconstruct an image folder with a tokenizer -> rFID, PSNR, SSIM (dict)."""
-    from projector import tokenize
     files = image_files(args.images, recursive=True)[:args.num_images]
-    device = sample.pick_device(args.device)
+    device = pick_device(args.device)
     tok, clip, what = load_rfid_tokenizer(args.tokenizer, args.clip_weights, not args.no_ema, device)
     size = args.image_size or tok.image_size
     net = load_inception(args.inception_weights).to(device)
@@ -1332,7 +1293,7 @@ def run_rfid(args):
                     with Image.open(f) as im:
                         batch.append(torch.from_numpy(np.array(resize_crop(im.convert("RGB"), size))))
                 except (OSError, ValueError):
-                    raise EvalError(f"{f}: unreadable image") from None
+                    raise UserError(f"{f}: unreadable image") from None
                 side = Path(f).with_suffix(".txt")          # text guidance: a same-name caption file, else ""
                 captions.append(side.read_text(errors="replace").strip() if side.is_file() else "")
                 captioned += bool(captions[-1])
@@ -1372,15 +1333,15 @@ def run_fid(args):
     """`fid`: FID between REAL and FAKE (folders or .npz), or only write REAL's statistics; returns the FID."""
     paths = [p for p in (args.real, args.fake) if p is not None]
     if args.fake is None and args.save_stats is None:
-        raise EvalError("give FAKE too, or --save-stats OUT.npz to only write the statistics of REAL")
+        raise UserError("give FAKE too, or --save-stats OUT.npz to only write the statistics of REAL")
     for p in paths:  # fail on a bad path before loading the network
         if not p.endswith(".npz"):
             image_files(p)
         elif not os.path.isfile(p):
-            raise EvalError(f"{p}: no such statistics file")
+            raise UserError(f"{p}: no such statistics file")
     if args.save_stats is not None and args.real.endswith(".npz"):
-        raise EvalError("--save-stats: REAL is already a .npz statistics file")
-    device, net, stats = sample.pick_device(args.device), None, []
+        raise UserError("--save-stats: REAL is already a .npz statistics file")
+    device, net, stats = pick_device(args.device), None, []
     for p in paths:
         if p.endswith(".npz"):
             stats.append(load_stats(p))
@@ -1400,7 +1361,7 @@ def run_fid(args):
     try:
         value = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
     except ValueError as err:  # mismatched or broken statistics
-        raise EvalError(str(err)) from None
+        raise UserError(str(err)) from None
     print(f"implementation: pytorch-fid InceptionV3 (TF 2015-12-05 weights), pool3 2048-d; device {device}\n"
           f"resize:         REAL {real.resize or 'unknown'}, FAKE {fake.resize or 'unknown'} (to 299x299)\n"
           f"samples:        REAL {real.n or '?'} ({args.real}), FAKE {fake.n or '?'} ({args.fake})\n"
@@ -1413,9 +1374,9 @@ def run_clipscore(args):
     """`clipscore`: mean CLIP score of sample.py's images against their prompts; -> the mean."""
     prompts = sample.read_prompts(argparse.Namespace(prompts_inline=[], prompts=args.prompts))
     if not prompts:
-        raise EvalError(f"--prompts {args.prompts}: no prompts in it")
+        raise UserError(f"--prompts {args.prompts}: no prompts in it")
     files, index = sample_files(args.folder, len(prompts))
-    device = sample.pick_device(args.device)
+    device = pick_device(args.device)
     scorer = load_clip_scorer(args.clip_model, args.clip_pretrained, args.clip_weights, device)
     scores = clip_scores(files, [prompts[i] for i in index], scorer, device, args.batch_size)
     print(f"CLIP score: {scores.mean().item():.4f} (100 x max(cos, 0), mean over {len(files)} images of "
@@ -1438,14 +1399,11 @@ def main(args):
         return run_speed(args)
     if args.command == "rfid":
         return run_rfid(args)
-    raise EvalError(f"unknown command {args.command}")
+    raise UserError(f"unknown command {args.command}")
 
 
 def build_parser():
     """The command-line interface."""
-    from flow_dit import FLOW_MODELS
-    from projector import CLIP_TOWERS
-    from tokenizer import TOKENIZER_PRESETS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\nFID.")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1504,8 +1462,8 @@ def build_parser():
     cap.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded one")
     cap.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     cap.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    cap.add_argument("--steps", type=sample.positive_int, default=20, help="Euler steps")
-    cap.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    cap.add_argument("--steps", type=sample.positive_int, default=DEFAULT_STEPS, help="Euler steps")
+    cap.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
     cap.add_argument("--seed", type=int, default=0)
     cap.add_argument("--batch-size", type=sample.positive_int, default=64)
     cap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -1531,13 +1489,13 @@ def build_parser():
     speed.add_argument("--batch-size", type=sample.positive_int, default=64)
     speed.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    speed.add_argument("--steps", type=sample.positive_int, default=20, help="Euler steps")
-    speed.add_argument("--cfg", type=float, default=2.0, help="guidance scale (1: no unconditional branch)")
+    speed.add_argument("--steps", type=sample.positive_int, default=DEFAULT_STEPS, help="Euler steps")
+    speed.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale (1: no unconditional branch)")
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
     speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
                        "(the official trainer's setting)")
     speed.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256")
-    speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default="ViT-L-14-336-quickgelu")
+    speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER)
     speed.add_argument("--repeats", type=sample.positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
     speed.add_argument("--matmul-size", type=sample.positive_int, help="n of the n x n peak matmul "
                        "(default: 8192 on GPU, 2048 on CPU)")
@@ -1546,11 +1504,7 @@ def build_parser():
 
 def cli(argv=None):
     """The command line: user errors become one line on stderr and exit status 1 (no traceback)."""
-    args = build_parser().parse_args(argv)
-    try:
-        main(args)
-    except (EvalError, sample.CheckpointError) as err:
-        sys.exit(f"evaluate.py: error: {sample.one_line(err)}")
+    sys.exit(run_cli("evaluate.py", main, build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

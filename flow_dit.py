@@ -22,10 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import KL_TERMS, TextProjector, contrastive_loss
-from tokenizer import read_state_dict
+from projector import KL_TERMS, TextProjector, contrastive_loss, load_strict, read_state_dict
 
 SIGMA_MIN = 1e-5
+CFG_PROB = 0.1           # fraction of training samples that get the null indicator
+DEFAULT_STEPS = 20       # Euler steps when sampling (the official sampler)
+DEFAULT_CFG = 2.0        # guidance scale when sampling (the official sampler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,6 +212,16 @@ def build_flowtok(size, projector_kwargs=None, **dit_kwargs):
 # Flow matching: path, CFG trick, loss, sampler
 # ----------------------------------------------------------------------------------------------------------
 
+def draw_time_and_null(n_t, n_null, cfg_prob=CFG_PROB):
+    """Per-sample standard normals (B,), (B,) -> t = sigmoid(n_t) (logit-normal) and null = Phi(n_null) < cfg_prob.
+
+    Both come from normals so that one per-sample noise vector (data.py, seeded by stream position) holds every
+    random draw of a sample: resuming and any number of ranks or workers reproduce them exactly.
+    """
+    uniform = 0.5 * (1 + torch.erf(n_null / math.sqrt(2)))                 # Phi: uniform in (0, 1)
+    return torch.sigmoid(n_t), uniform < cfg_prob
+
+
 def flow_path(x0, x1, t):
     """x_t = (1 - (1 - s) t) x0 + t x1 and the target velocity v* = x1 - (1 - s) x0."""
     tt = t.float()[:, None, None]
@@ -273,7 +285,7 @@ def sampling_schedule(steps, device=None):
 
 
 @torch.no_grad()
-def euler_sample(dit, x0, steps=20, cfg=2.0, trajectory=False):
+def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False):
     """Integrate dx/dt = v from x0 (t = 0) to t = 1 with classifier-free guidance done as ONE batched pass.
 
     v = v_u + cfg * (v_c - v_u); cfg == 1 runs the conditional branch alone. Returns x1 (B, 77, 16), or the
@@ -333,7 +345,6 @@ def load_official_flowtok(src, heads=None, projector_heads=8):
 
     The DiT size is inferred from the shapes (heads from FLOW_MODELS, or given); every key must be consumed.
     """
-    from tokenizer import load_strict
     dit_sd, proj_sd = convert_official_flowtok(read_state_dict(src))
     try:
         width = dit_sd["x_embedder.weight"].shape[0]

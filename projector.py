@@ -13,13 +13,21 @@ autoencoder used for image-to-text.
 Official names: TextProjector is the official `context_encoder` (+ `context_projector` = our `align_mlp`,
 `t2t_temperature` = our `log_temperature`); see flow_dit.load_official_flowtok for the key mapping.
 """
+import contextlib
+import datetime
 import functools
 import math
 import os
+import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import open_clip
+from huggingface_hub import hf_hub_download
+from open_clip.transformer import QuickGELU, TextTransformer
+from safetensors.torch import load_file
 
 CONTEXT_LENGTH = 77
 SOT, EOT = 49406, 49407                    # CLIP's start/end-of-text ids; padding is 0
@@ -27,8 +35,9 @@ CLIP_VOCAB = 49408
 
 # The official text tower: open_clip ViT-L-14-336 with OpenAI weights. open_clip >= 3 builds the plain name
 # with exact GELU; the OpenAI weights were trained with QuickGELU, hence the "-quickgelu" name.
+OFFICIAL_CLIP_TOWER = "ViT-L-14-336-quickgelu"
 CLIP_TOWERS = {
-    "ViT-L-14-336-quickgelu": dict(width=768, layers=12, heads=12),
+    OFFICIAL_CLIP_TOWER: dict(width=768, layers=12, heads=12),
     "tiny": dict(width=64, layers=2, heads=4),       # random tower for tests
     "demo": dict(width=128, layers=2, heads=4),      # random tower for the CPU demo
 }
@@ -43,7 +52,6 @@ CLIP_HF_FILE = "open_clip_model.safetensors"
 @functools.lru_cache(maxsize=1)
 def _bpe():
     """open_clip's CLIP BPE tokenizer (the vocabulary ships inside open_clip: no download)."""
-    import open_clip
     return open_clip.SimpleTokenizer()
 
 
@@ -78,7 +86,6 @@ def detokenize(ids):
 def _read_clip_weights(path):
     """A local open_clip checkpoint (.safetensors, or .bin/.pt read with weights_only) -> its text-tower tensors."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -91,7 +98,6 @@ def _read_clip_weights(path):
 def _download_clip_weights():
     """Fetch the official text tower's weights through the Hugging Face cache, or say what to do offline."""
     try:
-        from huggingface_hub import hf_hub_download
         return hf_hub_download(CLIP_HF_REPO, CLIP_HF_FILE)
     except Exception as e:  # offline, proxy, missing package...: one actionable message
         raise RuntimeError(
@@ -107,9 +113,8 @@ class CLIPTextEncoder(nn.Module):
     "random" (random initialisation: tests and the CPU demo; the features then carry no pretrained meaning).
     """
 
-    def __init__(self, tower="ViT-L-14-336-quickgelu", weights="openai"):
+    def __init__(self, tower=OFFICIAL_CLIP_TOWER, weights="openai"):
         super().__init__()
-        from open_clip.transformer import QuickGELU, TextTransformer
         cfg = CLIP_TOWERS[tower]
         self.tower, self.weights, self.width = tower, weights, cfg["width"]
         self.text = TextTransformer(context_length=CONTEXT_LENGTH, vocab_size=CLIP_VOCAB, width=cfg["width"],
@@ -221,7 +226,7 @@ class TextProjector(nn.Module):
         with torch.autocast(h.device.type, enabled=False):     # posterior maths in float32
             mu, logvar = self.linear(h.float()).view(B, L, -1).chunk(2, dim=-1)
         eps = torch.randn_like(mu) if eps is None else eps
-        return mu + eps * torch.exp(0.5 * logvar), mu, logvar
+        return reparameterize(mu, logvar, eps), mu, logvar
 
     def align(self, clip_feats):
         """Per-token alignment target MLP(E): (B, 77, clip_dim) -> (B, 77, 16)."""
@@ -231,6 +236,17 @@ class TextProjector(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Training terms of the text side
 # ----------------------------------------------------------------------------------------------------------
+
+def reparameterize(mu, logvar, eps):
+    """A sample of N(mu, exp(logvar)) from standard normals eps: mu + exp(logvar / 2) * eps (every posterior here)."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per element, float32: 1/2 (mu^2 + exp(logvar) - 1 - logvar)."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+
 
 def contrastive_loss(z, target, log_temperature, groups=None):
     """Symmetric InfoNCE between flattened, L2-normalised z and MLP(E): (CE(S) + CE(S^T)) / 2, S = e^tau z p^T.
@@ -263,8 +279,7 @@ def kl_official(mu, logvar):
 
 def kl_standard(mu, logvar):
     """The paper's KL(N(mu, sigma^2) || N(0, I)), summed over the 77x16 latent and averaged over the batch."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * torch.sum(mu ** 2 + logvar.exp() - 1 - logvar) / mu.shape[0]
+    return gaussian_kl(mu, logvar).sum() / mu.shape[0]
 
 
 KL_TERMS = {"official": (kl_official, 0.01), "standard": (kl_standard, 1e-4)}   # form -> (function, default weight)
@@ -322,3 +337,173 @@ def text_reconstruction_loss(logits, targets, keep):
     """Token cross-entropy over the positions `keep` (caption_mask): logits (B, 77, C) or already masked (N, C);
     targets (B, 77) class indices (TextDecoder.class_of[ids]; ids outside the classes, -100, are ignored)."""
     return F.cross_entropy((logits[keep] if logits.dim() == 3 else logits).float(), targets[keep])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared runtime (the lowest file, so every file may import it): user errors, checkpoint files, devices, ranks
+# ----------------------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A user's mistake (a bad file, flag or input): every CLI prints it as one line and exits with status 1."""
+
+
+def one_line(err):
+    """An exception -> one line: its first line, plus up to three more joined with '; '."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    more = "; ".join(lines[1:4]) + ("; ..." if len(lines) > 4 else "")
+    return lines[0] + (f" ({more})" if more else "")
+
+
+@contextlib.contextmanager
+def user_errors(what):
+    """Turn the errors of loading user-given files (bad shapes, missing keys, no file) into a UserError."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        raise UserError(f"{what}: {one_line(e)}") from None
+
+
+def read_state_dict(src):
+    """A path or a dict -> a flat state dict: unwraps {ema, nnet_ema, model, state_dict} and module./_orig_mod."""
+    sd = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or hasattr(
+        src, "__fspath__") else src
+    for key in ("ema", "nnet_ema", "model", "state_dict"):     # EMA weights preferred when both are present
+        if isinstance(sd.get(key), dict):
+            return read_state_dict(sd[key])
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def load_strict(model, sd, what):
+    """Load every key with matching shapes, or raise one error that lists everything that does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{what} checkpoint does not fit the model:"]
+        lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  shape: {w}" for w in wrong]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def load_checkpoint(path):
+    """A checkpoint file or a run folder (its last.pt) -> dict, read safely (tensors and plain types only)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or "stage" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (for the official files use --official)")
+    ckpt["path"] = path
+    return ckpt
+
+
+def resolve_path(path, ckpt_path):
+    """A path recorded in a checkpoint: as recorded if it exists, else found by its tail next to the run.
+
+    Lets a run folder be moved or copied: runs/demo/tokenizer recorded by runs/demo/flow/last.pt is found
+    as <wherever runs/demo is now>/tokenizer.
+    """
+    if path in (None, "openai", "random") or os.path.exists(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    for ancestor in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        for k in range(1, min(3, len(parts)) + 1):
+            candidate = os.path.join(ancestor, *parts[-k:])
+            if os.path.exists(candidate):
+                return candidate
+    raise UserError(f"{ckpt_path} refers to {path}, which is missing")
+
+
+def find_runs(path):
+    """A run folder, a checkpoint file, or a demo folder holding stage subfolders -> {stage: checkpoint path}."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "last.pt")):
+        return {load_checkpoint(path)["stage"]: path}
+    found = {s: os.path.join(path, s) for s in ("flow", "flow-i2t", "text-ae", "tokenizer")
+             if os.path.isfile(os.path.join(path, s, "last.pt"))}
+    if not found:
+        raise UserError(f"no checkpoint at {path} (expected a file, a run folder with last.pt, or a demo "
+                              f"folder with flow/last.pt)")
+    return found
+
+
+def pick_device(name, local_rank=0):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun, auto / cuda mean the local rank's GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if name == "auto":
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+@contextlib.contextmanager
+def ranks():
+    """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
+
+    The group only serves barriers (wait for every rank's images), so gloo works on CPU and GPU alike.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))   # ranks wait for the slowest
+    try:
+        yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(world):
+    """Wait for every rank (no-op alone)."""
+    if world > 1:
+        dist.barrier()
+
+
+def check_writable(out, rank=0):
+    """Create --out and prove it writable now, before any model is loaded."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{rank}_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out} is not writable ({e.strerror or e})") from None
+
+
+def fused_if_available(device):
+    """AdamW's fused kernel where this torch has it for the device (CUDA; CPU from torch 2.4)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {}
+
+
+def run_cli(prog, main, args):
+    """Run a CLI's main -> the exit status: 0 done, 1 a user error (one line on stderr, no traceback),
+    128 + N a run stopped by signal N after saving (main returns {"stopped": N}); argparse exits 2 on bad flags."""
+    try:
+        result = main(args)
+    except UserError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 128 + result["stopped"] if isinstance(result, dict) and result.get("stopped") else 0

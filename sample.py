@@ -19,50 +19,28 @@ the GPU count or the other prompts. Defaults follow the paper: 20 Euler steps, C
 A bad checkpoint, a missing file, no prompts or an unwritable --out stop with one line on stderr (exit 1).
 """
 import argparse
-import contextlib
-import datetime
 import hashlib
 import os
 import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from huggingface_hub import hf_hub_download
 from PIL import Image
 from tqdm import tqdm
 
+import data
 import flow_dit
 import projector
 import tokenizer as tokenizer_lib
-from flow_dit import FlowDiT
-from projector import CLIPTextEncoder, TextDecoder, TextProjector
+from data import IMAGE_EXTENSIONS
+from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, barrier,
+                       check_writable, find_runs, load_checkpoint, one_line, pick_device, ranks, resolve_path,
+                       run_cli, user_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": ("FlowTok-H.pth", "FlowTiTok_512.bin")}
-OFFICIAL_CLIP_TOWER = "ViT-L-14-336-quickgelu"       # the text tower of the release
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class CheckpointError(Exception):
-    """A missing, unreadable or wrong-kind checkpoint, or another user error: reported in one line."""
-
-
-def one_line(err):
-    """An exception -> one line: its first line, plus up to three more joined with '; '."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    more = "; ".join(lines[1:4]) + ("; ..." if len(lines) > 4 else "")
-    return lines[0] + (f" ({more})" if more else "")
-
-
-@contextlib.contextmanager
-def user_errors(what):
-    """Turn the errors of loading user-given files (bad shapes, missing keys, no file) into a CheckpointError."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"{what}: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,10 +118,10 @@ class FlowTokPipeline:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @torch.no_grad()
-    def generate(self, prompts, steps=20, cfg=2.0, generator=None, eps=None):
+    def generate(self, prompts, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, generator=None, eps=None):
         """Prompts -> images (B, 3, S, S) in [0, 1]; eps (B, 77, 16) fixes the text-latent noise."""
         if self.dit is None:
-            raise CheckpointError("this checkpoint has no text-to-image model")
+            raise UserError("this checkpoint has no text-to-image model")
         feats = self.clip.encode(prompts)                                              # (B, 77, C)
         if eps is None:
             eps = torch.randn((len(prompts), 77, 16), generator=generator)
@@ -154,10 +132,10 @@ class FlowTokPipeline:
         return images.float().clamp(0, 1)
 
     @torch.no_grad()
-    def caption(self, images, steps=20, cfg=2.0, generator=None, eps=None):
+    def caption(self, images, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, generator=None, eps=None):
         """Images (B, 3, S, S) in [0, 1] -> captions (list of B str)."""
         if self.i2t_dit is None or self.text_decoder is None:
-            raise CheckpointError("this checkpoint has no image-to-text model (train stages text-ae and flow-i2t)")
+            raise UserError("this checkpoint has no image-to-text model (train stages text-ae and flow-i2t)")
         if eps is None:
             eps = torch.randn((len(images), 77, 16), generator=generator)
         with self._autocast():
@@ -172,52 +150,6 @@ class FlowTokPipeline:
 # Loading: our runs and the official release
 # ----------------------------------------------------------------------------------------------------------
 
-def load_checkpoint(path):
-    """A checkpoint file or a run folder (its last.pt) -> dict, read safely (tensors and plain types only)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "last.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or "stage" not in ckpt:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (for the official files use --official)")
-    ckpt["path"] = path
-    return ckpt
-
-
-def resolve_path(path, ckpt_path):
-    """A path recorded in a checkpoint: as recorded if it exists, else found by its tail next to the run.
-
-    Lets a run folder be moved or copied: runs/demo/tokenizer recorded by runs/demo/flow/last.pt is found
-    as <wherever runs/demo is now>/tokenizer.
-    """
-    if path in (None, "openai", "random") or os.path.exists(path):
-        return path
-    parts = os.path.normpath(path).split(os.sep)
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    for ancestor in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-        for k in range(1, min(3, len(parts)) + 1):
-            candidate = os.path.join(ancestor, *parts[-k:])
-            if os.path.exists(candidate):
-                return candidate
-    raise CheckpointError(f"{ckpt_path} refers to {path}, which is missing")
-
-
-def find_runs(path):
-    """A run folder, a checkpoint file, or a demo folder holding stage subfolders -> {stage: checkpoint path}."""
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "last.pt")):
-        return {load_checkpoint(path)["stage"]: path}
-    found = {s: os.path.join(path, s) for s in ("flow", "flow-i2t", "text-ae", "tokenizer")
-             if os.path.isfile(os.path.join(path, s, "last.pt"))}
-    if not found:
-        raise CheckpointError(f"no checkpoint at {path} (expected a file, a run folder with last.pt, or a demo "
-                              f"folder with flow/last.pt)")
-    return found
-
-
 def _part(ckpt, name, cls, ema):
     """Rebuild one trained part of a checkpoint (EMA weights unless ema=False)."""
     with user_errors(f"{ckpt['path']}: part '{name}'"):
@@ -231,7 +163,7 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
     runs = find_runs(path)
     if "flow" not in runs and "flow-i2t" not in runs:
         stage = next(iter(runs))
-        raise CheckpointError(f"{runs[stage]} is a '{stage}' checkpoint; sampling needs a 'flow' (text to image) or "
+        raise UserError(f"{runs[stage]} is a '{stage}' checkpoint; sampling needs a 'flow' (text to image) or "
                               f"'flow-i2t' (image to text) run")
     main = load_checkpoint(runs.get("flow") or runs["flow-i2t"])
     with user_errors(f"{main['path']}: CLIP text tower"):
@@ -264,14 +196,13 @@ def official_files(name, official_dir=None):
         paths = [os.path.join(official_dir, f) for f in files]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise CheckpointError(f"missing {', '.join(missing)}: fetch {', '.join(files)} with {fetch} and pass "
+            raise UserError(f"missing {', '.join(missing)}: fetch {', '.join(files)} with {fetch} and pass "
                                   f"--official-dir DIR")
         return paths
     try:
-        from huggingface_hub import hf_hub_download
         return [hf_hub_download(OFFICIAL_REPO, f) for f in files]
     except Exception as e:   # offline, no huggingface_hub, proxy...: one actionable line
-        raise CheckpointError(f"could not get {', '.join(files)} from the Hugging Face Hub ({type(e).__name__}); "
+        raise UserError(f"could not get {', '.join(files)} from the Hugging Face Hub ({type(e).__name__}); "
                               f"on a machine with internet run {fetch}, copy DIR here and pass --official-dir DIR"
                               ) from None
 
@@ -295,7 +226,7 @@ def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=N
         clip_tower = OFFICIAL_CLIP_TOWER if OFFICIAL_CLIP_TOWER in fits or not fits else fits[0]
     tower_width = projector.CLIP_TOWERS[clip_tower]["width"]
     if width != tower_width or tok.config["text_dim"] != tower_width:   # before any CLIP download
-        raise CheckpointError(f"{flow_path} expects {width}-d text features but the CLIP tower {clip_tower} gives "
+        raise UserError(f"{flow_path} expects {width}-d text features but the CLIP tower {clip_tower} gives "
                               f"{tower_width}-d")
     with user_errors("CLIP text tower"):
         clip = CLIPTextEncoder(clip_tower, clip_weights or "openai")
@@ -310,55 +241,7 @@ def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=N
 # Running: devices, ranks, generation to a folder (shared with evaluate.py's protocols)
 # ----------------------------------------------------------------------------------------------------------
 
-def pick_device(name, local_rank=0):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun, auto / cuda mean the local rank's GPU."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if name == "auto":
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CheckpointError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {name}: CUDA is not available here")
-    return device
-
-
-@contextlib.contextmanager
-def ranks():
-    """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
-
-    The group only serves barriers (wait for every rank's images), so gloo works on CPU and GPU alike.
-    """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))   # ranks wait for the slowest
-    try:
-        yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier(world):
-    """Wait for every rank (no-op alone)."""
-    if world > 1:
-        dist.barrier()
-
-
-def check_writable(out, rank=0):
-    """Create --out and prove it writable now, before any model is loaded."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{rank}_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise CheckpointError(f"--out {out} is not writable ({e.strerror or e})") from None
-
-
-def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=20, cfg=2.0, batch_size=16, rank=0, world=1,
+def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=16, rank=0, world=1,
                     skip_existing=False, progress=False):
     """This rank's share of OUT/{i:05d}_{j:02d}.png for every (prompt i, sample j) -> (generated, reused).
 
@@ -388,7 +271,7 @@ def build_pipeline(args, device, precision):
         return load_official_pipeline(args.official, device, args.official_dir, args.clip_weights, precision)
     if args.ckpt:
         return load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
-    raise CheckpointError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
+    raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
 
 
 def positive_int(text):
@@ -408,8 +291,8 @@ def add_model_args(p):
     p.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded/downloaded one")
     p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--steps", type=positive_int, default=20, help="Euler steps")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -428,7 +311,7 @@ def read_prompts(args):
             with open(args.prompts, encoding="utf-8") as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"--prompts {args.prompts}: {one_line(e)}") from None
+            raise UserError(f"--prompts {args.prompts}: {one_line(e)}") from None
     return [" ".join(p.split()) for p in prompts]      # one line each: prompts.txt maps line i to prompt i
 
 
@@ -441,15 +324,14 @@ def image_paths(items):
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            raise CheckpointError(f"no such image or folder: {item}")
+            raise UserError(f"no such image or folder: {item}")
     if not paths:
-        raise CheckpointError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(items)}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(items)}")
     return paths
 
 
 def caption_images(pipe, args, rank, world):
     """--caption: print 'path<TAB>caption' for this rank's share of the images."""
-    import data
     paths = image_paths(args.caption)
     jobs = list(range(len(paths)))[rank::world]
     for start in range(0, len(jobs), args.batch_size):
@@ -459,7 +341,7 @@ def caption_images(pipe, args, rank, world):
             try:
                 images.append(data.transform(data.load_image(paths[k]), pipe.tokenizer.image_size))
             except data.BadSample as e:
-                raise CheckpointError(f"{paths[k]}: {e.reason}") from None
+                raise UserError(f"{paths[k]}: {e.reason}") from None
         eps = torch.stack([sample_noise(k, 0, args.seed) for k in chunk])
         for k, c in zip(chunk, pipe.caption(torch.stack(images), args.steps, args.cfg, eps=eps)):
             print(f"{paths[k]}\t{c}")
@@ -474,7 +356,7 @@ def main(args):
             return caption_images(build_pipeline(args, device, precision), args, rank, world)
         prompts = read_prompts(args)
         if not prompts:
-            raise CheckpointError("no prompts: give them on the command line or with --prompts FILE")
+            raise UserError("no prompts: give them on the command line or with --prompts FILE")
         check_writable(args.out, rank)
         pipe = build_pipeline(args, device, precision)
         made, kept = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps, args.cfg,
@@ -508,12 +390,8 @@ def build_parser():
 
 
 def cli(argv=None):
-    """The command line: user errors become one line on stderr and exit status 1 (no traceback)."""
-    args = build_parser().parse_args(argv)
-    try:
-        main(args)
-    except CheckpointError as e:
-        sys.exit(f"sample.py: error: {one_line(e)}")
+    """The command line: exit status 0 done, 1 a user error (one line, no traceback), 2 bad flags."""
+    sys.exit(run_cli("sample.py", main, build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Known answers, equivalence with the official code (testdata/official_tiny.pt, produced by the official
 FlowTok code at tiny sizes), round trips, resume and DDP checks, bad-input corpora and CLI runs.
 """
+import ast
 import collections
 import contextlib
 import io
@@ -28,13 +29,14 @@ from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
 import data
+import demo
 import evaluate
 import flow_dit
 import projector
 import sample
 import tokenizer
 from flow_dit import FLOW_MODELS, FlowDiT, build_flowtok, euler_sample, flowtok_loss, load_official_flowtok
-from projector import CLIPTextEncoder, TextDecoder, TextProjector
+from projector import CLIPTextEncoder, TextDecoder, TextProjector, UserError
 from tokenizer import Tokenizer, load_official_tokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -57,8 +59,8 @@ def tiny_flowtok(official):
     dit_sd, proj_sd = flow_dit.convert_official_flowtok(official["flowtok_state_dict"])
     dit = FlowDiT(depth=2, width=64, heads=4)
     proj = TextProjector(clip_dim=64, depth=2, heads=4, d_ff=96, align_hidden=128)
-    tokenizer.load_strict(dit, dit_sd, "dit")
-    tokenizer.load_strict(proj, proj_sd, "projector")
+    projector.load_strict(dit, dit_sd, "dit")
+    projector.load_strict(proj, proj_sd, "projector")
     return dit.eval(), proj.eval()
 
 
@@ -137,7 +139,7 @@ def test_official_sampler(official):
 def test_official_tokenizer(official):
     d = official
     tok = Tokenizer.from_preset("tiny")
-    tokenizer.load_strict(tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
+    projector.load_strict(tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
     tok.eval()
     with torch.no_grad():
         mean, logvar = tok.encode(d["tok_img"])
@@ -982,15 +984,15 @@ def test_shapes_captions_round_trip():
 @pytest.mark.parametrize("split", data.SPLITS)
 def test_shape_analyser_reads_renders_back(split):
     images, attrs = data.shapes_batch(split, range(600), seed=4)
-    accuracy = data.shape_accuracy(images, attrs)
+    accuracy = demo.shape_accuracy(images, attrs)
     assert min(accuracy.values()) >= 0.99, accuracy
     images, attrs = data.shapes_batch(split, range(100), seed=4, size=64)
     captions = [data.caption_for(x) for x in attrs]
-    assert min(data.shape_accuracy(images, captions).values()) >= 0.99
+    assert min(demo.shape_accuracy(images, captions).values()) >= 0.99
     # a blank image or a wrong caption scores as wrong
-    assert data.analyse_shape(torch.zeros(3, 32, 32))["shape"] is None
+    assert demo.analyse_shape(torch.zeros(3, 32, 32))["shape"] is None
     wrong = [dict(x, colour="cyan" if x["colour"] != "cyan" else "red") for x in attrs]
-    assert data.shape_accuracy(images, wrong)["colour"] == 0
+    assert demo.shape_accuracy(images, wrong)["colour"] == 0
 
 
 # ==========================================================================================================
@@ -1149,7 +1151,7 @@ def test_missing_weights_offline_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(evaluate.EvalError) as err:
+    with pytest.raises(UserError) as err:
         evaluate.load_inception()
     msg = str(err.value)
     assert evaluate.FID_WEIGHTS_URL in msg and "--inception-weights" in msg
@@ -1235,7 +1237,7 @@ def test_fid_cli_tf_resize_differs(fid_runs):
 def test_fid_cli_unreadable_image(fid_weights, tmp_path):
     folder = Path(_write_images(tmp_path / "c", 2, bright=False, count=2))
     (folder / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(evaluate.EvalError, match=r"1 unreadable image\(s\): broken.png"):
+    with pytest.raises(UserError, match=r"1 unreadable image\(s\): broken.png"):
         _fid(str(folder), "--save-stats", str(tmp_path / "c.npz"), "--inception-weights", str(fid_weights[0]),
              "--device", "cpu", "--num-workers", "0")
 
@@ -1472,7 +1474,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, t
     assert "update skipped" in (tmp_path / "a" / "log.txt").read_text()
     calls.clear()
     poison = set(range(3, 100))
-    with pytest.raises(train.TrainError, match="2 non-finite steps in a row"):
+    with pytest.raises(UserError, match="2 non-finite steps in a row"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 6, "--ckpt-every", 1, "--max-bad-steps", 2))
     ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)   # saved after the skipped step 3: clean
     assert ck["step"] == 3 and ck["stats"]["skips"][0]["non-finite step"] == 1 and all(torch.isfinite(t).all() for t in all_tensors(ck).values()
@@ -1480,32 +1482,32 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, t
 
 
 def test_clear_errors(tiny_tokenizer, tmp_path):
-    with pytest.raises(train.TrainError, match="works at 32 px but --image-size is 64"):
+    with pytest.raises(UserError, match="works at 32 px but --image-size is 64"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "a", "--steps", 1), "--image-size", 64)
     run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1))
-    with pytest.raises(train.TrainError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 2))
-    with pytest.raises(train.TrainError, match=r"cannot resume with different --model \(run: 'tiny', now: 'demo'\)"):
+    with pytest.raises(UserError, match=r"cannot resume with different --model \(run: 'tiny', now: 'demo'\)"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 2, "--resume"), "--model", "demo")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(train.TrainError, match="not writable"):
+    with pytest.raises(UserError, match="not writable"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "file" / "run", "--steps", 1))
-    with pytest.raises(train.TrainError, match="not a multiple of --batch-size 3"):
+    with pytest.raises(UserError, match="not a multiple of --batch-size 3"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "c", "--steps", 1, "--batch-size", 3))
     args = train_args("--stage", "flow", "--out", tmp_path / "d", "--global-batch", 8)
-    with pytest.raises(train.TrainError, match="not divisible by the world size 3"):
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
         train.fill_defaults(args, world=3)
-    with pytest.raises(train.TrainError, match="needs --tokenizer"):
+    with pytest.raises(UserError, match="needs --tokenizer"):
         run_train("--stage", "flow", "--clip-weights", "random", "--out", tmp_path / "e", "--steps", 1)
-    with pytest.raises(train.TrainError, match="not a tokenizer"):
+    with pytest.raises(UserError, match="not a tokenizer"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "f", "--steps", 1), "--tokenizer", tmp_path / "b")
-    with pytest.raises(train.TrainError, match="--clip-weights .*nope.safetensors: no such file"):
+    with pytest.raises(UserError, match="--clip-weights .*nope.safetensors: no such file"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "h", "--steps", 1), "--clip-weights", "nope.safetensors")
-    with pytest.raises(train.TrainError, match="0 usable samples"):
+    with pytest.raises(UserError, match="0 usable samples"):
         (tmp_path / "empty.jsonl").write_text('{"image": "nope.png", "caption": "x"}\n')
         run_train(*flow_args(tiny_tokenizer, tmp_path / "g", "--steps", 1), "--data", f"jsonl:{tmp_path}/empty.jsonl")
-    r = train_cli(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1))       # the CLI: one line, exit 2
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+    r = train_cli(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1))       # the CLI: one line, exit 1
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("train.py: error: ")
 
 
 def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_path):
@@ -1784,7 +1786,7 @@ def test_official_pipeline_from_a_local_folder(tiny_run, tmp_path, monkeypatch):
     kwargs = dict(official_dir=str(tmp_path), clip_weights=str(tiny_run["clip"]))
     sizes = {k: v for k, v in flow_dit.FLOW_MODELS.items() if v != TINY_OFFICIAL}
     monkeypatch.setattr(flow_dit, "FLOW_MODELS", sizes)                 # the table without the tiny size
-    with pytest.raises(sample.CheckpointError, match="matches no size"):
+    with pytest.raises(UserError, match="matches no size"):
         sample.load_official_pipeline("FlowTok-XL", **kwargs)
     monkeypatch.setattr(flow_dit, "FLOW_MODELS", {**sizes, "tiny": TINY_OFFICIAL})
     pipe = sample.load_official_pipeline("FlowTok-XL", **kwargs)       # the 64-d projector picks the tiny tower
@@ -1797,7 +1799,7 @@ def test_official_pipeline_from_a_local_folder(tiny_run, tmp_path, monkeypatch):
     eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(2)])
     images = pipe.generate(PROMPTS[:2], steps=2, cfg=2.0, eps=eps)
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    with pytest.raises(sample.CheckpointError, match="expects 64-d text features"):
+    with pytest.raises(UserError, match="expects 64-d text features"):
         sample.load_official_pipeline("FlowTok-XL", official_dir=str(tmp_path), clip_tower="demo")  # 128-d
 
 
@@ -1897,7 +1899,7 @@ def test_coco30k_smoke_run_block_warning_reuse_and_reference(tiny_run, corpus, f
     fid2, stdout2, stderr2 = in_process(args)
     assert "generated 0, reused 2" in stdout2 and "wrote the reference" not in stdout2 and fid2 == fid
     assert os.path.getmtime(files[0]) == stamp
-    with pytest.raises(evaluate.EvalError, match=r"other settings \(steps 2 -> 3\)"):
+    with pytest.raises(UserError, match=r"other settings \(steps 2 -> 3\)"):
         in_process([*args, "--steps", "3"])
 
 
@@ -1917,7 +1919,7 @@ def test_mjhq30k_smoke_run(tiny_run, corpus, frechet_spy, tmp_path):
         np.testing.assert_array_equal(ref["mu"], mu_r)
     assert not np.allclose(mu_r, mu_f)
     # no images and no statistics: a one-line error before anything is generated
-    with pytest.raises(evaluate.EvalError, match="no reference"):
+    with pytest.raises(UserError, match="no reference"):
         in_process(["mjhq30k", "--mjhq-meta", corpus / "meta_data.json",
                     *protocol_args(tiny_run, corpus, tmp_path / "none")])
     assert not (tmp_path / "none").exists()
@@ -1981,7 +1983,7 @@ def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
     assert expected > 0 and score == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert f"CLIP score: {score:.4f}" in stdout and "6 images of 3 prompts" in stdout
     (tmp_path / "two.txt").write_text("one\ntwo\n")
-    with pytest.raises(evaluate.EvalError, match="prompt index 2"):
+    with pytest.raises(UserError, match="prompt index 2"):
         in_process(["clipscore", folder, "--prompts", tmp_path / "two.txt", "--clip-model",
                     tmp_path / "tinyclip.json", "--clip-weights", tmp_path / "tinyclip.pt"])
 
@@ -2068,7 +2070,7 @@ def test_text_autoencoder_reconstructs_its_training_captions_exactly(i2t_demo):
     captions = i2t_demo["captions"]
     ids, _ = projector.tokenize(captions)
     assert projector.detokenize(ids) == captions       # lossless BPE on these captions: compare with them directly
-    ckpt = sample.load_checkpoint(str(i2t_demo["demo"] / "text-ae"))
+    ckpt = projector.load_checkpoint(str(i2t_demo["demo"] / "text-ae"))
     assert ckpt["stage"] == "text-ae" and ckpt["step"] == TAE_STEPS
     feats = projector.CLIPTextEncoder("tiny", str(i2t_demo["clip"]))(ids)     # (6, 77, 64)
     decoded = {}
@@ -2191,7 +2193,7 @@ def test_evaluate_captions_karpathy_smoke_run(i2t_demo, karpathy, tmp_path):
     assert "warning" not in stderr and result["images"] == 5
     full = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert full[:3] == records and [r["caption"] for r in full] == [c for _, c in by_sample]
-    with pytest.raises(evaluate.EvalError, match=r"other settings \(steps 2 -> 3\)"):
+    with pytest.raises(UserError, match=r"other settings \(steps 2 -> 3\)"):
         _evaluate(*args, "--steps", 3)
     # the same images as a COCO captions file (ids in this split's order) give the same captions
     coco = {"images": [{"id": 1000 + k, "file_name": r["file"]} for k, r in enumerate(full)],
@@ -2222,25 +2224,25 @@ def test_evaluate_captions_errors(i2t_demo, karpathy, tmp_path):
 
     # a missing image: named, before the model is loaded or anything is written
     gone = split_file("gone.json", [entries[0], dict(entries[1], filename="nowhere.png")])
-    with pytest.raises(evaluate.EvalError, match=r"1 of the 2 images are missing .*val2014/nowhere\.png"):
+    with pytest.raises(UserError, match=r"1 of the 2 images are missing .*val2014/nowhere\.png"):
         run(gone, out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
     # an unreadable image: named; the captions made before it are kept and a rerun continues from them
     (images / "val2014" / "bad.png").write_bytes(b"garbage")
     bad = split_file("bad.json", [entries[0], entries[1], dict(entries[2], filename="bad.png"), entries[4]])
-    with pytest.raises(evaluate.EvalError, match=r"bad\.png: unreadable image .*2 captions made so far"):
+    with pytest.raises(UserError, match=r"bad\.png: unreadable image .*2 captions made so far"):
         run(bad, out=tmp_path / "partial")
     assert len((tmp_path / "partial" / "captions.jsonl").read_text().splitlines()) == 2
     (images / "val2014" / "bad.png").unlink()
-    with pytest.raises(evaluate.EvalError, match="no image in split 'val' .*its splits: test"):
+    with pytest.raises(UserError, match="no image in split 'val' .*its splits: test"):
         run(split_file("test_only.json", entries[:2]), "--split", "val")
-    with pytest.raises(evaluate.EvalError, match=r"image 499 \(val2014/COCO_val2014_000000000001.png\) has no ref"):
+    with pytest.raises(UserError, match=r"image 499 \(val2014/COCO_val2014_000000000001.png\) has no ref"):
         run(split_file("bare.json", [entries[0], dict(entries[1], sentences=[{"raw": " \n"}])]))
-    with pytest.raises(evaluate.EvalError, match="not a Karpathy split file"):
+    with pytest.raises(UserError, match="not a Karpathy split file"):
         run(split_file("coco_like.json", [{"id": 1, "file_name": "x.png"}]))
-    with pytest.raises(sample.CheckpointError, match="'tokenizer' checkpoint"):
+    with pytest.raises(UserError, match="'tokenizer' checkpoint"):
         run(karpathy / "dataset_coco.json", ckpt=demo / "tokenizer")
-    with pytest.raises(evaluate.EvalError, match="--split picks a split of --karpathy-split"):
+    with pytest.raises(UserError, match="--split picks a split of --karpathy-split"):
         _evaluate("captions", "--captions-json", tmp_path / "c.json", "--images", images, "--ckpt", demo, "--split",
                   "val")
     # the command line turns them into one line, exit status 1
@@ -2277,7 +2279,7 @@ def test_readme_commands_are_valid_command_lines():
     """
     import shlex
     parsers = {"train.py": train.build_parser, "sample.py": sample.build_parser,
-               "evaluate.py": evaluate.build_parser, "data.py": data.build_parser}
+               "evaluate.py": evaluate.build_parser, "data.py": data.build_parser, "demo.py": demo.build_parser}
     env = {"$NODE_RANK": "0", "$MASTER": "127.0.0.1"}
     commands = readme_commands()
     assert len(commands) >= 15
@@ -2292,6 +2294,55 @@ def test_readme_commands_are_valid_command_lines():
             pytest.fail(f"README command does not parse: {' '.join(words)}")
 
 
+def local_imports(sources):
+    """{module: source text} -> {module: the local modules it imports anywhere (functions included)}."""
+    graph = {}
+    for name, text in sources.items():
+        found = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+        graph[name] = sorted(found & set(sources) - {name})
+    return graph
+
+
+def import_cycles(graph):
+    """The cycles of an import graph, each as a list of modules (empty: a DAG)."""
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in graph[node]:
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_imports_form_a_dag_in_the_readme_order():
+    """Every import (also inside functions) points down README's order; the cycle finder finds planted cycles."""
+    sources = {f.stem: f.read_text() for f in REPO.glob("*.py") if f.stem != "test_flowtok"}
+    graph = local_imports(sources)
+    assert import_cycles(graph) == []
+    assert "tokenizer" not in graph["flow_dit"]                     # the DiT file never needs the image tokenizer
+    order = ["projector", "tokenizer", "flow_dit", "data", "sample", "evaluate", "train", "demo"]
+    assert sorted(graph) == sorted(order)
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("Import order:"))
+    assert [w.strip("`. ") for w in line.split(":", 1)[1].split("->")] == order
+    for module, deps in graph.items():                                # strictly downwards
+        assert all(order.index(d) < order.index(module) for d in deps), (module, deps)
+    planted = dict(sources, flow_dit=sources["flow_dit"] + "\ndef f():\n    import train\n")
+    assert import_cycles(local_imports(planted))                       # a lazy import closing a loop is found
+    assert import_cycles({"a": ["b"], "b": ["c"], "c": ["a"]}) == [["a", "b", "c", "a"]]
+
+
 # ==========================================================================================================
 # The embedded demo
 # ==========================================================================================================
@@ -2299,7 +2350,7 @@ def test_readme_commands_are_valid_command_lines():
 def test_demo_preset_smoke_run(tmp_path):
     """--preset demo --smoke: every stage for a few steps, the report, then sample.py on the result."""
     out = tmp_path / "demo"
-    report = train.run_demo(train.build_parser().parse_args(["--preset", "demo", "--smoke", "--out", str(out)]))
+    report = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
     saved = json.loads((out / "report.json").read_text())
     assert saved["tokenizer_psnr_db"] == report["tokenizer_psnr_db"] > 12
     for key in ("prompt_accuracy_cfg2", "prompt_accuracy_no_cfg", "novel_pair_accuracy_cfg2", "caption_accuracy"):
@@ -2318,7 +2369,7 @@ def test_demo_preset_smoke_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "s" / "00000_00.png").size == (32, 32)
     # running it again finds every stage trained and only re-evaluates
-    again = train.run_demo(train.build_parser().parse_args(["--preset", "demo", "--smoke", "--out", str(out)]))
+    again = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
     assert set(again["wall_time_s"]) == {"evaluation", "total", "pretokenize"}
     assert again["prompt_accuracy_cfg2"] == report["prompt_accuracy_cfg2"]
 
@@ -2460,7 +2511,7 @@ def test_perceptual_weights_missing_or_offline(tmp_path, monkeypatch):
     log = (out / "log.txt").read_text()
     assert "Training WITHOUT the perceptual term" in log and "losses: mse + 1e-06 kl;" in log
     assert "perceptual" not in log.split("step 1/1")[1].split("\n")[0]
-    with pytest.raises(train.TrainError, match="is missing"):
+    with pytest.raises(UserError, match="is missing"):
         run_train("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
                   "shapes:n=16", "--out", tmp_path / "run2", "--steps", 1, "--global-batch", 4, "--w-perceptual", 1,
                   "--perceptual-weights", tmp_path / "partial")
@@ -2528,7 +2579,7 @@ def test_tokenizer_fine_tunes_from_the_official_file(tmp_path):
     assert mine["encoder.rope_cos"].shape[0] == 4 * official["encoder.rope_cos"].shape[0]   # 64 px: 4x the patches
     same = [k for k in mine if "rope_" not in k]
     assert len(same) > 20 and all(torch.equal(mine[k], official[k]) for k in same)
-    with pytest.raises(train.TrainError, match="does not fit --tokenizer-preset demo"):
+    with pytest.raises(UserError, match="does not fit --tokenizer-preset demo"):
         run_train("--stage", "tokenizer", "--tokenizer-preset", "demo", "--clip-weights", "random", "--data",
                   "shapes:n=16", "--out", tmp_path / "bad", "--steps", 1, "--init", folder / "FlowTiTok_512.bin")
 

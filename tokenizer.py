@@ -21,22 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from projector import gaussian_kl, load_strict, read_state_dict, reparameterize
+
 SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
-
-
-def read_state_dict(src):
-    """A path or a dict -> a flat state dict: unwraps {ema, nnet_ema, model, state_dict} and module./_orig_mod."""
-    sd = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or hasattr(
-        src, "__fspath__") else src
-    for key in ("ema", "nnet_ema", "model", "state_dict"):     # EMA weights preferred when both are present
-        if isinstance(sd.get(key), dict):
-            return read_state_dict(sd[key])
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,7 +259,7 @@ class Tokenizer(nn.Module):
     def flow_tokens(self, mean, logvar, eps=None):
         """Posterior -> flow-space image tokens x1 = (mean + sigma * eps) * scale_factor, (B, 77, 16)."""
         eps = torch.randn_like(mean) if eps is None else eps
-        return (mean + torch.exp(0.5 * logvar) * eps) * self.scale_factor
+        return reparameterize(mean, logvar, eps) * self.scale_factor
 
     def decode_flow_tokens(self, x1, text=None):
         """Flow-space tokens (B, 77, 16) -> images: decode(x1 / scale_factor, text)."""
@@ -287,12 +274,17 @@ class Tokenizer(nn.Module):
         """
         mean, logvar = self.encode(images)
         eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return 1.0 / (mean + torch.exp(0.5 * logvar) * eps).float().std().item()
+        return 1.0 / reparameterize(mean, logvar, eps).float().std().item()
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB of images in [0, 1] from their mean squared error: -10 log10(mse)."""
+    return -10 * torch.log10(mse)
 
 
 def posterior_kl(mean, logvar):
     """KL(N(mean, sigma^2) || N(0, I)) per token: 1/2 sum_c (mean^2 + sigma^2 - 1 - logvar), (B, 77)."""
-    return 0.5 * torch.sum(mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float(), dim=-1)
+    return gaussian_kl(mean, logvar).sum(-1)
 
 
 _BL77 = dict(patch_size=16, enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16)
@@ -371,21 +363,6 @@ def load_tokenizer(src, ema=True):
     return model.eval()
 
 
-def load_strict(model, sd, what):
-    """Load every key with matching shapes, or raise one error that lists everything that does not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{what} checkpoint does not fit the model:"]
-        lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  shape: {w}" for w in wrong]
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(sd, strict=True, assign=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer training losses: the one-stage TA-TiTok recipe (train.py --stage tokenizer)
 #
@@ -412,7 +389,7 @@ class LPIPS(nn.Module):
     ENDS = (4, 9, 16, 23, 30)           # torchvision vgg16.features indices that end each of the five stages
 
     def __init__(self):
-        import torchvision               # installed with open_clip; only the architecture is used, weights load below
+        import torchvision   # heavy and only for the perceptual loss (tokenizer training); weights load below
         super().__init__()
         self.features = torchvision.models.vgg16().features[:30]
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
@@ -438,7 +415,7 @@ class PerceptualLoss(nn.Module):
     """
 
     def __init__(self, w_lpips=1.0, w_convnext=0.1):
-        import torchvision
+        import torchvision   # heavy and only for the perceptual loss (tokenizer training)
         super().__init__()
         self.w_lpips, self.w_convnext = w_lpips, w_convnext
         self.lpips = LPIPS()

@@ -6,8 +6,8 @@ Stages (--stage):
   text-ae     the text autoencoder of image-to-text: text projector + TextDecoder (token cross-entropy + KL)
   flow-i2t    image -> text: the same DiT and flow, from image tokens to the frozen text autoencoder's latents
 
-  # 1 CPU: the whole embedded demo (tokenizer, text->image, image->text on the built-in shapes world)
-  python train.py --preset demo --out runs/demo
+  # 1 CPU: the whole embedded demo (tokenizer, text->image, image->text on the built-in shapes world): demo.py
+  python demo.py --out runs/demo
   # 1 GPU (batch 128, gradient accumulation up to the global batch 4096)
   python train.py --stage flow --model XL --data jsonl:/data/cc12m.jsonl --tokenizer FlowTiTok_512.bin \\
       --image-size 512 --batch-size 128 --out runs/xl
@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import data
 import flow_dit
@@ -60,7 +61,8 @@ import projector
 import sample
 import tokenizer as tokenizer_lib
 from flow_dit import FLOW_MODELS, FlowDiT
-from projector import CLIP_TOWERS, CLIPTextEncoder, TextDecoder, TextProjector
+from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
+                       fused_if_available, load_checkpoint, reparameterize, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 STAGES = ("tokenizer", "flow", "text-ae", "flow-i2t")
@@ -87,47 +89,9 @@ RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "token
                 "projector_patch_size", "decoder_width", "decoder_depth", "disc_width", "seed")
 
 
-# The embedded demo (--preset demo): the whole FlowTok pipeline on the built-in shapes world, on a laptop CPU.
-# Small sizes and the speed knobs of the real modules (a linear 77-token layout in the tokenizer, 7 latent
-# tokens per transformer token in the DiT and the projector, a caption-vocabulary text decoder); the CLIP tower
-# is random (no download). Two departures from the official recipe, both because the world has only 200 captions:
-# the KL weight is 1e-5 instead of 0.01 (the official weight holds sigma at 1 and drowns the caption signal of z in
-# noise: 16% prompt accuracy after 1000 steps against 74%), and captions repeated in a batch are all positives of
-# the contrastive loss (--caption-groups). The tokenizer trains on L2 alone: no perceptual weights offline, and the
-# GAN term at the recipe's fixed weight 0.1 swamps an L2 of 1e-3 (held-out PSNR 22.3 dB against 31.7 dB after the
-# same 2000 steps, GAN on for the last 600; with --adaptive-gan 31.8 dB at 4x the step time). The tokenizer and the
-# text autoencoder train without KL: sharp, nearly deterministic latents make the easiest flow targets here (a KL of
-# 1e-6 on the text autoencoder lowered caption accuracy), and the demo never samples from the priors. The text
-# autoencoder also drops dropout: on a CPU it cost a third of that stage's time, and captions came out better
-# without it (93.8% against 91.4%).
-DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
-               "--ckpt-every", "250", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.99",
-               "--ema", "0.99"]
-DEMO_TEXT = ["--projector-depth", "2", "--projector-heads", "4", "--projector-ff", "256", "--projector-patch-size", "7",
-             "--clip-weights", "{out}/tokenizer/clip_text.safetensors", "--data", "cache:{out}/cache"]
-DEMO_FLOW = ["--model", "demo", "--dit-patch-size", "7", "--global-batch", "128", "--lr", "2e-3",
-             "--tokenizer", "{out}/tokenizer"]
-DEMO = {   # stage -> (steps, steps with --smoke, arguments); {out} is the demo folder
-    "tokenizer": (2000, 150, ["--tokenizer-preset", "demo", "--clip-weights", "random", "--data", "shapes:n=20000",
-                              "--global-batch", "64", "--lr", "2e-3", "--schedule", "cosine", "--min-lr", "0",
-                              "--w-kl", "0", "--w-perceptual", "0", "--w-gan", "0", "--no-random-crop",
-                              "--no-flip"]),
-    "flow": (1800, 150, [*DEMO_FLOW, *DEMO_TEXT, "--caption-groups", "--w-kl", "1e-5", "--align-hidden", "128"]),
-    "text-ae": (300, 100, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
-                           "--decoder-vocab", "data", "--global-batch", "128", "--lr", "1e-3", "--w-kl", "0",
-                           "--projector-dropout", "0"]),
-    "flow-i2t": (1000, 60, [*DEMO_FLOW, *DEMO_TEXT[-4:], "--text-ae", "{out}/text-ae", "--lr", "3e-3"]),
-}
-DEMO_CACHE = 8000          # pre-encoded training images for the flow stages (1024 with --smoke)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------
-
-class TrainError(Exception):
-    """A user-facing error: printed as one line, no traceback."""
-
 
 def split_noise(noise, stage):
     """(B, D) per-sample normals -> dict of named pieces for the stage (shapes (B, 77, 16) or (B,))."""
@@ -226,13 +190,12 @@ def build_clip(args, device, rank):
         try:
             return CLIPTextEncoder(args.clip_tower, args.clip_weights).to(device), args.clip_weights
         except (OSError, ValueError, RuntimeError) as e:
-            raise TrainError(str(e)) from None
+            raise UserError(str(e)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         clip = CLIPTextEncoder(args.clip_tower, "random")
     path = os.path.join(args.out, "clip_text.safetensors")
     if rank == 0 and not os.path.exists(path):
-        from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
     return clip.to(device), path
@@ -240,32 +203,32 @@ def build_clip(args, device, rank):
 
 def load_frozen_tokenizer(path, args, clip_config, clip_width, device):
     """A trained tokenizer (our run / checkpoint or the official .bin) for a flow stage, checked against the run."""
-    ours = sample.load_checkpoint(path) if os.path.isdir(path) or path.endswith(".pt") else None
+    ours = load_checkpoint(path) if os.path.isdir(path) or path.endswith(".pt") else None
     try:
         tok = tokenizer_lib.load_tokenizer(ours or path)       # ours: read once (real tokenizers are 1.5 GB)
     except (ValueError, OSError, RuntimeError) as e:
-        raise TrainError(f"--tokenizer {path}: {e}") from None
+        raise UserError(f"--tokenizer {path}: {e}") from None
     if ours and ours["config"]["clip"]["tower"] != clip_config["tower"]:
-        raise TrainError(f"--tokenizer {path} was trained with the CLIP tower {ours['config']['clip']['tower']!r}, "
+        raise UserError(f"--tokenizer {path} was trained with the CLIP tower {ours['config']['clip']['tower']!r}, "
                          f"this run uses {clip_config['tower']!r}")
     if ours and ours["config"]["clip"]["weights"] != clip_config["weights"]:
         print(f"warning: --tokenizer {path} was trained with CLIP weights {ours['config']['clip']['weights']}, "
               f"this run uses {clip_config['weights']}", file=sys.stderr)
     c = tok.config
     if c["image_size"] != args.image_size:
-        raise TrainError(f"--tokenizer {path} works at {c['image_size']} px but --image-size is {args.image_size}: "
+        raise UserError(f"--tokenizer {path} works at {c['image_size']} px but --image-size is {args.image_size}: "
                          f"use the matching tokenizer (bl77-{args.image_size}) or --image-size {c['image_size']}")
     if c["text_dim"] != clip_width:
-        raise TrainError(f"--tokenizer {path} expects {c['text_dim']}-d text features but --clip-tower "
+        raise UserError(f"--tokenizer {path} expects {c['text_dim']}-d text features but --clip-tower "
                          f"{args.clip_tower} gives {clip_width}-d: it was trained with another text tower")
     return tok.to(device).eval().requires_grad_(False)
 
 
 def load_frozen_text_ae(path, device):
     """The text autoencoder (stage text-ae) for the flow-i2t stage -> (projector, text decoder), EMA weights."""
-    ckpt = sample.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     if ckpt.get("stage") != "text-ae":
-        raise TrainError(f"--text-ae {path} is a '{ckpt.get('stage')}' checkpoint, not a text-ae one")
+        raise UserError(f"--text-ae {path} is a '{ckpt.get('stage')}' checkpoint, not a text-ae one")
     proj = TextProjector(**ckpt["config"]["projector"])
     decoder = TextDecoder(**ckpt["config"]["text_decoder"])
     proj.load_state_dict(ckpt["ema"]["projector"])
@@ -283,7 +246,7 @@ def caption_vocabulary(args):
     elif hasattr(source, "captions"):
         captions = [source.captions[i] for i in range(len(source))]
     else:
-        raise TrainError(f"--decoder-vocab data needs a map-style source, not {args.data}")
+        raise UserError(f"--decoder-vocab data needs a map-style source, not {args.data}")
     ids = torch.cat([projector.tokenize(captions[i:i + 4096])[0] for i in range(0, len(captions), 4096)])
     return sorted(int(i) for i in ids.unique())
 
@@ -303,7 +266,7 @@ def build_stage(args, device, rank=0):
             frozen["clip"] = None              # a decoder without text guidance: no CLIP features to compute
     elif args.stage in ("flow", "flow-i2t"):
         if not args.tokenizer:
-            raise TrainError(f"--stage {args.stage} needs --tokenizer (a tokenizer run or the official .bin)")
+            raise UserError(f"--stage {args.stage} needs --tokenizer (a tokenizer run or the official .bin)")
         frozen["tokenizer"] = load_frozen_tokenizer(args.tokenizer, args, config["clip"], clip.width, device)
         config["tokenizer"] = args.tokenizer
         dit = FlowDiT(**FLOW_MODELS[args.model], patch_size=args.dit_patch_size)
@@ -312,7 +275,7 @@ def build_stage(args, device, rank=0):
             parts = {"dit": dit, "projector": TextProjector(**proj_kwargs, align_hidden=align)}
         else:
             if not args.text_ae:
-                raise TrainError("--stage flow-i2t needs --text-ae (a text-ae run)")
+                raise UserError("--stage flow-i2t needs --text-ae (a text-ae run)")
             frozen["text_ae"], frozen["text_decoder"] = load_frozen_text_ae(args.text_ae, device)
             config["text_ae"] = args.text_ae
             parts = {"dit": dit}
@@ -350,8 +313,8 @@ def prepare(batch, frozen, args, device):
         with autocast(args, device):
             mean, logvar = tok.encode(batch["image"].to(device, non_blocking=True))
     image_tokens = tok.flow_tokens(mean, logvar, noise["img"])                 # (B, 77, 16), flow space
-    null_u = 0.5 * (1 + torch.erf(noise["null"] / math.sqrt(2)))               # uniform in (0, 1)
-    inputs.update(t=torch.sigmoid(noise["t"]), null=null_u < args.cfg_prob)    # t ~ logit-normal(0, 1)
+    t, null = flow_dit.draw_time_and_null(noise["t"], noise["null"], args.cfg_prob)
+    inputs.update(t=t, null=null)
     if args.stage == "flow":
         inputs.update(x1=image_tokens, eps=noise["txt"])
         if args.caption_groups:
@@ -366,10 +329,10 @@ def tokenizer_loss(tok, inputs, args, helpers):
     """The one-stage TA-TiTok objective (formulas in tokenizer.py): MSE + perceptual + KL + GAN generator term."""
     images = inputs["images"]
     mean, logvar = tok.encode(images)
-    recon = tok.decode(mean + torch.exp(0.5 * logvar) * inputs["eps"], inputs["clip"]).float()
+    recon = tok.decode(reparameterize(mean, logvar, inputs["eps"]), inputs["clip"]).float()
     mse = F.mse_loss(recon, images)
     kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()                # summed over tokens, batch mean
-    out = dict(mse=mse, kl=kl, psnr=-10 * torch.log10(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
+    out = dict(mse=mse, kl=kl, psnr=tokenizer_lib.psnr(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
     rec = mse
     if helpers.get("perceptual") is not None:
         with torch.autocast(images.device.type, enabled=False):               # float32, as the official loss
@@ -447,7 +410,7 @@ def build_perceptual(args, device, rank, world, say):
                 net = tokenizer_lib.load_perceptual(folder).to(device)
             except OSError as e:
                 if folder is not None:
-                    raise TrainError(f"--perceptual-weights {folder}: {e}") from None
+                    raise UserError(f"--perceptual-weights {folder}: {e}") from None
                 net = None
                 say(f"warning: {e}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
         if world > 1:
@@ -459,19 +422,19 @@ def init_weights(parts, args):
     """--init: the trained parts from another run; for the tokenizer stage also any tokenizer checkpoint,
     the official FlowTiTok_256/512.bin included (fine-tuning; RoPE tables follow this run's image size)."""
     if args.stage != "tokenizer":
-        init = sample.load_checkpoint(args.init)
+        init = load_checkpoint(args.init)
         for name, m in parts.items():
             m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
         return
     try:
         src = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema).state_dict()
     except (ValueError, OSError, RuntimeError) as e:
-        raise TrainError(f"--init {args.init}: {e}") from None
+        raise UserError(f"--init {args.init}: {e}") from None
     own = parts["tokenizer"].state_dict()
     keys = [k for k in own if "rope_" not in k]
     wrong = [k for k in keys if k not in src or src[k].shape != own[k].shape]
     if wrong:
-        raise TrainError(f"--init {args.init} does not fit --tokenizer-preset {args.tokenizer_preset}: "
+        raise UserError(f"--init {args.init} does not fit --tokenizer-preset {args.tokenizer_preset}: "
                          + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
                                      f"{tuple(own[k].shape)}" for k in wrong[:5]))
     parts["tokenizer"].load_state_dict({k: src[k] for k in keys}, strict=False)
@@ -562,10 +525,10 @@ def fill_defaults(args, world):
         setattr(args, k, getattr(args, k) or type(STAGE_DEFAULTS["tokenizer"][k])())
     if args.batch_size is None:
         if args.global_batch % world:
-            raise TrainError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
+            raise UserError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
         args.batch_size = args.global_batch // world
     if args.global_batch % (args.batch_size * world):
-        raise TrainError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+        raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
                          f"x {world} processes")
     args.accum = args.global_batch // (args.batch_size * world)
     if args.precision is None:
@@ -581,9 +544,9 @@ def check_output_folder(out, resume):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise TrainError(f"--out {out} is not writable ({e.strerror})") from None
+        raise UserError(f"--out {out} is not writable ({e.strerror})") from None
     if not resume and os.path.exists(os.path.join(out, "last.pt")):
-        raise TrainError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+        raise UserError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
     for partial in glob.glob(os.path.join(out, "*.tmp")) + glob.glob(os.path.join(out, "*.last")):
         os.remove(partial)                     # left by a kill during a checkpoint write
 
@@ -606,11 +569,11 @@ def main(args):
 
     ckpt = None
     if args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        ckpt = sample.load_checkpoint(args.out)
+        ckpt = load_checkpoint(args.out)
         changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
                    for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
         if changed:
-            raise TrainError("cannot resume with different " + ", ".join(changed))
+            raise UserError("cannot resume with different " + ", ".join(changed))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -648,7 +611,7 @@ def main(args):
         source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
                                     flip=args.flip)
     except (ValueError, RuntimeError) as e:
-        raise TrainError(str(e)) from None
+        raise UserError(str(e)) from None
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
                               noise_dim=sum(NOISE[args.stage].values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
@@ -703,7 +666,7 @@ def main(args):
         all_skips = gather_objects(dict(skips), world)
         sums = gather_objects(weight_checksum(objective.parts) + (weight_checksum(disc) if disc else []), world)
         if any(c != sums[0] for c in sums):    # DDP keeps replicas identical; anything else is a bug to stop on
-            raise TrainError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
+            raise UserError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
         if world > 1:
             say(f"step {step}: weights identical on all {world} ranks")
         if rank == 0 and args.stage == "tokenizer" and args.scale_factor == "auto" and scale_images is not None:
@@ -763,7 +726,7 @@ def main(args):
                 bad_in_a_row += 1
                 say(f"step {step}: non-finite loss or gradient (loss {float(out['loss'].detach()):.4g}), update skipped")
                 if bad_in_a_row >= args.max_bad_steps:
-                    raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
+                    raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
                                      f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -826,16 +789,7 @@ def main(args):
             bar.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    return {"step": step, "skips": dict(skips), "out": args.out}
-
-
-def fused_if_available(device):
-    """AdamW's fused kernel where this torch has it for the device (CUDA; CPU from torch 2.4)."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError):
-        return {}
+    return {"step": step, "skips": dict(skips), "out": args.out, "stopped": stop[0] if stop else None}
 
 
 def preview_inputs(source, args, device):
@@ -855,111 +809,10 @@ def preview_inputs(source, args, device):
     return fixed
 
 
-def demo_args(stage, out, smoke):
-    """The parsed arguments of one demo stage."""
-    steps, smoke_steps, extra = DEMO[stage]
-    argv = DEMO_COMMON + [a.format(out=out) for a in extra] + ["--stage", stage, "--out", os.path.join(out, stage),
-                                                              "--steps", str(smoke_steps if smoke else steps)]
-    return build_parser().parse_args(argv)
-
-
-def run_demo(args):
-    """--preset demo: tokenizer -> pre-tokenised cache -> text-to-image -> text autoencoder -> image-to-text,
-    then a report (report.json + a printed table) and a sample grid; --resume continues an interrupted demo."""
-    out, times = args.out, {}
-    os.makedirs(out, exist_ok=True)
-    print(f"FlowTok demo in {out}: the built-in shapes world, {'smoke-test sizes' if args.smoke else 'full run'}")
-    print("note: the CLIP text tower is random (untrained, no download); captions become fixed features")
-    for stage in ("tokenizer", "pretokenize", "flow", "text-ae", "flow-i2t"):
-        t0 = time.time()
-        if stage == "pretokenize":
-            if not os.path.exists(os.path.join(out, "cache", "done")):
-                shutil.rmtree(os.path.join(out, "cache"), ignore_errors=True)
-                n = 1024 if args.smoke else DEMO_CACHE
-                data.pretokenize(data.build_parser().parse_args([
-                    "pretokenize", "--data", f"shapes:n={n}", "--tokenizer", os.path.join(out, "tokenizer"),
-                    "--out", os.path.join(out, "cache"), "--num-workers", "0"]))
-                open(os.path.join(out, "cache", "done"), "w").close()
-        else:
-            stage_args = demo_args(stage, out, args.smoke)
-            last = os.path.join(stage_args.out, "last.pt")
-            if os.path.exists(last) and torch.load(last, weights_only=True)["step"] >= stage_args.steps:
-                print(f"{stage}: already trained ({last})")
-                continue
-            stage_args.resume = os.path.exists(last)
-            print(f"--- {stage}: {stage_args.steps} steps")
-            if main(stage_args)["step"] < stage_args.steps:          # stopped by a signal: stop the demo too
-                raise TrainError(f"demo interrupted during {stage}; run the same command again to continue")
-        times[stage] = time.time() - t0
-    t0 = time.time()
-    report = demo_report(out, args.smoke)
-    times["evaluation"] = time.time() - t0
-    report["wall_time_s"] = {k: round(v, 1) for k, v in times.items()}
-    report["wall_time_s"]["total"] = round(sum(times.values()), 1)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print_report(report, out)
-    return report
-
-
-@torch.no_grad()
-def demo_report(out, smoke=False):
-    """Held-out numbers: tokenizer PSNR, prompt accuracy (CFG 2, no CFG, novel pairs), caption accuracy, CIDEr."""
-    import evaluate
-    pipe = sample.load_pipeline(out)
-    n_img, per_prompt = (32, 1) if smoke else (512, 4)
-    images, attrs = data.shapes_batch("heldout", list(range(n_img)), size=pipe.tokenizer.image_size)
-    mean, _ = pipe.tokenizer.encode(images)
-    recon = pipe.tokenizer.decode(mean).clamp(0, 1)
-    psnr = (-10 * torch.log10(((recon - images) ** 2).mean(dim=(1, 2, 3)))).mean().item()
-    prompts = data.shapes_prompts("heldout")[::8 if smoke else 1]          # 25 of the 200 with --smoke
-    novel = data.shapes_prompts("novel")[::4 if smoke else 1]
-    report = {"tokenizer_psnr_db": round(psnr, 2), "samples_per_prompt": per_prompt,
-              "heldout_prompts": len(prompts), "novel_prompts": len(novel)}
-    report["prompt_accuracy_cfg2"] = evaluate.shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=2.0)
-    report["prompt_accuracy_no_cfg"] = evaluate.shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=1.0)
-    report["novel_pair_accuracy_cfg2"] = evaluate.shapes_prompt_accuracy(pipe, novel, per_prompt, cfg=2.0)
-    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(n_img)])
-    captions = pipe.caption(images, steps=20, cfg=2.0, eps=eps)
-    report["caption_accuracy"] = evaluate.shapes_caption_accuracy(captions, attrs)
-    truth = [data.caption_for(a) for a in attrs]
-    report["caption_cider_d"] = round(evaluate.cider_d(dict(enumerate(captions)),
-                                                       {i: [t] for i, t in enumerate(truth)}), 3)
-    report["caption_examples"] = [f"{t} -> {c}" for t, c in list(zip(truth, captions))[:5]]
-    grid_prompts = prompts[::max(1, len(prompts) // 16)][:16]
-    eps = torch.stack([sample.sample_noise(i, j, 0) for i in range(len(grid_prompts)) for j in range(4)])
-    grid = pipe.generate([p for p in grid_prompts for _ in range(4)], cfg=2.0, eps=eps)
-    report["grid"] = sample.save_grid(grid, os.path.join(out, "heldout_grid.png"), nrow=4)
-    with open(os.path.join(out, "heldout_grid.txt"), "w") as f:
-        f.write("\n".join(grid_prompts) + "\n")
-    return report
-
-
-def print_report(r, out):
-    """The demo's report as a table."""
-    acc = lambda d: f"both {d['both']:.1%}  colour {d['colour']:.1%}  shape {d['shape']:.1%}  " \
-                    f"size {d['size']:.1%}  position {d['position']:.1%}"
-    rows = [("tokenizer PSNR, held-out images", f"{r['tokenizer_psnr_db']:.2f} dB"),
-            (f"prompt accuracy, {r['heldout_prompts']} held-out prompts x {r['samples_per_prompt']}, CFG 2",
-             acc(r["prompt_accuracy_cfg2"])),
-            ("  same, no CFG (CFG 1)", acc(r["prompt_accuracy_no_cfg"])),
-            (f"  {r['novel_prompts']} prompts of colour-shape pairs never trained", acc(r["novel_pair_accuracy_cfg2"])),
-            ("caption accuracy (image to text)", acc(r["caption_accuracy"])),
-            ("caption CIDEr-D vs the true captions", f"{r['caption_cider_d']:.3f}")]
-    rows += [(f"wall time: {k}", f"{v:.0f} s") for k, v in r["wall_time_s"].items()]
-    width = max(len(a) for a, _ in rows)
-    print("\n" + "\n".join(f"{a:<{width}}  {b}" for a, b in rows))
-    print("\nexamples: " + "\n          ".join(r["caption_examples"][:3]))
-    print(f"report: {os.path.join(out, 'report.json')}   grid: {r['grid']}   "
-          f"sample: python sample.py --ckpt {out} \"a large red circle on the left\"")
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="flow")
-    p.add_argument("--preset", choices=["demo"], help="run the whole embedded demo instead of one stage")
-    p.add_argument("--smoke", action="store_true", help="with --preset demo: a few steps per stage (a quick check)")
     p.add_argument("--data", default="shapes", help="data spec (see data.py), e.g. jsonl:FILE,root=DIR")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.txt, samples/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -978,7 +831,7 @@ def build_parser():
                    "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
-    p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default="ViT-L-14-336-quickgelu")
+    p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER)
     p.add_argument("--clip-weights", default="openai", help="'openai' (download), a local open_clip file, or 'random'")
     p.add_argument("--projector-depth", type=int, default=6)
     p.add_argument("--projector-heads", type=int, default=8)
@@ -1042,9 +895,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        run_demo(args) if args.preset else main(args)
-    except (TrainError, sample.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli("train.py", main, build_parser().parse_args()))
