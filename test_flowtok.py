@@ -1522,7 +1522,7 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
         torch.manual_seed(0)
         parts, frozen, _ = train.build_stage(args, torch.device("cpu"))
         source = data.build_dataset(spec, image_size=32)
-        batch = next(iter(data.make_loader(source, 8, seed=0, noise_dim=sum(train.NOISE["flow"].values()))))
+        batch = next(iter(data.make_loader(source, 8, seed=0, noise_dim=sum(train.STAGES["flow"].noise.values()))))
         inputs = train.prepare(batch, frozen, args, torch.device("cpu"))
         for m in parts.values():
             m.eval()

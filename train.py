@@ -38,51 +38,33 @@ import argparse
 import contextlib
 import copy
 import glob
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections import Counter
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import data
 import flow_dit
 import projector
 import sample
 import tokenizer as tokenizer_lib
-from flow_dit import FLOW_MODELS, FlowDiT
+from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
                        fused_if_available, load_checkpoint, reparameterize, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
-STAGES = ("tokenizer", "flow", "text-ae", "flow-i2t")
 T = 77 * 16   # elements of one 77x16 latent
-
-# per stage: the official (or closest public) recipe; every value is one flag away
-STAGE_DEFAULTS = {
-    "tokenizer": dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
-                      ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
-                      w_gan=0.1, gan_start=200_000, random_crop=True, flip=True),
-    "flow": dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
-                 ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000),
-    "text-ae": dict(lr=2e-4, weight_decay=0.03, beta2=0.95, warmup=2000, schedule="constant", min_lr=0.0,
-                    ema=0.999, grad_clip=1.0, w_kl=1e-4, global_batch=1024, steps=100_000),
-    "flow-i2t": dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
-                     ema=0.9999, grad_clip=0.0, w_kl=0.0, global_batch=4096, steps=200_000),
-}
-# what a stage's per-sample noise vector holds (data.py draws it from the sample's stream position)
-NOISE = {"tokenizer": dict(img=T), "flow": dict(img=T, txt=T, t=1, null=1), "text-ae": dict(txt=T),
-         "flow-i2t": dict(img=T, txt=T, t=1, null=1)}
 # arguments a resumed run must share with the run it continues
 RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
                 "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
@@ -93,10 +75,10 @@ RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "token
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------
 
-def split_noise(noise, stage):
-    """(B, D) per-sample normals -> dict of named pieces for the stage (shapes (B, 77, 16) or (B,))."""
+def split_noise(noise, spec):
+    """(B, D) per-sample normals -> dict of named pieces {name: size} (shapes (B, 77, 16) or (B,))."""
     out, i = {}, 0
-    for name, n in NOISE[stage].items():
+    for name, n in spec.items():
         piece = noise[:, i:i + n]
         out[name] = piece.view(-1, 77, 16) if n == T else piece[:, 0]
         i += n
@@ -177,7 +159,7 @@ def make_gather(world, rank):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stages: models, frozen encoders, losses
+# Frozen encoders and the models' constructor arguments
 # ----------------------------------------------------------------------------------------------------------
 
 def build_clip(args, device, rank):
@@ -251,119 +233,161 @@ def caption_vocabulary(args):
     return sorted(int(i) for i in ids.unique())
 
 
-def build_stage(args, device, rank=0):
-    """-> (trainable parts {name: module}, frozen encoders {name: module}, config for the checkpoint)."""
-    clip, clip_weights = build_clip(args, device, rank)
-    frozen, config = {"clip": clip}, {"clip": dict(tower=args.clip_tower, weights=clip_weights)}
-    proj_kwargs = dict(clip_dim=clip.width, depth=args.projector_depth, heads=args.projector_heads,
-                       d_ff=args.projector_ff, dropout=args.projector_dropout, patch_size=args.projector_patch_size)
-    if args.stage == "tokenizer":
+def projector_kwargs(args, clip):
+    """The TextProjector's constructor arguments from the flags (its alignment head aside)."""
+    return dict(clip_dim=clip.width, depth=args.projector_depth, heads=args.projector_heads, d_ff=args.projector_ff,
+                dropout=args.projector_dropout, patch_size=args.projector_patch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages: each stage's defaults, per-sample noise, models, inputs, loss and preview, in one class per stage
+# ----------------------------------------------------------------------------------------------------------
+
+class Stage:
+    """One training stage. `defaults`: the official (or closest public) recipe, every value one flag away;
+    `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position)."""
+    defaults, noise = {}, {}
+
+    def build(self, args, clip, frozen, config, device):
+        """-> the trainable parts {name: module}; frozen encoders go into `frozen`, paths into `config`."""
+        raise NotImplementedError
+
+    def inputs(self, batch, noise, clip, frozen, args, device):
+        """A loader batch (its noise split by name, CLIP features computed) -> what the loss needs (no grad)."""
+        raise NotImplementedError
+
+    def loss(self, parts, inputs, args, gather, helpers):
+        """-> dict of scalars; "loss" is what backward sees."""
+        raise NotImplementedError
+
+    def preview(self, ema, frozen, fixed, args, path, generator):
+        """Write a preview of the EMA model to path + .png / .txt -> the file written."""
+        raise NotImplementedError
+
+
+class TokenizerStage(Stage):
+    """The 1D image tokenizer, TA-TiTok's one-stage recipe: L2 + perceptual + KL + PatchGAN with LeCAM."""
+    defaults = dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
+                    ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
+                    w_gan=0.1, gan_start=200_000, random_crop=True, flip=True)
+    noise = dict(img=T)
+
+    def build(self, args, clip, frozen, config, device):
         overrides = dict(text_dim=clip.width, image_size=args.image_size)
         if args.scale_factor != "auto":
             overrides["scale_factor"] = float(args.scale_factor)
-        parts = {"tokenizer": Tokenizer.from_preset(args.tokenizer_preset, **overrides)}
-        if not parts["tokenizer"].config["text_guidance"]:
+        tok = Tokenizer.from_preset(args.tokenizer_preset, **overrides)
+        if not tok.config["text_guidance"]:
             frozen["clip"] = None              # a decoder without text guidance: no CLIP features to compute
-    elif args.stage in ("flow", "flow-i2t"):
+        return {"tokenizer": tok}
+
+    def inputs(self, batch, noise, clip, frozen, args, device):
+        return dict(clip=clip, ids=batch["ids"].to(device, non_blocking=True),
+                    images=batch["image"].to(device, non_blocking=True), eps=noise["img"])
+
+    def loss(self, parts, inputs, args, gather, helpers):
+        """The one-stage TA-TiTok objective (formulas in tokenizer.py): MSE + perceptual + KL + GAN generator term."""
+        tok, images = parts["tokenizer"], inputs["images"]
+        mean, logvar = tok.encode(images)
+        recon = tok.decode(reparameterize(mean, logvar, inputs["eps"]), inputs["clip"]).float()
+        mse = F.mse_loss(recon, images)
+        kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()            # summed over tokens, batch mean
+        out = dict(mse=mse, kl=kl, psnr=tokenizer_lib.psnr(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
+        rec = mse
+        if helpers.get("perceptual") is not None:
+            with torch.autocast(images.device.type, enabled=False):           # float32, as the official loss
+                out["perceptual"] = helpers["perceptual"](recon, images)
+            rec = rec + args.w_perceptual * out["perceptual"]
+        loss = rec + args.w_kl * kl
+        if inputs.get("gan"):                                                  # from --gan-start on
+            disc = helpers["discriminator"]
+            disc.requires_grad_(False)            # this term trains the tokenizer; D learns in its own step
+            with torch.autocast(images.device.type, enabled=False):
+                out["gan"] = tokenizer_lib.generator_gan_loss(disc(recon))
+            disc.requires_grad_(True)
+            weight = args.w_gan * (tokenizer_lib.adaptive_gan_weight(rec, out["gan"], tok.decoder.conv_out.weight)
+                                   if args.adaptive_gan else 1.0)
+            out["gan_weight"] = torch.as_tensor(weight, dtype=torch.float32)
+            loss = loss + weight * out["gan"]
+        out.update(loss=loss, recon=recon.detach())   # recon: the discriminator's fakes (popped by the loop)
+        return out
+
+    def preview(self, ema, frozen, fixed, args, path, generator):
+        tok = ema["tokenizer"]
+        mean, _ = tok.encode(fixed["images"])
+        recon = tok.decode(mean, frozen["clip"](fixed["ids"]) if frozen["clip"] is not None else None).clamp(0, 1)
+        grid = torch.stack([fixed["images"], recon], 1).flatten(0, 1)         # input, reconstruction, ...
+        return sample.save_grid(grid, path + ".png", nrow=8)
+
+
+class FlowStage(Stage):
+    """Text -> image: DiT + text projector + alignment MLP on a frozen tokenizer and frozen CLIP (flow_dit.py)."""
+    defaults = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
+                    ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
+    noise = dict(img=T, txt=T, t=1, null=1)
+
+    def build(self, args, clip, frozen, config, device):
+        dit = self.build_dit(args, clip, frozen, config, device)
+        align = args.align_hidden if args.w_con else 0         # no alignment head without the contrastive term
+        return {"dit": dit, "projector": TextProjector(**projector_kwargs(args, clip), align_hidden=align)}
+
+    def build_dit(self, args, clip, frozen, config, device):
+        """The frozen tokenizer (into `frozen`) and a fresh DiT (both flow directions)."""
         if not args.tokenizer:
             raise UserError(f"--stage {args.stage} needs --tokenizer (a tokenizer run or the official .bin)")
         frozen["tokenizer"] = load_frozen_tokenizer(args.tokenizer, args, config["clip"], clip.width, device)
         config["tokenizer"] = args.tokenizer
-        dit = FlowDiT(**FLOW_MODELS[args.model], patch_size=args.dit_patch_size)
-        if args.stage == "flow":
-            align = args.align_hidden if args.w_con else 0       # no alignment head without the contrastive term
-            parts = {"dit": dit, "projector": TextProjector(**proj_kwargs, align_hidden=align)}
+        return FlowDiT(**FLOW_MODELS[args.model], patch_size=args.dit_patch_size)
+
+    def image_tokens(self, batch, noise, frozen, args, device):
+        """Flow-space image tokens (B, 77, 16) of the batch: from the cache's posterior or the frozen encoder."""
+        tok = frozen["tokenizer"]
+        if "posterior" in batch:
+            mean, logvar = batch["posterior"].to(device, non_blocking=True).chunk(2, dim=-1)
         else:
-            if not args.text_ae:
-                raise UserError("--stage flow-i2t needs --text-ae (a text-ae run)")
-            frozen["text_ae"], frozen["text_decoder"] = load_frozen_text_ae(args.text_ae, device)
-            config["text_ae"] = args.text_ae
-            parts = {"dit": dit}
-    elif args.stage == "text-ae":
-        parts = {"projector": TextProjector(**proj_kwargs, align_hidden=0),
-                 "text_decoder": TextDecoder(width=args.decoder_width, depth=args.decoder_depth,
-                                             heads=args.projector_heads, d_ff=args.decoder_ff,
-                                             dropout=args.projector_dropout,
-                                             vocab_ids=caption_vocabulary(args) if args.decoder_vocab == "data"
-                                             else None)}
-    config.update({name: m.config for name, m in parts.items()})
-    return {k: v.to(device) for k, v in parts.items()}, frozen, config
+            with autocast(args, device):
+                mean, logvar = tok.encode(batch["image"].to(device, non_blocking=True))
+        return tok.flow_tokens(mean, logvar, noise["img"])
 
-
-@torch.no_grad()
-def prepare(batch, frozen, args, device):
-    """A loader batch -> the tensors the stage's loss needs, with the frozen encoders applied (no grad)."""
-    noise = split_noise(batch["noise"].to(device, non_blocking=True), args.stage)
-    ids = batch["ids"].to(device, non_blocking=True)
-    if args.stage == "tokenizer":                         # CLIP only if the decoder is text-guided
-        clip = frozen["clip"](ids) if frozen["clip"] is not None else None
-        return dict(clip=clip, ids=ids, images=batch["image"].to(device, non_blocking=True), eps=noise["img"])
-    if "clip" in batch:                                   # pre-tokenised cache: both encoders skipped
-        clip = batch["clip"].to(device, non_blocking=True)
-    else:
-        clip = frozen["clip"](ids)
-    inputs = dict(clip=clip, ids=ids)
-    if args.stage == "text-ae":
-        inputs.update(eps=noise["txt"])
-        return inputs
-    tok = frozen["tokenizer"]
-    if "posterior" in batch:
-        mean, logvar = batch["posterior"].to(device, non_blocking=True).chunk(2, dim=-1)
-    else:
-        with autocast(args, device):
-            mean, logvar = tok.encode(batch["image"].to(device, non_blocking=True))
-    image_tokens = tok.flow_tokens(mean, logvar, noise["img"])                 # (B, 77, 16), flow space
-    t, null = flow_dit.draw_time_and_null(noise["t"], noise["null"], args.cfg_prob)
-    inputs.update(t=t, null=null)
-    if args.stage == "flow":
-        inputs.update(x1=image_tokens, eps=noise["txt"])
+    def inputs(self, batch, noise, clip, frozen, args, device):
+        t, null = flow_dit.draw_time_and_null(noise["t"], noise["null"], args.cfg_prob)
+        ids = batch["ids"].to(device, non_blocking=True)
+        out = dict(clip=clip, t=t, null=null, x1=self.image_tokens(batch, noise, frozen, args, device),
+                   eps=noise["txt"])
         if args.caption_groups:
-            inputs["groups"] = caption_groups(ids)
-    else:                                                                      # image -> text
-        text_latent, _, _ = frozen["text_ae"](clip, noise["txt"])
-        inputs.update(x0=image_tokens, x1=text_latent)
-    return inputs
+            out["groups"] = caption_groups(ids)
+        return out
 
-
-def tokenizer_loss(tok, inputs, args, helpers):
-    """The one-stage TA-TiTok objective (formulas in tokenizer.py): MSE + perceptual + KL + GAN generator term."""
-    images = inputs["images"]
-    mean, logvar = tok.encode(images)
-    recon = tok.decode(reparameterize(mean, logvar, inputs["eps"]), inputs["clip"]).float()
-    mse = F.mse_loss(recon, images)
-    kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()                # summed over tokens, batch mean
-    out = dict(mse=mse, kl=kl, psnr=tokenizer_lib.psnr(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
-    rec = mse
-    if helpers.get("perceptual") is not None:
-        with torch.autocast(images.device.type, enabled=False):               # float32, as the official loss
-            out["perceptual"] = helpers["perceptual"](recon, images)
-        rec = rec + args.w_perceptual * out["perceptual"]
-    loss = rec + args.w_kl * kl
-    if inputs.get("gan"):                                                      # from --gan-start on
-        disc = helpers["discriminator"]
-        disc.requires_grad_(False)                # this term trains the tokenizer; D learns in its own step
-        with torch.autocast(images.device.type, enabled=False):
-            out["gan"] = tokenizer_lib.generator_gan_loss(disc(recon))
-        disc.requires_grad_(True)
-        weight = args.w_gan * (tokenizer_lib.adaptive_gan_weight(rec, out["gan"], tok.decoder.conv_out.weight)
-                               if args.adaptive_gan else 1.0)
-        out["gan_weight"] = torch.as_tensor(weight, dtype=torch.float32)
-        loss = loss + weight * out["gan"]
-    out.update(loss=loss, recon=recon.detach())   # recon: the discriminator's fakes (popped by the loop)
-    return out
-
-
-def stage_loss(parts, inputs, args, gather=None, helpers=None):
-    """The stage's objective -> dict of scalars ("loss" is what backward sees)."""
-    if args.stage == "tokenizer":
-        return tokenizer_loss(parts["tokenizer"], inputs, args, helpers or {})
-    if args.stage == "flow":
+    def loss(self, parts, inputs, args, gather, helpers):
         out = flow_dit.flowtok_loss(parts["dit"], parts["projector"], inputs["clip"], inputs["x1"], inputs["t"],
                                     inputs["null"], inputs["eps"], args.w_con, args.w_kl, args.kl,
                                     inputs.get("groups"), gather)
         return dict(loss=out["loss"], diff=out["diff"], contrastive=out["contrastive"], kl=out["kl"],
                     sigma=torch.exp(0.5 * out["logvar"].detach()).mean(), mu=out["mu"].detach().abs().mean())
-    if args.stage == "text-ae":
+
+    def preview(self, ema, frozen, fixed, args, path, generator):
+        pipe = sample.FlowTokPipeline(frozen["clip"], ema["projector"], ema["dit"], frozen["tokenizer"])
+        images = pipe.generate(fixed["prompts"], steps=args.sample_steps, cfg=args.cfg, generator=generator)
+        return sample.save_grid(images, path + ".png", nrow=8)
+
+
+class TextAEStage(Stage):
+    """The text autoencoder of image-to-text: text projector + TextDecoder (token cross-entropy + KL)."""
+    defaults = dict(lr=2e-4, weight_decay=0.03, beta2=0.95, warmup=2000, schedule="constant", min_lr=0.0,
+                    ema=0.999, grad_clip=1.0, w_kl=1e-4, global_batch=1024, steps=100_000)
+    noise = dict(txt=T)
+
+    def build(self, args, clip, frozen, config, device):
+        proj = TextProjector(**projector_kwargs(args, clip), align_hidden=0)      # built first: the RNG order
+        vocab = caption_vocabulary(args) if args.decoder_vocab == "data" else None
+        decoder = TextDecoder(width=args.decoder_width, depth=args.decoder_depth, heads=args.projector_heads,
+                              d_ff=args.decoder_ff, dropout=args.projector_dropout, vocab_ids=vocab)
+        return {"projector": proj, "text_decoder": decoder}
+
+    def inputs(self, batch, noise, clip, frozen, args, device):
+        return dict(clip=clip, ids=batch["ids"].to(device, non_blocking=True), eps=noise["txt"])
+
+    def loss(self, parts, inputs, args, gather, helpers):
         z, mu, logvar = parts["projector"](inputs["clip"], inputs["eps"])
         decoder, keep = parts["text_decoder"], projector.caption_mask(inputs["ids"])
         targets = decoder.class_of[inputs["ids"]]                                # CLIP ids -> head classes
@@ -374,9 +398,73 @@ def stage_loss(parts, inputs, args, gather=None, helpers=None):
         wrong[keep] = logits.detach().argmax(-1) != targets[keep]
         return dict(loss=ce + args.w_kl * kl, ce=ce, kl=kl, token_acc=1 - wrong.sum() / keep.sum(),
                     exact=(~wrong.any(1)).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
-    out = flow_dit.flow_loss(parts["dit"], inputs["x0"], inputs["x1"], inputs["t"], inputs["null"])
-    return dict(loss=out["diff"], diff=out["diff"])
 
+    def preview(self, ema, frozen, fixed, args, path, generator):
+        _, mu, _ = ema["projector"](frozen["clip"](fixed["ids"]))              # decode the mean latent
+        return write_lines(path + ".txt", fixed["captions"], projector.detokenize(ema["text_decoder"].decode(mu)))
+
+
+class FlowI2TStage(FlowStage):
+    """Image -> text: the same DiT and flow, from image tokens to the frozen text autoencoder's latents."""
+    defaults = dict(FlowStage.defaults, w_kl=0.0, steps=200_000)
+
+    def build(self, args, clip, frozen, config, device):
+        if not args.text_ae:
+            raise UserError("--stage flow-i2t needs --text-ae (a text-ae run)")
+        dit = self.build_dit(args, clip, frozen, config, device)
+        frozen["text_ae"], frozen["text_decoder"] = load_frozen_text_ae(args.text_ae, device)
+        config["text_ae"] = args.text_ae
+        return {"dit": dit}
+
+    def inputs(self, batch, noise, clip, frozen, args, device):
+        t, null = flow_dit.draw_time_and_null(noise["t"], noise["null"], args.cfg_prob)
+        text_latent, _, _ = frozen["text_ae"](clip, noise["txt"])
+        return dict(t=t, null=null, x0=self.image_tokens(batch, noise, frozen, args, device), x1=text_latent)
+
+    def loss(self, parts, inputs, args, gather, helpers):
+        out = flow_dit.flow_loss(parts["dit"], inputs["x0"], inputs["x1"], inputs["t"], inputs["null"])
+        return dict(loss=out["diff"], diff=out["diff"])
+
+    def preview(self, ema, frozen, fixed, args, path, generator):
+        pipe = sample.FlowTokPipeline(frozen["clip"], None, None, frozen["tokenizer"], i2t_dit=ema["dit"],
+                                      text_decoder=frozen["text_decoder"])
+        caps = pipe.caption(fixed["images"], steps=args.sample_steps, cfg=args.cfg, generator=generator)
+        return write_lines(path + ".txt", fixed["captions"], caps)
+
+
+STAGES = {"tokenizer": TokenizerStage(), "flow": FlowStage(), "text-ae": TextAEStage(), "flow-i2t": FlowI2TStage()}
+STAGE_DEFAULTS = {name: stage.defaults for name, stage in STAGES.items()}
+
+
+def build_stage(args, device, rank=0):
+    """-> (trainable parts {name: module}, frozen encoders {name: module}, config for the checkpoint)."""
+    clip, clip_weights = build_clip(args, device, rank)
+    frozen, config = {"clip": clip}, {"clip": dict(tower=args.clip_tower, weights=clip_weights)}
+    parts = STAGES[args.stage].build(args, clip, frozen, config, device)
+    config.update({name: m.config for name, m in parts.items()})
+    return {k: v.to(device) for k, v in parts.items()}, frozen, config
+
+
+@torch.no_grad()
+def prepare(batch, frozen, args, device):
+    """A loader batch -> the tensors the stage's loss needs, with the frozen encoders applied (no grad)."""
+    stage = STAGES[args.stage]
+    noise = split_noise(batch["noise"].to(device, non_blocking=True), stage.noise)
+    if "clip" in batch:                                   # pre-tokenised cache: CLIP skipped
+        clip = batch["clip"].to(device, non_blocking=True)
+    else:
+        clip = frozen["clip"](batch["ids"].to(device, non_blocking=True)) if frozen["clip"] is not None else None
+    return stage.inputs(batch, noise, clip, frozen, args, device)
+
+
+def stage_loss(parts, inputs, args, gather=None, helpers=None):
+    """The stage's objective -> dict of scalars ("loss" is what backward sees)."""
+    return STAGES[args.stage].loss(parts, inputs, args, gather, helpers or {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation: the objective as one module, AdamW groups, --init, schedule, EMA, the discriminator
+# ----------------------------------------------------------------------------------------------------------
 
 class Objective(nn.Module):
     """A stage's trainable parts and its loss as one module, so that DDP syncs every part's gradients."""
@@ -463,44 +551,74 @@ def update_ema(ema, parts, decay):
     torch._foreach_lerp_(ema_p, model_p, 1 - decay)
 
 
+class Discriminator:
+    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine over the steps after
+    --gan-start, stepped only then (the official schedule)."""
+
+    def __init__(self, args, device, world, local):
+        self.args = args
+        self.net = tokenizer_lib.PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.net), lr=args.disc_lr or args.lr,
+                                           betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                                           **fused_if_available(device))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, args, steps=max(args.steps - args.gan_start, 1)))
+        self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
+            self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.world = world
+
+    def step(self, fakes, sums, skips):
+        """One discriminator update on this step's (real, fake) micro-batches (hinge + LeCAM, tokenizer.py)."""
+        for micro, (real, fake) in enumerate(fakes):
+            accumulating = self.world > 1 and micro < len(fakes) - 1
+            with self.ddp.no_sync() if accumulating else contextlib.nullcontext():
+                logits_real, logits_fake = self.ddp(torch.cat([real, fake])).float().chunk(2)     # one pass
+                d = self.net.loss(logits_real, logits_fake, self.args.w_lecam)
+            (d["loss"] / self.args.accum).backward()
+            means = torch.stack([d["logits_real"], d["logits_fake"]])
+            if self.world > 1:                     # the LeCAM EMAs follow the global means: equal on all ranks
+                dist.all_reduce(means)
+                means /= self.world
+            self.net.update_lecam(*means)
+            for k, v in d.items():
+                sums["d_" + k] += v.detach().float() / self.args.accum
+        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)):
+            self.optimizer.step()
+        else:
+            skips["non-finite discriminator step"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self):
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "config": self.net.config}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Periodic samples (rank 0, EMA weights, a generator of their own: the training RNG is untouched)
+# The run: setup, one optimisation step, logging, checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def write_samples(ema, frozen, fixed, args, step, device):
-    """Stage-appropriate preview under out/samples/: a PNG grid, or captions in a text file."""
-    folder = os.path.join(args.out, "samples")
-    os.makedirs(folder, exist_ok=True)
-    g = torch.Generator(device="cpu").manual_seed(args.seed)
-    if args.stage == "tokenizer":
-        tok = ema["tokenizer"]
-        mean, _ = tok.encode(fixed["images"])
-        recon = tok.decode(mean, frozen["clip"](fixed["ids"]) if frozen["clip"] is not None else None).clamp(0, 1)
-        grid = torch.stack([fixed["images"], recon], 1).flatten(0, 1)         # input, reconstruction, ...
-        return sample.save_grid(grid, os.path.join(folder, f"step_{step:07d}.png"), nrow=8)
-    if args.stage == "flow":
-        pipe = sample.FlowTokPipeline(frozen["clip"], ema["projector"], ema["dit"], frozen["tokenizer"])
-        images = pipe.generate(fixed["prompts"], steps=args.sample_steps, cfg=args.cfg, generator=g)
-        return sample.save_grid(images, os.path.join(folder, f"step_{step:07d}.png"), nrow=8)
-    if args.stage == "text-ae":
-        _, mu, _ = ema["projector"](frozen["clip"](fixed["ids"]))          # decode the mean latent
-        lines = [f"{a}  ->  {b}" for a, b in zip(fixed["captions"],
-                                                 projector.detokenize(ema["text_decoder"].decode(mu)))]
-    else:
-        pipe = sample.FlowTokPipeline(frozen["clip"], None, None, frozen["tokenizer"], i2t_dit=ema["dit"],
-                                      text_decoder=frozen["text_decoder"])
-        caps = pipe.caption(fixed["images"], steps=args.sample_steps, cfg=args.cfg, generator=g)
-        lines = [f"{a}  ->  {b}" for a, b in zip(fixed["captions"], caps)]
-    path = os.path.join(folder, f"step_{step:07d}.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+class Run:
+    """What the training loop shares: the models, optimizers, data and counters of one process."""
 
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.step, self.skips, self.sums, self.seen, self.n_steps = 0, Counter(), Counter(), 0, 0
+        self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
 
-# ----------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------
+    def say(self, msg):
+        """Rank 0: print (above the progress bar, if any) and append to out/log.txt."""
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(msg)
+            with open(self.log_file, "a") as f:
+                f.write(msg + "\n")
+
 
 def setup_distributed():
     """(rank, world, local_rank, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
@@ -509,6 +627,8 @@ def setup_distributed():
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, local, device
@@ -516,20 +636,20 @@ def setup_distributed():
 
 def fill_defaults(args, world):
     """Stage defaults for unset flags, and the batch arithmetic: global = per-GPU x GPUs x accumulation."""
-    for k, v in STAGE_DEFAULTS[args.stage].items():
+    for k, v in STAGES[args.stage].defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.w_kl is None:
         args.w_kl = projector.KL_TERMS[args.kl][1]
     for k in ("random_crop", "flip", "w_perceptual", "w_gan", "gan_start"):    # tokenizer-only knobs elsewhere
-        setattr(args, k, getattr(args, k) or type(STAGE_DEFAULTS["tokenizer"][k])())
+        setattr(args, k, getattr(args, k) or type(TokenizerStage.defaults[k])())
     if args.batch_size is None:
         if args.global_batch % world:
             raise UserError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
         args.batch_size = args.global_batch // world
     if args.global_batch % (args.batch_size * world):
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
-                         f"x {world} processes")
+                        f"x {world} processes")
     args.accum = args.global_batch // (args.batch_size * world)
     if args.precision is None:
         args.precision = "bf16" if torch.cuda.is_available() else "fp32"
@@ -551,245 +671,266 @@ def check_output_folder(out, resume):
         os.remove(partial)                     # left by a kill during a checkpoint write
 
 
-def main(args):
-    rank, world, local, device = setup_distributed()
-    fill_defaults(args, world)
-    if rank == 0:
-        check_output_folder(args.out, args.resume)
-    if world > 1:
-        dist.barrier()
-    log_file, bar = os.path.join(args.out, "log.txt"), None
+def resume_checkpoint(args):
+    """The checkpoint --resume continues (None for a new run), checked against this run's fixed arguments."""
+    if not (args.resume and os.path.exists(os.path.join(args.out, "last.pt"))):
+        return None
+    ckpt = load_checkpoint(args.out)
+    changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
+               for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise UserError("cannot resume with different " + ", ".join(changed))
+    return ckpt
 
-    def say(msg):
-        """Rank 0: print (above the progress bar, if any) and append to out/log.txt."""
-        if rank == 0:
-            (bar.write if bar is not None else print)(msg)
-            with open(log_file, "a") as f:
-                f.write(msg + "\n")
 
-    ckpt = None
-    if args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        ckpt = load_checkpoint(args.out)
-        changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
-                   for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise UserError("cannot resume with different " + ", ".join(changed))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
-    random.seed(args.seed + rank)
-
-    parts, frozen, config = build_stage(args, device, rank)
-    if args.grad_checkpointing:
-        for m in parts.values():
-            for sub in m.modules():
-                if hasattr(sub, "grad_checkpointing"):
-                    sub.grad_checkpointing = True
-    if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
-        init_weights(parts, args)
-    gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
-    objective = Objective(parts, args, gather)
-    ema = copy.deepcopy(objective.parts).eval().requires_grad_(False)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    betas, fused = (args.beta1, args.beta2), fused_if_available(device)
-    groups = decay_groups(objective) if args.stage == "tokenizer" else params
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay, **fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
-    disc = disc_model = None                       # the tokenizer's PatchGAN: own optimizer, own schedule
-    if args.stage == "tokenizer":
-        objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, say)
-        if args.w_gan > 0:
-            disc = tokenizer_lib.PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
-            objective.helpers["discriminator"] = disc
-            disc_opt = torch.optim.AdamW(decay_groups(disc), lr=args.disc_lr or args.lr, betas=betas,
-                                         weight_decay=args.weight_decay, **fused)
-            # the official schedule: warm-up and cosine over the steps after --gan-start, stepped only then
-            disc_sched = torch.optim.lr_scheduler.LambdaLR(
-                disc_opt, lambda s: lr_factor(s, args, steps=max(args.steps - args.gan_start, 1)))
+def build_data(args, rank, world, device):
+    """-> (source, loader) of --data for this rank."""
     try:
         source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
                                     flip=args.flip)
     except (ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
-                              noise_dim=sum(NOISE[args.stage].values()), num_workers=args.num_workers,
+                              noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
-    step, skips = 0, Counter()                     # skips: this rank's data-skip counts
-    if ckpt:
-        for name, m in objective.parts.items():
-            m.load_state_dict(ckpt["model"][name])
-            ema[name].load_state_dict(ckpt["ema"][name])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if disc is not None and "discriminator" in ckpt:
-            disc.load_state_dict(ckpt["discriminator"]["model"])
-            disc_opt.load_state_dict(ckpt["discriminator"]["optimizer"])
-            disc_sched.load_state_dict(ckpt["discriminator"]["scheduler"])
-        step = ckpt["step"]
-        mine = min(rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
-        loader.load_state_dict(ckpt["data_state"][mine])
-        skips = Counter(ckpt["stats"]["skips"][mine]) if rank < len(ckpt["rng"]) else Counter()
-        set_rng_state(ckpt["rng"][mine])
-        say(f"resumed {args.out} at step {step}")
-    model = objective
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-        if disc is not None:
-            disc_model = nn.parallel.DistributedDataParallel(
-                disc, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
-    if disc_model is None:
-        disc_model = disc
-    if args.compile:
-        model = torch.compile(model)
+    return source, loader
 
-    say(f"stage {args.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
-        f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
-        f"samples); global batch {args.global_batch} = {args.batch_size} x {world} GPUs x {args.accum} "
-        f"accumulation; {args.precision}; {device}")
+
+def restore(run, ckpt):
+    """Continue from a checkpoint: weights, EMA, optimizer, schedule, discriminator, data position, RNG."""
+    for name, m in run.objective.parts.items():
+        m.load_state_dict(ckpt["model"][name])
+        run.ema[name].load_state_dict(ckpt["ema"][name])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.disc is not None and "discriminator" in ckpt:
+        run.disc.load_state_dict(ckpt["discriminator"])
+    run.step = ckpt["step"]
+    mine = min(run.rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
+    run.loader.load_state_dict(ckpt["data_state"][mine])
+    run.skips = Counter(ckpt["stats"]["skips"][mine]) if run.rank < len(ckpt["rng"]) else Counter()
+    set_rng_state(ckpt["rng"][mine])
+    run.say(f"resumed {run.args.out} at step {run.step}")
+
+
+def describe(run, source, params):
+    """The run's first log lines: sizes, data, batch arithmetic, losses."""
+    args, parts = run.args, run.objective.parts
+    run.say(f"stage {args.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
+            f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
+            f"samples); global batch {args.global_batch} = {args.batch_size} x {run.world} GPUs x {args.accum} "
+            f"accumulation; {args.precision}; {run.device}")
     if args.stage == "tokenizer":
-        say(f"losses: mse + {args.w_kl:g} kl"
-            + (f" + {args.w_perceptual:g} perceptual" if objective.helpers["perceptual"] is not None else "")
-            + (f" + {args.w_gan:g}{' adaptive' if args.adaptive_gan else ''} gan from step {args.gan_start} "
-               f"(PatchGAN {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M, LeCAM {args.w_lecam:g})"
-               if disc is not None else "") + f"; random crop {args.random_crop}, flip {args.flip}")
+        disc = run.disc.net if run.disc is not None else None
+        run.say(f"losses: mse + {args.w_kl:g} kl"
+                + (f" + {args.w_perceptual:g} perceptual" if run.objective.helpers["perceptual"] is not None else "")
+                + (f" + {args.w_gan:g}{' adaptive' if args.adaptive_gan else ''} gan from step {args.gan_start} "
+                   f"(PatchGAN {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M, LeCAM {args.w_lecam:g})"
+                   if disc is not None else "") + f"; random crop {args.random_crop}, flip {args.flip}")
     if args.clip_weights == "random":
-        say("note: the CLIP text tower is randomly initialised (untrained): it hashes captions into features, it "
-            "does not understand them")
+        run.say("note: the CLIP text tower is randomly initialised (untrained): it hashes captions into features, "
+                "it does not understand them")
     if getattr(source, "skipped", None):
-        say(f"skipped while indexing {args.data}: {data.format_skips(source.skipped)}")
+        run.say(f"skipped while indexing {args.data}: {data.format_skips(source.skipped)}")
 
-    def checkpoint_now():
-        """Gather every rank's RNG, data position and skip counts; rank 0 writes."""
-        rngs, positions = gather_objects(rng_state(), world), gather_objects(loader.state_dict(), world)
-        all_skips = gather_objects(dict(skips), world)
-        sums = gather_objects(weight_checksum(objective.parts) + (weight_checksum(disc) if disc else []), world)
-        if any(c != sums[0] for c in sums):    # DDP keeps replicas identical; anything else is a bug to stop on
-            raise UserError(f"step {step}: the ranks' weights differ (checksums {sums}); not saving")
-        if world > 1:
-            say(f"step {step}: weights identical on all {world} ranks")
-        if rank == 0 and args.stage == "tokenizer" and args.scale_factor == "auto" and scale_images is not None:
-            config["tokenizer"]["scale_factor"] = ema["tokenizer"].estimate_scale_factor(
-                scale_images, torch.Generator().manual_seed(0))
-            say(f"scale factor (1 / std of posterior samples of {len(scale_images)} images): "
-                f"{config['tokenizer']['scale_factor']:.4f}")
-        if rank == 0:
-            state = {"stage": args.stage, "args": vars(args), "config": config, "step": step,
-                     "model": {k: v.state_dict() for k, v in objective.parts.items()},
-                     "ema": {k: v.state_dict() for k, v in ema.items()}, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": rngs, "data_state": positions,
-                     "stats": {"skips": all_skips}}
-            if disc is not None:
-                state["discriminator"] = {"model": disc.state_dict(), "optimizer": disc_opt.state_dict(),
-                                          "scheduler": disc_sched.state_dict(), "config": disc.config}
-            say(f"saved {save_checkpoint(state, args.out, step, args.keep)}")
 
-    scale_images, stop, handlers = None, [], {}
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):       # preemption: checkpoint, then exit
-        handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
+def train_step(run, batches):
+    """One optimisation step: accumulate the micro-batches, clip, update (skipped if non-finite), EMA, schedule,
+    then the discriminator's step on this step's fakes."""
+    args, gan_on, fakes = run.args, run.disc is not None and run.step >= run.args.gan_start, []
+    run.model.train()
+    for micro in range(args.accum):
+        batch = next(batches)
+        if run.scale_images is None and "image" in batch:        # a fixed batch for the scale estimate
+            run.scale_images = batch["image"][:256].to(run.device)
+        run.skips.update(batch["skipped"])
+        inputs = prepare(batch, run.frozen, args, run.device)
+        inputs["gan"] = gan_on
+        accumulating = run.world > 1 and micro < args.accum - 1      # sync gradients on the last one only
+        with run.model.no_sync() if accumulating else contextlib.nullcontext(), autocast(args, run.device):
+            out = run.model(inputs)
+        recon = out.pop("recon", None)
+        if gan_on:
+            fakes.append((inputs["images"], recon))
+        (out["loss"] / args.accum).backward()
+        run.seen += len(batch["ids"])
+        for k, v in out.items():
+            run.sums[k] += v.detach().float() / args.accum
+    gnorm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
+        run.optimizer.step()
+        update_ema(run.ema, run.objective.parts, args.ema)
+        run.sums["grad_norm"] += gnorm.float()
+        run.bad_in_a_row = 0
+    else:                                      # a NaN/inf loss or gradient: skip the update, count it
+        run.skips["non-finite step"] += 1
+        run.bad_in_a_row += 1
+        run.say(f"step {run.step}: non-finite loss or gradient (loss {float(out['loss'].detach()):.4g}), "
+                f"update skipped")
+        if run.bad_in_a_row >= args.max_bad_steps:
+            raise UserError(f"{run.bad_in_a_row} non-finite steps in a row at step {run.step}: stopping; the last "
+                            f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if fakes:
+        run.disc.step(fakes, run.sums, run.skips)
+    run.step += 1
+    run.n_steps += 1
+
+
+def log_metrics(run):
+    """Average the losses since the last log line over steps and ranks; one line with lr, speed and skips."""
+    keys = sorted(run.sums)
+    vec = torch.stack([run.sums[k].to(run.device) for k in keys] + [torch.tensor(float(run.seen), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(vec)
+        vec[:-1] /= run.world
+    total_skips = sum((Counter(c) for c in gather_objects(dict(run.skips), run.world)), Counter())
+    metrics = " ".join(f"{k} {v / run.n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
+    run.say(f"step {run.step}/{run.args.steps} | {metrics} | lr {run.scheduler.get_last_lr()[0]:.3g} | "
+            f"{vec[-1].item() / (time.time() - run.t_log):.1f} samples/s | skipped: {data.format_skips(total_skips)}")
+    run.sums, run.n_steps, run.t_log, run.seen = Counter(), 0, time.time(), 0
+
+
+def checkpoint(run):
+    """Gather every rank's RNG, data position and skip counts; check the replicas agree; rank 0 writes."""
+    args, world = run.args, run.world
+    rngs, positions = gather_objects(rng_state(), world), gather_objects(run.loader.state_dict(), world)
+    all_skips = gather_objects(dict(run.skips), world)
+    disc = run.disc.net if run.disc is not None else None
+    sums = gather_objects(weight_checksum(run.objective.parts) + (weight_checksum(disc) if disc else []), world)
+    if any(c != sums[0] for c in sums):        # DDP keeps replicas identical; anything else is a bug to stop on
+        raise UserError(f"step {run.step}: the ranks' weights differ (checksums {sums}); not saving")
+    if world > 1:
+        run.say(f"step {run.step}: weights identical on all {world} ranks")
+    if run.rank == 0 and args.stage == "tokenizer" and args.scale_factor == "auto" and run.scale_images is not None:
+        run.config["tokenizer"]["scale_factor"] = run.ema["tokenizer"].estimate_scale_factor(
+            run.scale_images, torch.Generator().manual_seed(0))
+        run.say(f"scale factor (1 / std of posterior samples of {len(run.scale_images)} images): "
+                f"{run.config['tokenizer']['scale_factor']:.4f}")
+    if run.rank == 0:
+        state = {"stage": args.stage, "args": vars(args), "config": run.config, "step": run.step,
+                 "model": {k: v.state_dict() for k, v in run.objective.parts.items()},
+                 "ema": {k: v.state_dict() for k, v in run.ema.items()}, "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "rng": rngs, "data_state": positions,
+                 "stats": {"skips": all_skips}}
+        if run.disc is not None:
+            state["discriminator"] = run.disc.state_dict()
+        run.say(f"saved {save_checkpoint(state, args.out, run.step, args.keep)}")
+
+
+def any_rank(flag, run):
+    """True on every rank when `flag` is true on any (a signal reached one process: all stop together)."""
+    if run.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(args):
+    # setup: processes, defaults, the run folder, the checkpoint to resume
+    rank, world, local, device = setup_distributed()
+    fill_defaults(args, world)
+    if rank == 0:
+        check_output_folder(args.out, args.resume)
+    if world > 1:
+        dist.barrier()
+    run = Run(args, rank, world, device)
+    ckpt = resume_checkpoint(args)
+    torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
+    random.seed(args.seed + rank)
+
+    # models: the stage's trainable parts (one module for DDP), their EMA, the frozen encoders
+    parts, run.frozen, run.config = build_stage(args, device, rank)
+    if args.grad_checkpointing:
+        for sub in (s for m in parts.values() for s in m.modules() if hasattr(s, "grad_checkpointing")):
+            sub.grad_checkpointing = True
+    if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
+        init_weights(parts, args)
+    gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
+    run.objective = Objective(parts, args, gather)
+    run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
+
+    # optimizers: AdamW + warm-up / constant or cosine; the tokenizer stage's perceptual net and PatchGAN
+    run.params = [p for p in run.objective.parameters() if p.requires_grad]
+    groups = decay_groups(run.objective) if args.stage == "tokenizer" else run.params
+    run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
+                                      weight_decay=args.weight_decay, **fused_if_available(device))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, args))
+    run.disc = None
+    if args.stage == "tokenizer":                  # perceptual first: construction order keeps the RNG stream
+        run.objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, run.say)
+        run.disc = Discriminator(args, device, world, local) if args.w_gan > 0 else None
+        run.objective.helpers["discriminator"] = run.disc.net if run.disc is not None else None
+    source, run.loader = build_data(args, rank, world, device)
+
+    # resume: everything from the checkpoint, then DDP (which broadcasts rank 0's weights)
+    if ckpt:
+        restore(run, ckpt)
+    run.model = run.objective if world == 1 else nn.parallel.DistributedDataParallel(
+        run.objective, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:
+        run.model = torch.compile(run.model)
+    describe(run, source, run.params)
+
+    # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
+    stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                          for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
-        batches = iter(loader)
+        batches, run.bad_in_a_row, run.t_log = iter(run.loader), 0, time.time()
         if rank == 0 and sys.stderr.isatty() and not args.no_progress:
-            from tqdm import tqdm
-            bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
-        sums, n_steps, bad_in_a_row, t_log, seen = Counter(), 0, 0, time.time(), 0
-        while step < args.steps:
-            model.train()
-            gan_on, fakes = disc is not None and step >= args.gan_start, []
-            for micro in range(args.accum):
-                batch = next(batches)
-                if scale_images is None and "image" in batch:       # a fixed batch for the scale estimate
-                    scale_images = batch["image"][:256].to(device)
-                skips.update(batch["skipped"])
-                inputs = prepare(batch, frozen, args, device)
-                inputs["gan"] = gan_on
-                accumulating = world > 1 and micro < args.accum - 1      # sync gradients on the last one only
-                with model.no_sync() if accumulating else contextlib.nullcontext(), autocast(args, device):
-                    out = model(inputs)
-                recon = out.pop("recon", None)
-                if gan_on:
-                    fakes.append((inputs["images"], recon))
-                (out["loss"] / args.accum).backward()
-                seen += len(batch["ids"])
-                for k, v in out.items():
-                    sums[k] += v.detach().float() / args.accum
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
-                optimizer.step()
-                update_ema(ema, objective.parts, args.ema)
-                sums["grad_norm"] += gnorm.float()
-                bad_in_a_row = 0
-            else:                                      # a NaN/inf loss or gradient: skip the update, count it
-                skips["non-finite step"] += 1
-                bad_in_a_row += 1
-                say(f"step {step}: non-finite loss or gradient (loss {float(out['loss'].detach()):.4g}), update skipped")
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
-                                     f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            for micro, (real, fake) in enumerate(fakes):     # the discriminator's step on this step's fakes
-                accumulating = world > 1 and micro < len(fakes) - 1
-                with disc_model.no_sync() if accumulating else contextlib.nullcontext():
-                    logits_real, logits_fake = disc_model(torch.cat([real, fake])).float().chunk(2)  # one pass
-                    d = disc.loss(logits_real, logits_fake, args.w_lecam)
-                (d["loss"] / args.accum).backward()
-                means = torch.stack([d["logits_real"], d["logits_fake"]])
-                if world > 1:                          # the LeCAM EMAs follow the global means: equal on all ranks
-                    dist.all_reduce(means)
-                    means /= world
-                disc.update_lecam(*means)
-                for k, v in d.items():
-                    sums["d_" + k] += v.detach().float() / args.accum
-            if fakes:
-                dnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(),
-                                                       args.grad_clip if args.grad_clip > 0 else float("inf"))
-                if torch.isfinite(dnorm):
-                    disc_opt.step()
-                else:
-                    skips["non-finite discriminator step"] += 1
-                disc_opt.zero_grad(set_to_none=True)
-                disc_sched.step()
-            step += 1
-            n_steps += 1
-            if bar is not None:
-                bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                keys = sorted(sums)
-                vec = torch.stack([sums[k].to(device) for k in keys] + [torch.tensor(float(seen), device=device)])
-                if world > 1:
-                    dist.all_reduce(vec)
-                    vec[:-1] /= world
-                total_skips = sum((Counter(c) for c in gather_objects(dict(skips), world)), Counter())
-                metrics = " ".join(f"{k} {v / n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
-                say(f"step {step}/{args.steps} | {metrics} | lr {scheduler.get_last_lr()[0]:.3g} | "
-                    f"{vec[-1].item() / (time.time() - t_log):.1f} samples/s | "
-                    f"skipped: {data.format_skips(total_skips)}")
-                sums, n_steps, t_log, seen = Counter(), 0, time.time(), 0
-            if fixed is not None and step % args.sample_every == 0:
-                say(f"preview: {write_samples(ema, frozen, fixed, args, step, device)}")
-            interrupted = bool(stop)
-            if world > 1:
-                flag = torch.tensor(float(interrupted), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                interrupted = bool(flag)
-            if step % args.ckpt_every == 0 or step == args.steps or interrupted:
-                checkpoint_now()
+            run.bar = tqdm(total=args.steps, initial=run.step, dynamic_ncols=True)
+        while run.step < args.steps:
+            train_step(run, batches)
+            if run.bar is not None:
+                run.bar.update(1)
+            if run.step % args.log_every == 0 or run.step == args.steps:
+                log_metrics(run)
+            if fixed is not None and run.step % args.sample_every == 0:
+                run.say(f"preview: {write_samples(run.ema, run.frozen, fixed, args, run.step, device)}")
+            interrupted = any_rank(bool(stop), run)
+            # save: every --ckpt-every steps, at the end, and when a signal arrived
+            if run.step % args.ckpt_every == 0 or run.step == args.steps or interrupted:
+                checkpoint(run)
             if interrupted:
-                say(f"stopped by a signal at step {step}; continue with --resume")
+                run.say(f"stopped by a signal at step {run.step}; continue with --resume")
                 break
         if world > 1:
             dist.barrier()                     # nobody leaves while rank 0 still writes the last checkpoint
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if bar is not None:
-            bar.close()
+        if run.bar is not None:
+            run.bar.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    return {"step": step, "skips": dict(skips), "out": args.out, "stopped": stop[0] if stop else None}
+    return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Periodic previews (rank 0, EMA weights, a generator of their own: the training RNG is untouched)
+# ----------------------------------------------------------------------------------------------------------
+
+def write_lines(path, inputs, outputs):
+    """Write "input  ->  output" lines (text previews) -> path."""
+    with open(path, "w") as f:
+        f.write("\n".join(f"{a}  ->  {b}" for a, b in zip(inputs, outputs)) + "\n")
+    return path
+
+
+@torch.no_grad()
+def write_samples(ema, frozen, fixed, args, step, device):
+    """The stage's preview under out/samples/: a PNG grid, or captions in a text file."""
+    folder = os.path.join(args.out, "samples")
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    return STAGES[args.stage].preview(ema, frozen, fixed, args, os.path.join(folder, f"step_{step:07d}"), generator)
 
 
 def preview_inputs(source, args, device):
@@ -809,16 +950,25 @@ def preview_inputs(source, args, device):
     return fixed
 
 
+def stage_defaults_text():
+    """The --help epilog: each stage's defaults for the flags left unset."""
+    lines = ["defaults per stage (flags left unset):"]
+    for name, stage in STAGES.items():
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in stage.defaults.items() if v is not None)
+        lines.append(textwrap.fill(flags, 116, initial_indent=f"  {name:<10}", subsequent_indent=" " * 12))
+    return "\n".join(lines) + "\n  (--w-kl of the flow stage: per --kl form, official 0.01, standard 1e-4)"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__, epilog=stage_defaults_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=STAGES, default="flow")
+    p.add_argument("--stage", choices=list(STAGES), default="flow", help="what to train (defaults per stage below)")
     p.add_argument("--data", default="shapes", help="data spec (see data.py), e.g. jsonl:FILE,root=DIR")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.txt, samples/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--init", help="initialise the trained parts from another run's checkpoint (not its optimizer)")
     p.add_argument("--init-from-ema", action="store_true", help="with --init: take the EMA weights")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels")
     p.add_argument("--random-crop", action=argparse.BooleanOptionalAction,
                    help="random square crops (default: on for the tokenizer stage)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
@@ -826,22 +976,24 @@ def build_parser():
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
     p.add_argument("--dit-patch-size", type=int, default=1, help="group this many latent tokens per DiT token")
-    p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256")
+    p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
+                   help="tokenizer size (stage tokenizer)")
     p.add_argument("--scale-factor", default="auto", help="tokenizer stage: the flow-space scale recorded in the "
                    "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
-    p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER)
+    p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
+                   help="the frozen CLIP text tower (tiny and demo: small random towers)")
     p.add_argument("--clip-weights", default="openai", help="'openai' (download), a local open_clip file, or 'random'")
-    p.add_argument("--projector-depth", type=int, default=6)
-    p.add_argument("--projector-heads", type=int, default=8)
-    p.add_argument("--projector-ff", type=int, default=1024)
-    p.add_argument("--projector-dropout", type=float, default=0.1)
+    p.add_argument("--projector-depth", type=int, default=6, help="TextProjector blocks")
+    p.add_argument("--projector-heads", type=int, default=8, help="TextProjector (and TextDecoder) heads")
+    p.add_argument("--projector-ff", type=int, default=1024, help="TextProjector feed-forward width")
+    p.add_argument("--projector-dropout", type=float, default=0.1, help="TextProjector (and TextDecoder) dropout")
     p.add_argument("--projector-patch-size", type=int, default=1, help="group this many CLIP tokens (CPU speed)")
     p.add_argument("--align-hidden", type=int, default=512, help="hidden width of the alignment MLP (official 512)")
     p.add_argument("--decoder-width", type=int, default=768, help="TextDecoder width (text-ae)")
-    p.add_argument("--decoder-depth", type=int, default=6)
-    p.add_argument("--decoder-ff", type=int, default=3072)
+    p.add_argument("--decoder-depth", type=int, default=6, help="TextDecoder blocks (text-ae)")
+    p.add_argument("--decoder-ff", type=int, default=3072, help="TextDecoder feed-forward width (text-ae)")
     p.add_argument("--decoder-vocab", choices=["all", "data"], default="all",
                    help="TextDecoder classes: all 49408 CLIP ids, or only those in the training captions (fast)")
     # objective
@@ -849,7 +1001,7 @@ def build_parser():
     p.add_argument("--kl", choices=list(projector.KL_TERMS), default="official",
                    help="official: the released checkpoints' term (weight 0.01); standard: the paper's (1e-4)")
     p.add_argument("--w-kl", type=float, help="KL weight (default: per stage / per --kl form)")
-    p.add_argument("--cfg-prob", type=float, default=0.1, help="fraction of samples trained unconditionally")
+    p.add_argument("--cfg-prob", type=float, default=flow_dit.CFG_PROB, help="fraction of samples trained unconditionally")
     p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
     p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
     # tokenizer stage: the one-stage TA-TiTok losses (tokenizer.py)
@@ -864,31 +1016,31 @@ def build_parser():
     p.add_argument("--disc-width", type=int, default=128, help="PatchGAN base channels")
     p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--global-batch", type=int)
+    p.add_argument("--steps", type=int, help="optimisation steps")
+    p.add_argument("--global-batch", type=int, help="samples per optimisation step over all GPUs")
     p.add_argument("--batch-size", type=int, help="per GPU (default: global batch / GPUs, no accumulation)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--schedule", choices=["constant", "cosine"])
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, help="the cosine schedule's floor")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate after the warm-up")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, help="AdamW beta2")
     p.add_argument("--ema", type=float, help="EMA decay")
     p.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping; the norm is logged anyway)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-every", type=int, default=250)
-    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per GPU")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the data order, noise and initialisation")
+    p.add_argument("--log-every", type=int, default=250, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=3, help="step checkpoints kept besides last.pt")
     p.add_argument("--sample-every", type=int, default=5000, help="preview grid from the EMA model (0: never)")
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale of the previews")
+    p.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS, help="Euler steps of the previews")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale of the previews")
     p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
     return p
