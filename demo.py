@@ -111,7 +111,8 @@ def analyse_shape(image):
     size = int(area > data.AREA[shape] * data.RADIUS[0] * data.RADIUS[1])  # threshold: geometric mean of the two areas
     centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / side
     position = int(np.linalg.norm(data.CENTRE - centroid, axis=1).argmin())
-    return {"colour": data.COLOURS[colour], "shape": data.SHAPES[shape], "size": data.SIZES[size], "position": data.POSITIONS[position]}
+    return {"colour": data.COLOURS[colour], "shape": data.SHAPES[shape], "size": data.SIZES[size],
+            "position": data.POSITIONS[position]}
 
 
 def shape_accuracy(images, attrs):

@@ -1388,7 +1388,8 @@ def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     assert set(ck) >= {"stage", "args", "config", "step", "model", "ema", "optimizer", "scheduler", "rng",
                        "data_state", "stats"} and ck["stage"] == "tokenizer" and ck["step"] == 3
     first = Tokenizer(**ck["config"]["tokenizer"])
-    assert not torch.equal(first.state_dict()["decoder.conv_out.weight"], ck["model"]["tokenizer"]["decoder.conv_out.weight"])
+    assert not torch.equal(first.state_dict()["decoder.conv_out.weight"],
+                           ck["model"]["tokenizer"]["decoder.conv_out.weight"])
     log = (tiny_tokenizer / "log.txt").read_text()
     for word in ("mse", "kl", "psnr", "grad_norm", "lr", "samples/s", "skipped"):
         assert word in log
@@ -1477,7 +1478,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, t
     with pytest.raises(UserError, match="2 non-finite steps in a row"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 6, "--ckpt-every", 1, "--max-bad-steps", 2))
     ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)   # saved after the skipped step 3: clean
-    assert ck["step"] == 3 and ck["stats"]["skips"][0]["non-finite step"] == 1 and all(torch.isfinite(t).all() for t in all_tensors(ck).values()
+    assert ck["step"] == 3 and ck["stats"]["skips"][0]["non-finite step"] == 1 and all(
+        torch.isfinite(t).all() for t in all_tensors(ck).values()
                                    if t.is_floating_point())
 
 

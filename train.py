@@ -1001,7 +1001,8 @@ def build_parser():
     p.add_argument("--kl", choices=list(projector.KL_TERMS), default="official",
                    help="official: the released checkpoints' term (weight 0.01); standard: the paper's (1e-4)")
     p.add_argument("--w-kl", type=float, help="KL weight (default: per stage / per --kl form)")
-    p.add_argument("--cfg-prob", type=float, default=flow_dit.CFG_PROB, help="fraction of samples trained unconditionally")
+    p.add_argument("--cfg-prob", type=float, default=flow_dit.CFG_PROB,
+                   help="fraction of samples trained unconditionally")
     p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
     p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
     # tokenizer stage: the one-stage TA-TiTok losses (tokenizer.py)
