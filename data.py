@@ -1,71 +1,13 @@
-"""Data for FlowTok: image-caption sources, a resumable distributed loader, and the `shapes` demo world.
+"""Data for FlowTok: image-caption sources (data specs), a resumable distributed loader and the `shapes` world.
 
-What this file offers
-  build_dataset(spec, image_size, ...)   a data spec (below) -> a source
-  make_loader(source, batch_size, ...)   -> an infinite, resumable, rank-aware iterator of batch dicts
-  load_image, clean_caption, transform   robust decoding; a bad sample raises BadSample(reason)
-  format_skips(counts)                   skip counts -> "empty caption: 7, missing file: 5" for a log line
-  expand_braces(pattern)                 "shard-{000..002}.tar" -> ["shard-000.tar", "shard-001.tar", ...]
-  write_cache(dir, ...)                  what the pre-tokeniser calls; read back with the `cache:` spec
-  python data.py pretokenize --data SPEC --tokenizer RUN_OR_BIN --out DIR   (torchrun: one part per rank)
-  the shapes world                       COLOURS, SHAPES, SIZES, POSITIONS, HELDOUT_PAIRS, caption_for,
-                                         parse_caption, shapes_prompts, shapes_batch, analyse_shape, shape_accuracy
+    python data.py pretokenize --data shapes:n=2000 --tokenizer runs/demo/tokenizer --out runs/shapes_cache
+    python data.py pretokenize --data jsonl:/data/cc12m/train.jsonl --tokenizer FlowTiTok_512.bin --out cc12m_cache
+    torchrun --nproc_per_node 8 data.py pretokenize --data tar:/data/laion/shard-{000000..000999}.tar \\
+        --tokenizer FlowTiTok_512.bin --out /data/laion_cache
 
-Data specs, `kind:path[,key=value...]`
-  jsonl:/data/cc3m/train.jsonl,root=/data/cc3m    lines {"image": "relative/path.jpg", "caption": "..."}
-                                                  (root defaults to the file's folder)
-  coco:/coco/annotations/captions_train2014.json,images=/coco/train2014
-                                                  one sample per (image, caption) pair
-  tar:/data/laion/shard-{000000..000099}.tar      webdataset layout: key.jpg|jpeg|png|webp + key.txt|key.json
-  folder:/data/pets                               pets/**/cat.jpg captioned by pets/**/cat.txt
-  shapes  or  shapes:split=novel,n=2000,seed=0    the built-in synthetic world (split: train|heldout|novel)
-  cache:/data/cc3m_cache                          pre-tokenised features (DIR or its part-* folders)
-random_crop and flip (build_dataset arguments, for tokenizer training) apply to image sources, not to shapes.
-
-Use
-  source = build_dataset("shapes", image_size=32)
-  loader = make_loader(source, batch_size=64, seed=0, noise_dim=D, num_workers=4)  # rank, world: from torch.distributed
-  loader.load_state_dict(checkpoint["data"])  # to resume
-  skips = collections.Counter()
-  for step, batch in enumerate(loader):      # never ends: training counts steps
-      skips.update(batch["skipped"])         # log format_skips(skips) now and then
-      ...; checkpoint["data"] = loader.state_dict()
-
-Batches (dicts)
-  "image"     (B, 3, S, S) float32 in [0, 1]       (a `cache:` source gives instead "posterior" (B, 77, 32)
-  "caption"   list of B str                         and "clip" (B, 77, C), float32)
-  "ids"       (B, 77) long, CLIP token ids (captions over 77 tokens are cut and counted as "truncated caption")
-  "noise"     (B, D) float32 standard normals, when the loader is given noise_dim=D > 0
-  "position"  (B,) long, stream position of each sample, and "index" (B,) long, its dataset index (map-style only)
-  "skipped"   {reason: count} for the samples dropped while making this batch, plus "truncated caption"
-              for kept samples whose caption was cut; workers are separate processes, so the counts travel
-              with the batches: add them up in the trainer (collections.Counter.update) and log format_skips().
-Everything that can be checked without decoding an image (captions, json lines, file existence) is checked
-when a map-style source is built; those skips are in `source.skipped`, and a source with no usable sample
-stops there with an error that names it. A bad image found while loading is dropped from its batch, so a
-map-style batch may hold fewer than batch_size samples. The loader never yields an empty batch: it passes
-over it (its skip counts go with the next one), which puts that rank one global batch ahead of the others;
-this is rare (all b samples bad), and then resuming from rank 0's state loses that rank's batch, nothing more.
-
-The map-style stream (jsonl, coco, folder, shapes, cache)
-  Epoch e is a permutation of the N dataset indices drawn from a generator seeded by (seed, e); the stream
-  concatenates the epochs. With per-rank batch b and world size W, global batch k is stream positions
-  [k*b*W, (k+1)*b*W) and rank r takes k*b*W + r + W*j for j < b: the ranks together take exactly what one
-  process with batch b*W would, and every sample once per epoch. Crop, flip and "noise" of a sample come from
-  generators seeded by (seed, stream position), never by rank or worker: 2 ranks reproduce 1 rank, and the
-  number of DataLoader workers does not change a single bit. loader.state_dict() is {"position": p}, the
-  stream position of the next global batch; resuming at p continues the exact sequence (with another world
-  size or batch size it continues from the same place: nothing is repeated or lost, batches regroup).
-
-The tar stream
-  Shards, never samples, are split over the R = ranks x workers "readers": epoch e shuffles the shard list
-  with (seed, e) and reader g = rank * workers + worker takes shards g, g + R, ... of it, so readers see
-  disjoint samples and together the whole corpus; each reader then cycles on to its next epoch forever, so
-  no rank runs dry. Inside a shard samples keep their stored order (write shards from shuffled data): this
-  keeps the resume state small. Fewer shards than readers is an error. A batch is made by one worker and is
-  always full; it has no "position" or "index". Per rank, loader.state_dict() is {"world", "batches",
-  "readers": [cursor per worker]}: save it for every rank; resuming with the same world size and worker count
-  continues the exact sequence. Crop, flip and noise are seeded by (seed, reader, sample counter of the reader).
+Pre-tokenising (on a CPU, one GPU, 8 GPUs) caches the tokenizer's posteriors and the CLIP features for flow training.
+In Python: source = build_dataset(spec, image_size); loader = make_loader(source, batch_size, seed) (infinite,
+resumable, rank-aware). README.md's "Data" section is the manual: the specs, the batches, the stream and resume.
 """
 import argparse
 import collections
@@ -663,7 +605,7 @@ _KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), 
 
 
 def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False):
-    """A data spec (module docstring) -> source; skips images with shorter side < min_size (default image_size // 2)."""
+    """A data spec (README "Data") -> source; skips images with shorter side < min_size (default image_size // 2)."""
     kind, _, rest = spec.partition(":")
     if kind not in _KINDS:
         raise ValueError(f"{spec}: unknown source kind {kind!r}, one of {sorted(_KINDS)}")
@@ -777,8 +719,13 @@ class _MapBatches(torch.utils.data.Dataset):
         return _collate(samples, skipped)
 
 
+# The map-style stream: epoch e is a permutation of the N dataset indices seeded by (seed, e), the epochs concatenated.
+# Global batch k is stream positions [k*b*W, (k+1)*b*W) and rank r takes k*b*W + r + W*j (j < b), so W ranks take
+# exactly what one process with batch b*W would. Augmentation and noise are seeded by (seed, position), never by
+# rank or worker: 2 ranks reproduce 1 rank, the worker count changes no bit, and one integer resumes the stream
+# (also with another world or batch size: nothing is repeated or lost, batches regroup).
 class Loader:
-    """Infinite, resumable batches of a map-style source (the stream of the module docstring).
+    """Infinite, resumable batches of a map-style source (jsonl, coco, folder, shapes, cache).
 
     Iterate it once per run: each iter() starts its own DataLoader (and workers) at self.position.
     state_dict() -> {"position": p}, the stream position of the next global batch.
@@ -848,8 +795,11 @@ class _TarBatches(torch.utils.data.IterableDataset):
             yield batch
 
 
+# The tar stream: shards, never samples, are split over the R = ranks x workers readers (epoch e shuffles the shard
+# list with (seed, e); reader g takes shards g, g + R, ...) and each reader cycles on through epochs, so no rank runs
+# dry. Samples keep their order inside a shard: the resume state is then one cursor per reader, not a sample list.
 class TarLoader:
-    """Infinite batches of a tar source (see the module docstring); state_dict() is per rank."""
+    """Infinite, always-full batches of a tar source; state_dict() is per rank (resume: same world and workers)."""
 
     def __init__(self, source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
         self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
@@ -974,7 +924,8 @@ def pretokenize(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="data.py commands (the sources themselves are used by train.py)")
+    """The command line: one subcommand, pretokenize (the sources themselves are used by train.py)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretokenize", help="cache tokenizer posteriors and CLIP features for flow training")
     p.add_argument("--data", required=True, help="data spec, e.g. jsonl:FILE,root=DIR")
@@ -983,8 +934,8 @@ def build_parser():
     p.add_argument("--clip-tower", help="default: the tokenizer's (ViT-L-14-336-quickgelu for the official one)")
     p.add_argument("--clip-weights", help="default: the tokenizer's ('openai' for the official one)")
     p.add_argument("--no-clip", action="store_true", help="cache only the image posteriors (CLIP runs in training)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (default: %(default)s)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     return parser
 

@@ -1,22 +1,13 @@
-"""Sample FlowTok from the command line: prompts -> PNGs (text to image), images -> captions (image to text).
+"""Sample FlowTok: prompts -> PNGs (text to image), images -> captions (image to text).
 
-  # 1 CPU: the embedded demo's run folder
-  python sample.py --ckpt runs/demo "a large red circle on the left" "a small blue square at the top" --out samples
-  # 1 GPU: the released FlowTok-XL at 512 px (downloads FlowTok-XL.pth, FlowTiTok_512.bin and CLIP ViT-L/14-336)
-  python sample.py --official FlowTok-XL --prompts prompts.txt --out samples --batch-size 64
-  # offline: the same files already on disk
-  python sample.py --official FlowTok-H --official-dir /models/flowtok --clip-weights clip.safetensors \\
-      --prompts prompts.txt --out samples
-  # 8 GPUs on a long prompt list (rank r takes jobs r, r + 8, ...: no duplicates, no gaps); rerun to resume
-  torchrun --nproc_per_node 8 sample.py --official FlowTok-XL --prompts coco30k.txt --out samples --skip-existing
-  # image to text: one caption per image (files or folders)
-  python sample.py --ckpt runs/demo --caption photo.png images/
+    python sample.py --ckpt runs/demo "a large red circle on the left" "a small blue square at the top" --out samples
+    python sample.py --official FlowTok-XL --prompts prompts.txt --out samples --batch-size 64
+    torchrun --nproc_per_node 8 sample.py --official FlowTok-XL --prompts coco30k.txt --out samples --skip-existing
+    python sample.py --ckpt runs/demo --caption photo.png images/
 
-Writes OUT/{prompt index:05d}_{sample index:02d}.png per sample, OUT/grid.png (the first 64 samples, one row per
-prompt when --n-per-prompt > 1) and OUT/prompts.txt (line i = prompt i, for `evaluate.py clipscore`). Each
-sample's noise is seeded by (--seed, prompt index, sample index), so an image does not depend on the batch size,
-the GPU count or the other prompts. Defaults follow the paper: 20 Euler steps, CFG 2.0, EMA weights.
-A bad checkpoint, a missing file, no prompts or an unwritable --out stop with one line on stderr (exit 1).
+The first runs the demo's run folder on a CPU, the second the released FlowTok-XL on one GPU (downloads its files),
+the third the same on 8 GPUs (rerun to resume), the last captions images. README.md's "Sampling" section says
+what is written and how each sample's noise is seeded.
 """
 import argparse
 import hashlib
@@ -40,6 +31,7 @@ from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextPr
                        run_cli, user_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
+DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
 OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": ("FlowTok-H.pth", "FlowTiTok_512.bin")}
 
 
@@ -241,8 +233,8 @@ def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=N
 # Running: devices, ranks, generation to a folder (shared with evaluate.py's protocols)
 # ----------------------------------------------------------------------------------------------------------
 
-def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=16, rank=0, world=1,
-                    skip_existing=False, progress=False):
+def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=16,
+                    rank=0, world=1, skip_existing=False, progress=False):
     """This rank's share of OUT/{i:05d}_{j:02d}.png for every (prompt i, sample j) -> (generated, reused).
 
     Rank r of `world` takes jobs r, r + world, ... of the (i, j) list: together the ranks write every file
@@ -291,12 +283,14 @@ def add_model_args(p):
     p.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded/downloaded one")
     p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps (default: %(default)s)")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+                   help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the per-sample noise (and of evaluate.py's prompt draw) (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="per process (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,6 +342,7 @@ def caption_images(pipe, args, rank, world):
 
 
 def main(args):
+    """Prompts -> OUT/*.png, grid.png, prompts.txt; or, with --caption, images -> 'path<TAB>caption' lines."""
     with ranks() as (rank, world, local):
         device = pick_device(args.device, local)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -377,13 +372,13 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line (the model and sampling flags are add_model_args', shared with evaluate.py)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts_inline", nargs="*", metavar="PROMPT", help="prompts (text to image)")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--caption", nargs="+", metavar="IMAGE", help="image files or folders to caption (image to text)")
-    p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--n-per-prompt", type=positive_int, default=1)
+    p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
+    p.add_argument("--n-per-prompt", type=positive_int, default=1, help="samples per prompt (default: %(default)s)")
     p.add_argument("--skip-existing", action="store_true", help="keep samples already in --out (resume a run)")
     add_model_args(p)
     return p
