@@ -366,6 +366,42 @@ def test_tokenizer_presets_and_shapes():
         Tokenizer.from_preset("nope")
 
 
+# The layout-specific state-dict entries (name -> shape) of checkpoints written before the demo variants became
+# their own classes (LinearEncoder / LinearDecoder, TokenGrouping): these must keep loading unchanged.
+OLD_LAYOUT_KEYS = {
+    "tiny": {"encoder.latent_tokens": (77, 64), "encoder.latent_token_positional_embedding": (77, 64),
+             "encoder.to_moments.weight": (32, 64), "encoder.to_moments.bias": (32,),
+             "decoder.mask_token": (1, 1, 64), "decoder.latent_token_positional_embedding": (77, 64),
+             "decoder.decoder_embed.weight": (64, 16), "decoder.decoder_embed.bias": (64,),
+             "decoder.text_guidance_proj.weight": (64, 64), "decoder.text_guidance_proj.bias": (64,),
+             "decoder.text_guidance_positional_embedding": (77, 64)},
+    "demo": {"encoder.to_moments.weight": (2464, 2048), "encoder.to_moments.bias": (2464,),
+             "decoder.decoder_embed.weight": (2048, 1232), "decoder.decoder_embed.bias": (2048,)},
+}
+SHARED_PARTS = {"transformer", "rope_cos", "rope_sin", "ln_pre", "ln_post", "patch_embed", "to_pixels", "conv_out"}
+
+
+def test_tokenizer_variants_rebuild_from_their_checkpoints(tmp_path):
+    for preset, encoder, decoder in (("tiny", tokenizer.Encoder, tokenizer.Decoder),
+                                     ("demo", tokenizer.LinearEncoder, tokenizer.LinearDecoder)):
+        torch.manual_seed(0)
+        tok = random_weights(Tokenizer.from_preset(preset)).eval()
+        assert (type(tok.encoder), type(tok.decoder)) == (encoder, decoder)
+        sd = tok.state_dict()
+        # the official path holds no grid-sized read-outs, the linear one no latent, mask or text tokens
+        assert {k: tuple(v.shape) for k, v in sd.items() if k.split(".")[1] not in SHARED_PARTS} == \
+            OLD_LAYOUT_KEYS[preset]
+        torch.save({"stage": "tokenizer", "config": {"tokenizer": tok.config}, "ema": {"tokenizer": sd}},
+                   tmp_path / f"{preset}.pt")
+        again = tokenizer.load_tokenizer(str(tmp_path / f"{preset}.pt"))      # strict, built on the meta device
+        assert (type(again.encoder), type(again.decoder)) == (encoder, decoder)
+        img, text = torch.rand(2, 3, 32, 32), torch.randn(2, 77, tok.config["text_dim"])
+        with torch.no_grad():
+            assert torch.equal(again.decode(again.encode(img)[0], text), tok.decode(tok.encode(img)[0], text))
+    with pytest.raises(ValueError, match="latent_layout must be"):
+        Tokenizer.from_preset("tiny", latent_layout="grid")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model core: CLIP text side
 # ----------------------------------------------------------------------------------------------------------
