@@ -402,6 +402,25 @@ def test_tokenizer_variants_rebuild_from_their_checkpoints(tmp_path):
         Tokenizer.from_preset("tiny", latent_layout="grid")
 
 
+def test_projector_grouping_is_its_own_component():
+    grouped, plain = TextProjector(clip_dim=64, depth=1, patch_size=7), TextProjector(clip_dim=64, depth=1)
+    assert isinstance(grouped.group_in, projector.TokenGrouping) and isinstance(plain.group_in, nn.Identity)
+    assert {k: tuple(v.shape) for k, v in grouped.state_dict().items() if k.startswith("group_in.")} == {
+        "group_in.weight": (64, 7 * 64), "group_in.bias": (64,)}
+    assert not any(k.startswith("group_in.") for k in plain.state_dict())
+    for proj in (grouped, plain):
+        again = TextProjector(**proj.config)
+        again.load_state_dict(proj.state_dict())             # strict
+        feats, eps = torch.randn(2, 77, 64), torch.randn(2, 77, 16)
+        with torch.no_grad():
+            assert all(map(torch.equal, again.eval()(feats, eps), proj.eval()(feats, eps)))
+    x = torch.randn(1, 77, 64)
+    x2 = x.clone()
+    x2[:, 7:14] += 1.0      # change the 2nd group of 7 CLIP tokens only: only the 2nd grouped token changes
+    h1, h2 = grouped.group_in(x), grouped.group_in(x2)
+    assert h1.shape == (1, 11, 64) and torch.equal(h1[:, 0], h2[:, 0]) and not torch.equal(h1[:, 1], h2[:, 1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model core: CLIP text side
 # ----------------------------------------------------------------------------------------------------------
