@@ -189,6 +189,18 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + F.dropout(f, p, self.training))
 
 
+class TokenGrouping(nn.Linear):
+    """(B, L, C) -> (B, L / p, C): p consecutive CLIP tokens -> one transformer token (a CPU speed knob)."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__(patch_size * dim, dim)
+        self.patch_size = patch_size
+
+    def forward(self, x):
+        B, L, C = x.shape
+        return super().forward(x.reshape(B, L // self.patch_size, self.patch_size * C))
+
+
 class TextProjector(nn.Module):
     """CLIP features (B, 77, clip_dim) -> (z, mu, logvar), each (B, 77, 16); plus the alignment head.
 
@@ -201,9 +213,8 @@ class TextProjector(nn.Module):
         super().__init__()
         self.config = dict(clip_dim=clip_dim, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
                            channels=channels, align_hidden=align_hidden, patch_size=patch_size)
-        self.patch_size = patch_size
-        if patch_size > 1:     # CPU speed knob (the demo): p consecutive CLIP tokens per transformer token
-            self.group_in = nn.Linear(patch_size * clip_dim, clip_dim)
+        # patch_size > 1 (the demo): p consecutive CLIP tokens per transformer token; 1 (official): none
+        self.group_in = TokenGrouping(patch_size, clip_dim) if patch_size > 1 else nn.Identity()
         self.layers = nn.ModuleList([EncoderLayer(clip_dim, heads, d_ff, dropout) for _ in range(depth)])
         self.linear = nn.Linear(clip_dim, 2 * channels * patch_size)
         if align_hidden:        # 0: no alignment head (the text autoencoder of image-to-text has none)
@@ -217,10 +228,8 @@ class TextProjector(nn.Module):
 
     def forward(self, clip_feats, eps=None):
         """(B, 77, clip_dim) -> z, mu, logvar (B, 77, 16) float32; z = mu + exp(logvar / 2) * eps."""
-        B, L, C = clip_feats.shape
-        h = clip_feats
-        if self.patch_size > 1:
-            h = self.group_in(h.reshape(B, L // self.patch_size, self.patch_size * C))
+        B, L, _ = clip_feats.shape
+        h = self.group_in(clip_feats)                            # (B, 77 / p, clip_dim)
         for layer in self.layers:
             h = layer(h)
         with torch.autocast(h.device.type, enabled=False):     # posterior maths in float32

@@ -366,6 +366,61 @@ def test_tokenizer_presets_and_shapes():
         Tokenizer.from_preset("nope")
 
 
+# The layout-specific state-dict entries (name -> shape) of checkpoints written before the demo variants became
+# their own classes (LinearEncoder / LinearDecoder, TokenGrouping): these must keep loading unchanged.
+OLD_LAYOUT_KEYS = {
+    "tiny": {"encoder.latent_tokens": (77, 64), "encoder.latent_token_positional_embedding": (77, 64),
+             "encoder.to_moments.weight": (32, 64), "encoder.to_moments.bias": (32,),
+             "decoder.mask_token": (1, 1, 64), "decoder.latent_token_positional_embedding": (77, 64),
+             "decoder.decoder_embed.weight": (64, 16), "decoder.decoder_embed.bias": (64,),
+             "decoder.text_guidance_proj.weight": (64, 64), "decoder.text_guidance_proj.bias": (64,),
+             "decoder.text_guidance_positional_embedding": (77, 64)},
+    "demo": {"encoder.to_moments.weight": (2464, 2048), "encoder.to_moments.bias": (2464,),
+             "decoder.decoder_embed.weight": (2048, 1232), "decoder.decoder_embed.bias": (2048,)},
+}
+SHARED_PARTS = {"transformer", "rope_cos", "rope_sin", "ln_pre", "ln_post", "patch_embed", "to_pixels", "conv_out"}
+
+
+def test_tokenizer_variants_rebuild_from_their_checkpoints(tmp_path):
+    for preset, encoder, decoder in (("tiny", tokenizer.Encoder, tokenizer.Decoder),
+                                     ("demo", tokenizer.LinearEncoder, tokenizer.LinearDecoder)):
+        torch.manual_seed(0)
+        tok = random_weights(Tokenizer.from_preset(preset)).eval()
+        assert (type(tok.encoder), type(tok.decoder)) == (encoder, decoder)
+        sd = tok.state_dict()
+        # the official path holds no grid-sized read-outs, the linear one no latent, mask or text tokens
+        assert {k: tuple(v.shape) for k, v in sd.items() if k.split(".")[1] not in SHARED_PARTS} == \
+            OLD_LAYOUT_KEYS[preset]
+        torch.save({"stage": "tokenizer", "config": {"tokenizer": tok.config}, "ema": {"tokenizer": sd}},
+                   tmp_path / f"{preset}.pt")
+        again = tokenizer.load_tokenizer(str(tmp_path / f"{preset}.pt"))      # strict, built on the meta device
+        assert (type(again.encoder), type(again.decoder)) == (encoder, decoder)
+        img, text = torch.rand(2, 3, 32, 32), torch.randn(2, 77, tok.config["text_dim"])
+        with torch.no_grad():
+            assert torch.equal(again.decode(again.encode(img)[0], text), tok.decode(tok.encode(img)[0], text))
+    with pytest.raises(ValueError, match="latent_layout must be"):
+        Tokenizer.from_preset("tiny", latent_layout="grid")
+
+
+def test_projector_grouping_is_its_own_component():
+    grouped, plain = TextProjector(clip_dim=64, depth=1, patch_size=7), TextProjector(clip_dim=64, depth=1)
+    assert isinstance(grouped.group_in, projector.TokenGrouping) and isinstance(plain.group_in, nn.Identity)
+    assert {k: tuple(v.shape) for k, v in grouped.state_dict().items() if k.startswith("group_in.")} == {
+        "group_in.weight": (64, 7 * 64), "group_in.bias": (64,)}
+    assert not any(k.startswith("group_in.") for k in plain.state_dict())
+    for proj in (grouped, plain):
+        again = TextProjector(**proj.config)
+        again.load_state_dict(proj.state_dict())             # strict
+        feats, eps = torch.randn(2, 77, 64), torch.randn(2, 77, 16)
+        with torch.no_grad():
+            assert all(map(torch.equal, again.eval()(feats, eps), proj.eval()(feats, eps)))
+    x = torch.randn(1, 77, 64)
+    x2 = x.clone()
+    x2[:, 7:14] += 1.0      # change the 2nd group of 7 CLIP tokens only: only the 2nd grouped token changes
+    h1, h2 = grouped.group_in(x), grouped.group_in(x2)
+    assert h1.shape == (1, 11, 64) and torch.equal(h1[:, 0], h2[:, 0]) and not torch.equal(h1[:, 1], h2[:, 1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model core: CLIP text side
 # ----------------------------------------------------------------------------------------------------------

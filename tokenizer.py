@@ -132,28 +132,29 @@ class ViT(nn.Module):
 class Encoder(ViT):
     """image (B, 3, S, S) -> posterior (mean, logvar), each (B, 77, 16), float32."""
 
-    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, latent_layout="tokens"):
+    def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels):
         super().__init__(width, depth, heads, image_size // patch_size)
-        scale = width ** -0.5
-        self.layout, self.num_tokens = latent_layout, num_tokens
+        self.num_tokens = num_tokens
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
         self.ln_post = nn.LayerNorm(width)
-        if latent_layout == "tokens":         # official: 77 learned query tokens ride along through the ViT
-            self.latent_tokens = nn.Parameter(scale * torch.randn(num_tokens, width))
-            self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
-            self.to_moments = nn.Linear(width, 2 * channels)                    # official conv_out (1x1 conv)
-        else:                                 # "linear": the 77 tokens are one linear read-out of the patch grid
-            self.to_moments = nn.Linear(self.grid_tokens * width, num_tokens * 2 * channels)
+        self.init_latents(width, num_tokens, channels)
+
+    def init_latents(self, width, num_tokens, channels):
+        """The 77 learned query tokens (+ learned positions) and their read-out Linear(W, 2C)."""
+        scale = width ** -0.5
+        self.latent_tokens = nn.Parameter(scale * torch.randn(num_tokens, width))
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+        self.to_moments = nn.Linear(width, 2 * channels)                        # official conv_out (1x1 conv)
+
+    def moments(self, x):
+        """(B, g*g, W) patch embeddings -> (B, 77, 2C): the latent tokens ride along through the ViT."""
+        latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
+        x = self.run_blocks(torch.cat([x, latents], dim=1))
+        return self.to_moments(self.ln_post(x[:, self.grid_tokens:]))
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                  # (B, g*g, W), no abs. positions
-        if self.layout == "tokens":
-            latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
-            x = self.run_blocks(torch.cat([x, latents], dim=1))
-            moments = self.to_moments(self.ln_post(x[:, self.grid_tokens:]))     # (B, 77, 32)
-        else:
-            x = self.ln_post(self.run_blocks(x)).flatten(1)                       # (B, g*g*W)
-            moments = self.to_moments(x).view(len(x), self.num_tokens, -1)        # (B, 77, 32)
+        moments = self.moments(x)                                               # (B, 77, 32)
         with torch.autocast(moments.device.type, enabled=False):                # posterior maths in float32
             mean, logvar = moments.float().chunk(2, dim=-1)
             return mean, logvar.clamp(-30.0, 20.0)
@@ -163,31 +164,33 @@ class Decoder(ViT):
     """tokens (B, 77, 16) + text features (B, 77, text_dim) -> image (B, 3, S, S) (no output activation)."""
 
     def __init__(self, image_size, patch_size, width, depth, heads, num_tokens, channels, text_dim, text_len,
-                 latent_layout="tokens", text_guidance=True):
+                 text_guidance=True):
         super().__init__(width, depth, heads, image_size // patch_size)
-        scale = width ** -0.5
-        self.patch_size, self.grid, self.layout = patch_size, image_size // patch_size, latent_layout
-        if latent_layout == "tokens":         # official: mask tokens (positions from RoPE) + the 77 tokens
-            self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
-            self.decoder_embed = nn.Linear(channels, width)
-            self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
-        else:                                 # "linear": the patch grid is one linear function of the 77 tokens
-            self.decoder_embed = nn.Linear(num_tokens * channels, self.grid_tokens * width)
-        if text_guidance:
+        self.patch_size, self.grid, self.text_guidance = patch_size, image_size // patch_size, text_guidance
+        self.init_latents(width, num_tokens, channels)
+        if text_guidance:                     # False (the demo): no CLIP tokens in the sequence
             self.text_guidance_proj = nn.Linear(text_dim, width)
-            self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(text_len, width))
+            self.text_guidance_positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(text_len, width))
         self.ln_post = nn.LayerNorm(width)
         self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)         # official ffn.0 (1x1 conv)
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
+    def init_latents(self, width, num_tokens, channels):
+        """The mask token (its positions come from RoPE) and the 77 tokens' read-in (+ learned positions)."""
+        scale = width ** -0.5
+        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
+        self.decoder_embed = nn.Linear(channels, width)
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
+
+    def grid_and_latents(self, tokens):
+        """(B, 77, C) -> [mask tokens (B, g*g, W), embedded tokens (B, 77, W)]: the sequence before the text."""
+        return [self.mask_token.expand(len(tokens), self.grid_tokens, -1),
+                self.decoder_embed(tokens) + self.latent_token_positional_embedding]
+
     def forward(self, tokens, text=None):
         B, g, p = len(tokens), self.grid, self.patch_size
-        if self.layout == "tokens":
-            seq = [self.mask_token.expand(B, g * g, -1),
-                   self.decoder_embed(tokens) + self.latent_token_positional_embedding]
-        else:
-            seq = [self.decoder_embed(tokens.flatten(1)).view(B, g * g, -1)]
-        if hasattr(self, "text_guidance_proj"):
+        seq = self.grid_and_latents(tokens)
+        if self.text_guidance:
             seq.append(self.text_guidance_proj(text) + self.text_guidance_positional_embedding)
         x = self.run_blocks(torch.cat(seq, dim=1))
         x = self.to_pixels(self.ln_post(x[:, :g * g]))                          # (B, g*g, p*p*3)
@@ -196,14 +199,42 @@ class Decoder(ViT):
         return self.conv_out(x)
 
 
+class LinearEncoder(Encoder):
+    """Demo layout (latent_layout "linear"): the 77 tokens are one linear read-out of the whole patch grid."""
+
+    def init_latents(self, width, num_tokens, channels):
+        """Linear(g*g*W, 77 * 2C): no latent tokens in the ViT."""
+        self.to_moments = nn.Linear(self.grid_tokens * width, num_tokens * 2 * channels)
+
+    def moments(self, x):
+        """(B, g*g, W) patch embeddings -> (B, 77, 2C)."""
+        x = self.ln_post(self.run_blocks(x)).flatten(1)                          # (B, g*g*W)
+        return self.to_moments(x).view(len(x), self.num_tokens, -1)
+
+
+class LinearDecoder(Decoder):
+    """Demo layout (latent_layout "linear"): the patch grid is one linear function of the 77 tokens."""
+
+    def init_latents(self, width, num_tokens, channels):
+        """Linear(77 * C, g*g*W): no mask token, no latent tokens in the ViT."""
+        self.decoder_embed = nn.Linear(num_tokens * channels, self.grid_tokens * width)
+
+    def grid_and_latents(self, tokens):
+        """(B, 77, C) -> [the patch grid (B, g*g, W)]."""
+        return [self.decoder_embed(tokens.flatten(1)).view(len(tokens), self.grid_tokens, -1)]
+
+
+LATENT_LAYOUTS = {"tokens": (Encoder, Decoder), "linear": (LinearEncoder, LinearDecoder)}   # the official, the demo's
+
+
 class Tokenizer(nn.Module):
     """FlowTiTok: encode images to a 77x16 posterior, decode 77x16 tokens (+ text) to images.
 
     The defaults are the official model. Three options exist for tiny CPU models (the demo) and keep the
-    official behaviour at their defaults: latent_layout "linear" (the 77 tokens are a linear read-out of the
-    patch grid and back, instead of learned query tokens riding through the ViTs: much faster to train at
-    small sizes), text_guidance False (a decoder without the CLIP tokens), logvar_init (the initial
-    posterior log-variance; a very negative value lets the decoder see the latent from the first step).
+    official behaviour at their defaults: latent_layout "linear" (LinearEncoder / LinearDecoder: the 77 tokens
+    are a linear read-out of the patch grid and back, instead of learned query tokens riding through the ViTs:
+    much faster to train at small sizes), text_guidance False (a decoder without the CLIP tokens), logvar_init
+    (the initial posterior log-variance; a very negative value lets the decoder see the latent from the first step).
     """
 
     def __init__(self, image_size=256, patch_size=16, enc_width=768, enc_depth=12, enc_heads=12,
@@ -211,7 +242,7 @@ class Tokenizer(nn.Module):
                  text_len=77, scale_factor=SCALE_FACTOR, latent_layout="tokens", text_guidance=True,
                  logvar_init=0.0):
         super().__init__()
-        if latent_layout not in ("tokens", "linear"):
+        if latent_layout not in LATENT_LAYOUTS:
             raise ValueError(f"latent_layout must be 'tokens' or 'linear', not {latent_layout!r}")
         self.config = dict(image_size=image_size, patch_size=patch_size, enc_width=enc_width, enc_depth=enc_depth,
                            enc_heads=enc_heads, dec_width=dec_width, dec_depth=dec_depth, dec_heads=dec_heads,
@@ -219,10 +250,10 @@ class Tokenizer(nn.Module):
                            scale_factor=scale_factor, latent_layout=latent_layout, text_guidance=text_guidance,
                            logvar_init=logvar_init)
         self.image_size, self.scale_factor = image_size, scale_factor
-        self.encoder = Encoder(image_size, patch_size, enc_width, enc_depth, enc_heads, num_tokens, channels,
-                               latent_layout)
-        self.decoder = Decoder(image_size, patch_size, dec_width, dec_depth, dec_heads, num_tokens, channels,
-                               text_dim, text_len, latent_layout, text_guidance)
+        encoder, decoder = LATENT_LAYOUTS[latent_layout]
+        self.encoder = encoder(image_size, patch_size, enc_width, enc_depth, enc_heads, num_tokens, channels)
+        self.decoder = decoder(image_size, patch_size, dec_width, dec_depth, dec_heads, num_tokens, channels,
+                               text_dim, text_len, text_guidance)
         self.apply(self._init_weights)
         with torch.no_grad():     # logvar outputs are the second half of each token's 2 * channels moments
             self.encoder.to_moments.bias.view(-1, 2 * channels)[:, channels:] = logvar_init
