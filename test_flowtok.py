@@ -3,8 +3,10 @@
 Known answers, equivalence with the official code (testdata/official_tiny.pt, produced by the official
 FlowTok code at tiny sizes), round trips, resume and DDP checks, bad-input corpora and CLI runs.
 """
+import argparse
 import collections
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -362,6 +364,138 @@ def test_tokenizer_presets_and_shapes():
         assert tok.decode(mean, torch.randn(2, 77, 64)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         Tokenizer.from_preset("nope")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model core: values a fresh model computes itself (loading official weights overwrites them, so only these
+# tests ever compute them)
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_rope(grid, head_dim, theta=10000.0):
+    """The fact sheet's 2D RoPE, one cell at a time in float64: cell (r, c) (row-major) has the angles
+    [r w0, r w0, r w1, r w1, ..., c w0, c w0, ...], w_k = theta^(-k / (head_dim / 4))."""
+    q = head_dim // 4
+    angles = torch.tensor([[pos * theta ** (-k / q) for pos in (r, c) for k in range(q) for _ in range(2)]
+                           for r in range(grid) for c in range(grid)], dtype=torch.float64)
+    return angles.cos().float(), angles.sin().float()
+
+
+def test_fresh_rope_and_position_tables_equal_the_official_ones(official):
+    sd, tok_sd = official["flowtok_state_dict"], official["flowtitok_state_dict"]
+    # the DiT's frozen sin-cos table, as built at construction (the fixture's is the official, unperturbed one)
+    assert_exact(FlowDiT(depth=2, width=64, heads=4).pos_embed, sd["pos_embed"], atol=1e-6)
+    # the tokenizer's RoPE buffers, as built at construction (grid 4, head dim 16)
+    fresh = Tokenizer.from_preset("tiny").state_dict()
+    for part in ("encoder", "decoder"):
+        for ours, theirs in (("rope_cos", "freqs_cos"), ("rope_sin", "freqs_sin")):
+            assert_exact(fresh[f"{part}.{ours}"], tok_sd[f"{part}.positional_embedding.{theirs}"], atol=1e-6)
+    # other sizes against the closed form: the official 256 and 512 px grids (16, 32) with head dim 64
+    for grid, head_dim in ((16, 64), (32, 64), (3, 8)):
+        cos, sin = tokenizer.rope_2d_tables(grid, head_dim)
+        ref_cos, ref_sin = reference_rope(grid, head_dim)
+        assert cos.shape == (grid * grid, head_dim)
+        assert_exact(cos, ref_cos) and assert_exact(sin, ref_sin)
+    with torch.device("meta"):
+        assert Tokenizer.from_preset("bl77-512").encoder.rope_cos.shape == (32 * 32, 64)
+    # sin-cos positions at the XL width: [sin(p w_k) | cos(p w_k)], w_k = 10000^(-k / 576)
+    pos = flow_dit.sincos_positions(77, 1152)
+    assert pos.shape == (77, 1152) and pos.dtype == torch.float32
+    assert torch.equal(pos[0], torch.cat([torch.zeros(576), torch.ones(576)]))
+    for p, k in ((1, 0), (76, 1), (40, 300), (76, 575)):
+        w = 10000 ** (-k / 576)
+        assert pos[p, k].item() == pytest.approx(math.sin(p * w), abs=1e-6)
+        assert pos[p, 576 + k].item() == pytest.approx(math.cos(p * w), abs=1e-6)
+    # the timestep embedding: t raw in [0, 1], [cos(t f_k) | sin(t f_k)], f_k = e^(-ln(1e4) k / 128)
+    e = flow_dit.timestep_embedding(torch.tensor([0.0, 1.0, 0.25]))
+    assert torch.equal(e[0], torch.cat([torch.ones(128), torch.zeros(128)]))
+    for i, t in ((1, 1.0), (2, 0.25)):
+        for k in (0, 1, 64, 127):
+            f = math.exp(-math.log(10000) * k / 128)
+            assert e[i, k].item() == pytest.approx(math.cos(t * f), abs=1e-6)
+            assert e[i, 128 + k].item() == pytest.approx(math.sin(t * f), abs=1e-6)
+
+
+def _std_close(t, std, rel):
+    return t.float().std().item() == pytest.approx(std, rel=rel)
+
+
+def test_fresh_models_start_from_the_official_initial_values():
+    torch.manual_seed(0)
+    # the contrastive log-temperature: ln(1 / 0.07) = 2.6592600, a learnable 0-dim scalar (logit scale 14.29)
+    proj = TextProjector(clip_dim=64, depth=2, heads=4, d_ff=96, align_hidden=128)
+    assert proj.log_temperature.dim() == 0 and proj.log_temperature.requires_grad
+    assert proj.log_temperature.item() == pytest.approx(2.6592600, abs=1e-6)
+    assert math.exp(proj.log_temperature.item()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert not hasattr(TextProjector(clip_dim=64, depth=1, heads=4, d_ff=96, align_hidden=0), "log_temperature")
+    # the text encoder's layers start as copies of one layer; its LayerNorms at g = 1, b = 0
+    first = proj.layers[0].state_dict()
+    assert all(torch.equal(v, proj.layers[1].state_dict()[k]) for k, v in first.items())
+    assert torch.equal(first["norm1.g"], torch.ones(64)) and torch.equal(first["norm2.b"], torch.zeros(64))
+    # the DiT (adaLN-Zero): modulation and output layers zero, so a fresh model predicts exactly 0
+    dit = FlowDiT(depth=2, width=64, heads=4)
+    with torch.no_grad():
+        assert torch.equal(dit(torch.randn(2, 77, 16), torch.rand(2), torch.tensor([False, True])),
+                           torch.zeros(2, 77, 16))
+    for layer in [b.adaLN_modulation[-1] for b in dit.blocks] + [dit.final_layer.adaLN_modulation[-1],
+                                                                dit.final_layer.linear]:
+        assert not layer.weight.any() and not layer.bias.any()
+    assert not any(m.bias.any() for m in dit.modules() if isinstance(m, nn.Linear))
+    bound = math.sqrt(6 / (64 + 192))                        # Xavier-uniform over the fused (3D, D) qkv matrix
+    qkv = dit.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= bound and _std_close(qkv, bound / math.sqrt(3), 0.05)
+    assert _std_close(dit.t_embedder.mlp[0].weight, 0.02, 0.05) and _std_close(dit.t_embedder.mlp[2].weight, 0.02, 0.05)
+    assert _std_close(dit.y_embedder.embedding_table.weight, 0.02, 0.25)
+    # the tokenizer: Linear / Conv ~ N(0, 0.02) with zero bias, LayerNorm 1 / 0, tokens and positions W^-1/2
+    tok = Tokenizer.from_preset("tiny")
+    for name, m in tok.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() >= 4096:
+            assert _std_close(m.weight, 0.02, 0.1), name
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            assert not m.bias.any(), name
+        if isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones(64)) and not m.bias.any(), name
+    for p in (tok.encoder.latent_tokens, tok.encoder.latent_token_positional_embedding,
+              tok.decoder.latent_token_positional_embedding, tok.decoder.text_guidance_positional_embedding):
+        assert _std_close(p, 64 ** -0.5, 0.05)
+    assert _std_close(tok.decoder.mask_token, 64 ** -0.5, 0.3)
+    demo = Tokenizer.from_preset("demo").encoder.to_moments.bias.view(-1, 32)   # logvar_init -7: the logvar half
+    assert torch.equal(demo[:, 16:], torch.full((77, 16), -7.0)) and not demo[:, :16].any()
+    # the text decoder's positions and the discriminator's LeCAM averages
+    assert _std_close(TextDecoder(width=64, depth=1, heads=4, d_ff=64, vocab_ids=[1, 2]).pos, 64 ** -0.5, 0.05)
+    disc = tokenizer.PatchDiscriminator(32)
+    assert torch.equal(disc.lecam_ema, torch.zeros(2)) and disc.lecam_decay == 0.999
+
+
+def test_size_registries_match_the_official_tables(official):
+    assert {k: FLOW_MODELS[k] for k in ("S", "B", "L", "XL", "H")} == {
+        "S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
+        "L": dict(depth=24, width=1024, heads=16), "XL": dict(depth=28, width=1152, heads=16),
+        "H": dict(depth=36, width=1280, heads=20)}
+    assert FLOW_MODELS["tiny"] == dict(depth=2, width=64, heads=4)         # the fixture's DiT
+    with torch.device("meta"):
+        for size in ("S", "L"):           # the fact sheet's count formula (B, XL, H: test_parameter_counts_...)
+            dit = FlowDiT(**FLOW_MODELS[size])
+            D, depth = FLOW_MODELS[size]["width"], FLOW_MODELS[size]["depth"]
+            expected = depth * (18 * D * D + 15 * D) + 17 * D + 256 * D + D * D + 2 * D + 2 * D + 2 * D * D + 18 * D + 16
+            assert sum(p.numel() for p in dit.parameters()) + dit.pos_embed.numel() == expected + 77 * D, size
+    assert FlowDiT.__init__.__defaults__ == (28, 1152, 16, 4.0, 16, 77, 1)              # FlowTok-XL
+    bl77 = dict(patch_size=16, enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16)
+    assert tokenizer.TOKENIZER_PRESETS["bl77-256"] == dict(image_size=256, **bl77)
+    assert tokenizer.TOKENIZER_PRESETS["bl77-512"] == dict(image_size=512, **bl77)
+    with torch.device("meta"):
+        c = Tokenizer().config
+        tiny = Tokenizer.from_preset("tiny").config
+    assert (c["num_tokens"], c["channels"], c["text_dim"], c["text_len"], c["scale_factor"]) == (77, 16, 768, 77, 1.0143)
+    assert (c["latent_layout"], c["text_guidance"], c["logvar_init"]) == ("tokens", True, 0.0)
+    m = official["meta"]["flowtitok_config"]
+    assert (tiny["image_size"], tiny["patch_size"], tiny["enc_width"], tiny["enc_depth"], tiny["enc_heads"]) == (
+        m["image_size"], m["patch_size"], m["encoder"]["width"], m["encoder"]["num_layers"], m["encoder"]["num_heads"])
+    assert projector.CLIP_TOWERS["ViT-L-14-336-quickgelu"] == dict(width=768, layers=12, heads=12)
+    with torch.device("meta"):
+        assert TextProjector().config == dict(clip_dim=768, depth=6, heads=8, d_ff=1024, dropout=0.1, channels=16,
+                                              align_hidden=512, patch_size=1)
+    assert flow_dit.SIGMA_MIN == 1e-5 and tokenizer.SCALE_FACTOR == 1.0143
+    assert {k: w for k, (_, w) in projector.KL_TERMS.items()} == {"official": 0.01, "standard": 1e-4}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2526,6 +2660,9 @@ def test_tokenizer_fine_tunes_from_the_official_file(tmp_path):
     official = load_official_tokenizer(str(folder / "FlowTiTok_512.bin")).state_dict()
     mine = torch.load(out / "last.pt", weights_only=True)["model"]["tokenizer"]
     assert mine["encoder.rope_cos"].shape[0] == 4 * official["encoder.rope_cos"].shape[0]   # 64 px: 4x the patches
+    cos, sin = reference_rope(8, 16)                                    # this run's own tables: an 8 x 8 grid
+    for part in ("encoder", "decoder"):
+        assert_exact(mine[f"{part}.rope_cos"], cos) and assert_exact(mine[f"{part}.rope_sin"], sin)
     same = [k for k in mine if "rope_" not in k]
     assert len(same) > 20 and all(torch.equal(mine[k], official[k]) for k in same)
     with pytest.raises(train.TrainError, match="does not fit --tokenizer-preset demo"):
