@@ -1515,33 +1515,81 @@ def all_tensors(ckpt):
     return out
 
 
+def run_start(out):
+    """Run `out`'s args, its trained parts as main() built them before step 1 (same seed, same order), its
+    frozen encoders and its last checkpoint."""
+    ck = torch.load(out / "last.pt", weights_only=True)
+    args = argparse.Namespace(**ck["args"])
+    torch.manual_seed(args.seed)
+    parts, frozen, _ = train.build_stage(args, torch.device("cpu"))
+    return args, parts, frozen, ck
+
+
+def flat(sd):
+    """A state dict's float tensors (RoPE tables and other buffers included) as one float64 vector."""
+    return torch.cat([v.double().flatten() for v in sd.values() if v.is_floating_point()])
+
+
+def log_value(out, step, key):
+    """The value of `key` on the log line of `step` of run `out`."""
+    line = next(x for x in (out / "log.txt").read_text().splitlines() if x.startswith(f"step {step}/"))
+    words = line.split()
+    return float(words[words.index(key) + 1])
+
+
+LEARNED = {"tokenizer": "mse", "flow": "diff", "text-ae": "ce", "flow-i2t": "diff"}   # each stage's main term
+
+
+def learning(out):
+    """Run `out`'s loss and main term (LEARNED) on its first 16 training samples with the initial and the final
+    weights (eval mode, the same noise, times and CFG draws), and the trained parameters that never moved
+    -> (first, last, unmoved), first and last as tensors [loss, main term]."""
+    args, parts, frozen, ck = run_start(out)
+    batch = next(iter(data.make_loader(data.build_dataset(args.data, image_size=args.image_size), 16, seed=args.seed,
+                                       noise_dim=sum(train.NOISE[args.stage].values()))))
+    inputs = dict(train.prepare(batch, frozen, args, torch.device("cpu")), gan=False)
+
+    def loss():
+        with torch.no_grad():
+            terms = train.stage_loss({k: m.eval() for k, m in parts.items()}, inputs, args)
+            return torch.stack([terms["loss"], terms[LEARNED[args.stage]]])
+    first = loss()
+    unmoved = [f"{name}.{k}" for name, m in parts.items() for k, p in m.named_parameters()
+               if torch.equal(p, ck["model"][name][k])]
+    for name, m in parts.items():
+        m.load_state_dict(ck["model"][name])
+    return first, loss(), unmoved
+
+
 def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     ck = torch.load(tiny_tokenizer / "last.pt", weights_only=True)
     assert set(ck) >= {"stage", "args", "config", "step", "model", "ema", "optimizer", "scheduler", "rng",
                        "data_state", "stats"} and ck["stage"] == "tokenizer" and ck["step"] == 3
-    first = Tokenizer(**ck["config"]["tokenizer"])
-    assert not torch.equal(first.state_dict()["decoder.conv_out.weight"], ck["model"]["tokenizer"]["decoder.conv_out.weight"])
     log = (tiny_tokenizer / "log.txt").read_text()
     for word in ("mse", "kl", "psnr", "grad_norm", "lr", "samples/s", "skipped"):
         assert word in log
     flow = tmp_path / "flow"
-    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 2, "--sample-every", 2, "--sample-steps", 2))
-    assert (flow / "samples" / "step_0000002.png").exists()
+    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 3, "--sample-every", 3, "--sample-steps", 2))
+    assert (flow / "samples" / "step_0000003.png").exists()
     ck = torch.load(flow / "last.pt", weights_only=True)
     assert set(ck["model"]) == {"dit", "projector"} and ck["config"]["tokenizer"] == str(tiny_tokenizer)
     log = (flow / "log.txt").read_text()
     assert all(w in log for w in ("diff", "contrastive", "kl", "sigma", "grad_norm"))
     tae = tmp_path / "tae"
     run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
-              "shapes:n=64", "--out", tae, "--steps", 2, "--global-batch", 8, "--decoder-width", 32,
-              "--decoder-depth", 1, "--decoder-ff", 64)
+              "shapes:n=64", "--out", tae, "--steps", 3, "--global-batch", 8, "--decoder-width", 32,
+              "--decoder-depth", 1, "--decoder-ff", 64, "--lr", 1e-3, "--warmup", 1)
     assert "token_acc" in (tae / "log.txt").read_text()
     i2t = tmp_path / "i2t"
     run_train("--stage", "flow-i2t", "--model", "tiny", "--tokenizer", tiny_tokenizer, "--text-ae", tae,
               "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data", "shapes:n=64", "--out", i2t,
-              "--steps", 2, "--global-batch", 8, "--sample-every", 2, "--sample-steps", 2)
-    assert " -> " in (i2t / "samples" / "step_0000002.txt").read_text()
+              "--steps", 3, "--global-batch", 8, "--sample-every", 3, "--sample-steps", 2, "--lr", 1e-3, "--warmup", 1)
+    assert " -> " in (i2t / "samples" / "step_0000003.txt").read_text()
     assert torch.load(i2t / "last.pt", weights_only=True)["stage"] == "flow-i2t"
+    # every stage learned: a lower loss on its first training samples, and every trained parameter moved
+    for run in (tiny_tokenizer, flow, tae, i2t):
+        first, last, unmoved = learning(run)
+        assert (last < 0.99 * first).all() and unmoved == [], (run.name, first, last, unmoved)
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
@@ -1663,6 +1711,160 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
     live, cached = losses
     for k in ("loss", "diff", "contrastive", "kl"):
         assert cached[k] == pytest.approx(live[k], rel=2e-3), k     # the cache stores float16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: the optimisation pieces, with small exact numbers
+# ----------------------------------------------------------------------------------------------------------
+
+def test_stage_defaults_follow_the_official_recipes():
+    flow = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0, ema=0.9999,
+                grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
+    assert train.STAGE_DEFAULTS["flow"] == flow                               # the stage configs (fact sheet 10)
+    assert {k: train.STAGE_DEFAULTS["flow-i2t"][k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")} == {
+        k: flow[k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")}
+    assert train.STAGE_DEFAULTS["tokenizer"] == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
+        lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5, ema=0.999,
+        grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1, w_gan=0.1, gan_start=200_000,
+        random_crop=True, flip=True)
+    args = train.build_parser().parse_args(["--out", "x"])
+    assert (args.cfg_prob, args.beta1, args.w_con, args.kl, args.align_hidden, args.cfg, args.w_lecam,
+            args.lecam_decay) == (0.1, 0.9, 1.0, "official", 512, 2.0, 0.001, 0.999)
+    train.fill_defaults(args, world=1)
+    assert args.w_kl == 0.01 and args.accum == 1 and args.batch_size == 4096
+
+
+def test_update_ema_known_answers():
+    model = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(2, 1)})
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(11.0)
+    train.update_ema(ema, model, 0.9)                         # 0.9 * 1 + 0.1 * 11
+    assert all(torch.allclose(p, torch.full_like(p, 2.0), atol=1e-6, rtol=0) for p in ema.parameters())
+    train.update_ema(ema, model, 0.9)                         # 0.9 * 2 + 0.1 * 11
+    assert all(torch.allclose(p, torch.full_like(p, 2.9), atol=1e-6, rtol=0) for p in ema.parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(ema.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    before = [p.clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 0.99)
+    for e, old, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.99 * old + 0.01 * m, atol=1e-6, rtol=0)
+    kept = [p.clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 1.0)                         # decay 1: unchanged; decay 0: a copy of the model
+    assert all(torch.equal(e, k) for e, k in zip(ema.parameters(), kept))
+    train.update_ema(ema, model, 0.0)
+    assert all(torch.equal(e, m) for e, m in zip(ema.parameters(), model.parameters()))
+
+
+def test_lr_factor_warmup_constant_and_cosine_known_answers():
+    args = argparse.Namespace(warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
+    # linear warm-up: step k (0-based) uses (k + 1) / warmup, so the first update already moves; then 1
+    assert [train.lr_factor(k, args) for k in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    args.warmup = 0
+    assert train.lr_factor(0, args) == 1.0
+    # cosine from the end of warm-up to the last step, down to min_lr / lr = 0.1
+    args = argparse.Namespace(warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
+    got = {k: train.lr_factor(k, args) for k in (0, 1, 2, 6, 9, 10, 50)}
+    want = {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.55, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.1, 50: 0.1}
+    assert got == pytest.approx(want, abs=1e-12)
+    assert train.lr_factor(2, args, steps=4) == 1.0 and train.lr_factor(3, args, steps=4) == pytest.approx(0.55)
+    args.min_lr = 0.0
+    assert train.lr_factor(6, args) == pytest.approx(0.5) and train.lr_factor(10, args) == pytest.approx(0.0)
+
+
+def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
+    common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=64", "--global-batch", 4, "--weight-decay", 0, "--schedule", "constant", "--ema", 0.9,
+              "--ckpt-every", 1, "--keep", 5)
+    run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
+    run_train(*common, "--lr", 1.0, "--warmup", 1, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
+    _, parts, _, _ = run_start(tmp_path / "free")
+    init = flat(parts["tokenizer"].state_dict())
+    step = [torch.load(tmp_path / "free" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2)]
+    model = [flat(ck["model"]["tokenizer"]) for ck in step]
+    ema = [flat(ck["ema"]["tokenizer"]) for ck in step]
+    # Adam's first update moves each weight by lr_t * |g| / (|g| + eps), lr_t for every gradient well above eps
+    # (1e-8): the warm-up's lr * 1/4
+    moved = (model[0] - init).abs()
+    assert moved.max().item() == pytest.approx(2.5e-4, rel=1e-4)
+    assert moved.quantile(0.99).item() == pytest.approx(2.5e-4, rel=1e-3)
+    # the scheduler after k steps holds the lr of step k: lr * (k + 1) / 4
+    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([5e-4, 7.5e-4])
+    # EMA: 0.9 * ema + 0.1 * model after every update, starting from the initial weights
+    torch.testing.assert_close(ema[0], 0.9 * init + 0.1 * model[0], atol=1e-7, rtol=0)
+    torch.testing.assert_close(ema[1], 0.9 * ema[0] + 0.1 * model[1], atol=1e-7, rtol=0)
+    # clipping to norm 1e-10 (<< Adam's eps 1e-8): the update is lr * g_clipped / eps, of L2 norm lr * 1e-10 / 1e-8
+    clipped = flat(torch.load(tmp_path / "clip" / "last.pt", weights_only=True)["model"]["tokenizer"])
+    assert (clipped - init).norm().item() == pytest.approx(0.01, rel=0.02)
+    # the logged norm is the one before clipping: the same first batch and weights give the same norm
+    norm = log_value(tmp_path / "free", 1, "grad_norm")
+    assert norm > 1e-3 and log_value(tmp_path / "clip", 1, "grad_norm") == pytest.approx(norm, rel=1e-3)
+
+
+def test_time_and_cfg_null_draws_follow_their_distributions():
+    n = 4000
+    noise = torch.randn(n, sum(train.NOISE["flow"].values()), generator=torch.Generator().manual_seed(0))
+    batch = {"noise": noise, "ids": torch.zeros(n, 77, dtype=torch.long), "clip": torch.zeros(n, 77, 1),
+             "posterior": torch.zeros(n, 77, 32)}               # a cache batch: no encoder runs
+    frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
+    args = argparse.Namespace(stage="flow", cfg_prob=0.1, caption_groups=False, precision="fp32")
+    inputs = train.prepare(batch, frozen, args, torch.device("cpu"))
+    t, null = inputs["t"], inputs["null"]
+    # t ~ logit-normal(0, 1): logit(t) is standard normal (Kolmogorov-Smirnov distance under its 1% bound)
+    logit = (torch.log(t.double()) - torch.log1p(-t.double())).sort().values
+    cdf = 0.5 * (1 + torch.erf(logit / math.sqrt(2)))
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max().item()
+    assert ks < 1.63 / math.sqrt(n), ks
+    assert 0 < t.min() and t.max() < 1 and abs(logit.mean().item()) < 0.05 and abs(logit.std().item() - 1) < 0.05
+    # the CFG null draws: 10% of samples, independent of t
+    assert null.float().mean().item() == pytest.approx(0.1, abs=0.015)
+    assert null[t > 0.5].float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert null[t < 0.3].float().mean().item() == pytest.approx(0.1, abs=0.025)
+    args.cfg_prob = 0.3
+    assert train.prepare(batch, frozen, args, torch.device("cpu"))["null"].float().mean().item() == pytest.approx(
+        0.3, abs=0.02)
+    # the per-sample noise the loader draws is standard normal
+    loader = data.make_loader(data.build_dataset("shapes:n=16", 32), 16, seed=0, noise_dim=noise.shape[1])
+    x = next(iter(loader))["noise"].double().flatten().sort().values
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    m = len(x)
+    assert torch.maximum(torch.arange(1, m + 1) / m - cdf, cdf - torch.arange(m) / m).max() < 1.63 / math.sqrt(m)
+
+
+def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypatch):
+    """The tokenizer's loss is a per-sample mean: 2 micro-batches of 4 must give the batch of 8's steps."""
+    norms, real_clip = collections.defaultdict(list), torch.nn.utils.clip_grad_norm_
+    run = [None]
+
+    def recording(params, max_norm, *a, **k):
+        norm = real_clip(params, max_norm, *a, **k)
+        norms[run[0]].append(norm.item())
+        return norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=64", "--steps", 3, "--global-batch", 8, "--lr", 1e-3, "--warmup", 2, "--ema", 0.9,
+              "--grad-clip", 1)
+    for name, extra in (("accum", ("--batch-size", 4)), ("whole", ())):
+        run[0] = name
+        run_train(*common, *extra, "--out", tmp_path / name)
+    assert "global batch 8 = 4 x 1 GPUs x 2 accumulation" in (tmp_path / "accum" / "log.txt").read_text()
+    a = torch.load(tmp_path / "accum" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        diff = (flat(a[part]["tokenizer"]) - flat(b[part]["tokenizer"])).abs().max().item()
+        assert diff < 1e-5, (part, diff)
+    assert (flat(b["model"]["tokenizer"]) - flat(run_start(tmp_path / "whole")[1]["tokenizer"].state_dict())).abs(
+        ).max() > 1e-4                                                          # it did train
+    assert len(norms["accum"]) == 3 and norms["accum"] == pytest.approx(norms["whole"], rel=1e-5)
+    for step in (1, 3):                                                         # the logged losses: means, not sums
+        for key in ("loss", "mse", "kl"):
+            assert log_value(tmp_path / "accum", step, key) == pytest.approx(log_value(tmp_path / "whole", step, key),
+                                                                             rel=1e-3)
 
 
 def torchrun(*argv, timeout=240):
