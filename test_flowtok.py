@@ -1918,10 +1918,31 @@ dist.destroy_process_group()
 
 
 def test_two_process_flow_with_gathered_negatives(tiny_tokenizer, tmp_path):
-    r = torchrun(REPO / "train.py", *TINY, *flow_args(tiny_tokenizer, tmp_path / "g", "--steps", 2,
-                                                       "--gather-negatives", "--ckpt-every", 1))
+    """With --gather-negatives, 2 processes x 4 train exactly as 1 process x 8: the contrastive loss sees all 8.
+
+    Everything else is made per-sample (standard KL, no CFG draws, no dropout), so local negatives would differ.
+    """
+    same = ("--steps", 2, "--kl", "standard", "--cfg-prob", 0, "--projector-dropout", 0)
+    r = torchrun(REPO / "train.py", *TINY, *flow_args(tiny_tokenizer, tmp_path / "g", *same, "--gather-negatives",
+                                                       "--ckpt-every", 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("weights identical on all 2 ranks") == 2
+    torch.set_num_threads(1)
+    try:
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "one", *same))
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    two, one = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("g", "one"))
+    for part in ("dit", "projector"):      # Adam turns float noise in the few zero gradients (a softmax's key bias)
+        for kind in ("model", "ema"):      # into steps of up to lr * 0.1: look at all but those
+            diff = (flat(two[kind][part]) - flat(one[kind][part])).abs()
+            assert (diff > 1e-5).float().mean() < 1e-3 and diff.median() < 1e-7, (kind, part)
+    # the contrastive loss is the one over all 8 samples (about log 8, not log 4), and so are the gradients
+    for step in (1, 2):
+        for key in ("contrastive", "grad_norm", "loss"):
+            assert log_value(tmp_path / "g", step, key) == pytest.approx(log_value(tmp_path / "one", step, key),
+                                                                         rel=1e-3)
+    assert log_value(tmp_path / "g", 1, "contrastive") > 1.8
 
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
@@ -2137,13 +2158,22 @@ def test_official_pipeline_from_a_local_folder(tiny_run, tmp_path, monkeypatch):
         sample.load_official_pipeline("FlowTok-XL", official_dir=str(tmp_path), clip_tower="demo")  # 128-d
 
 
-def test_sample_cli_official_from_a_local_folder(sample_runs):
+def test_sample_cli_official_from_a_local_folder(sample_runs, tiny_run):
     out, runs = sample_runs
     if "official" not in runs:
         pytest.skip("flow_dit.FLOW_MODELS has no size for the fixture's tiny official DiT (64 wide, depth 2)")
     rc, stdout, stderr = runs["official"]
     assert rc == 0, stderr
     assert sorted(f for f in os.listdir(out / "official") if f[0].isdigit()) == ["00000_00.png", "00001_00.png"]
+    # the PNGs are the official pipeline's images (the weights of the folder, 2 steps, CFG 2, seed 0's noise),
+    # which test_official_pipeline_from_a_local_folder checks against the official code
+    pipe = sample.load_official_pipeline("FlowTok-XL", official_dir=str(out / "official_files"),
+                                         clip_weights=str(tiny_run["clip"]))
+    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(2)])
+    want = sample.to_uint8(pipe.generate(PROMPTS[:2], steps=2, cfg=2.0, eps=eps)).astype(int)
+    got = np.stack([pixels(out / "official" / f"0000{i}_00.png") for i in range(2)]).astype(int)
+    assert np.abs(got - want).max() <= 1 and (got == want).mean() > 0.99   # 1 thread there, 2 here: rounding
+    assert not np.array_equal(got[0], got[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
