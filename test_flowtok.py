@@ -476,7 +476,8 @@ def test_size_registries_match_the_official_tables(official):
         for size in ("S", "L"):           # the fact sheet's count formula (B, XL, H: test_parameter_counts_...)
             dit = FlowDiT(**FLOW_MODELS[size])
             D, depth = FLOW_MODELS[size]["width"], FLOW_MODELS[size]["depth"]
-            expected = depth * (18 * D * D + 15 * D) + 17 * D + 256 * D + D * D + 2 * D + 2 * D + 2 * D * D + 18 * D + 16
+            expected = (depth * (18 * D * D + 15 * D) + 17 * D + 256 * D + D * D + 2 * D + 2 * D
+                        + 2 * D * D + 18 * D + 16)
             assert sum(p.numel() for p in dit.parameters()) + dit.pos_embed.numel() == expected + 77 * D, size
     assert FlowDiT.__init__.__defaults__ == (28, 1152, 16, 4.0, 16, 77, 1)              # FlowTok-XL
     bl77 = dict(patch_size=16, enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16)
@@ -485,7 +486,8 @@ def test_size_registries_match_the_official_tables(official):
     with torch.device("meta"):
         c = Tokenizer().config
         tiny = Tokenizer.from_preset("tiny").config
-    assert (c["num_tokens"], c["channels"], c["text_dim"], c["text_len"], c["scale_factor"]) == (77, 16, 768, 77, 1.0143)
+    assert (c["num_tokens"], c["channels"], c["text_dim"], c["text_len"], c["scale_factor"]) == (
+        77, 16, 768, 77, 1.0143)
     assert (c["latent_layout"], c["text_guidance"], c["logvar_init"]) == ("tokens", True, 0.0)
     m = official["meta"]["flowtitok_config"]
     assert (tiny["image_size"], tiny["patch_size"], tiny["enc_width"], tiny["enc_depth"], tiny["enc_heads"]) == (
@@ -1045,6 +1047,72 @@ def test_workers_do_not_change_the_batches(noisy_folder):
     for want, got in zip(plain, itertools.islice(loader, 5)):
         _assert_same_batch(want, got)
     assert loader.state_dict() == {"position": 20}
+
+
+class Flaky:
+    """A map-style source of n tiny samples; the indices in `bad` fail to load ("unreadable image")."""
+
+    def __init__(self, n, bad=()):
+        self.name, self.n, self.bad, self.skipped = "flaky", n, set(bad), collections.Counter()
+
+    def __len__(self):
+        return self.n
+
+    def get(self, index, generator=None):
+        if index in self.bad:
+            raise data.BadSample("unreadable image")
+        return {"image": torch.full((3, 2, 2), float(index)), "caption": f"sample {index}"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_batches_pass_their_skip_counts_to_the_next(workers):
+    order = [int(b["index"][0]) for b in itertools.islice(data.Loader(Flaky(12), 1, seed=7, rank=0, world=1), 12)]
+    # batches of 2: positions 2-3 and 4-5 all bad, 7 bad, 10 bad
+    bad = {order[p] for p in (2, 3, 4, 5, 7, 10)}
+    loader = data.Loader(Flaky(12, bad), 2, seed=7, rank=0, world=1, noise_dim=3, num_workers=workers)
+    stream = iter(loader)
+    got = [next(stream) for _ in range(3)]
+    assert [b["position"].tolist() for b in got] == [[0, 1], [6], [8, 9]]
+    assert [b["index"].tolist() for b in got] == [order[:2], [order[6]], order[8:10]]
+    assert [b["skipped"] for b in got] == [{}, {"unreadable image": 5}, {}]
+    assert loader.state_dict() == {"position": 10}
+    nxt = next(stream)
+    assert nxt["position"].tolist() == [11] and nxt["skipped"] == {"unreadable image": 1}
+    # a stream whose every sample is bad stops with an error after one epoch instead of spinning
+    with pytest.raises(RuntimeError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
+        next(iter(data.Loader(Flaky(12, range(12)), 2, seed=7, rank=0, world=1, num_workers=workers)))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_seed_sets_the_order_and_the_worker_count_does_not(noisy_folder, tmp_path):
+    def batches(seed, workers=0):
+        return list(itertools.islice(data.Loader(noisy_folder, 4, seed=seed, rank=0, world=1, noise_dim=3,
+                                                 num_workers=workers), 6))        # two epochs of 12
+
+    def order(bs):
+        return torch.cat([x["index"] for x in bs]).tolist()
+
+    a, b = batches(0), batches(1)
+    assert order(a)[:12] != order(b)[:12] and order(a)[12:] != order(b)[12:]     # each epoch its own order
+    assert sorted(order(a)[:12]) == sorted(order(b)[:12]) == list(range(12))
+    assert not torch.equal(a[0]["noise"], b[0]["noise"])
+    # crops and flips: one image at every position, 8 positions, other draws under another seed
+    (tmp_path / "one").mkdir()
+    _noise_image(44, 36, 0).save(tmp_path / "one" / "a.png")
+    (tmp_path / "one" / "a.txt").write_text("one image")
+    one = data.build_dataset(f"folder:{tmp_path / 'one'}", 32, random_crop=True, flip=True)
+    crops = [next(iter(data.Loader(one, 8, seed=seed, rank=0, world=1)))["image"] for seed in (0, 1)]
+    assert sum(not torch.equal(x, y) for x, y in zip(*crops)) >= 4
+    for workers in (1, 3):                                                        # the same seed: the same batches
+        for want, got in zip(a, batches(0, workers)):
+            _assert_same_batch(want, got)
+
+    # the tar stream: the seed shuffles the shards of each epoch
+    def tar(seed):
+        loader = data.make_loader(data.build_dataset(spec, 32), 2, seed=seed, rank=0, world=1, noise_dim=3)
+        return [c for x in itertools.islice(loader, 8) for c in x["caption"]]     # two epochs of 8
+    spec = _write_shards(tmp_path, 4, 2)
+    assert tar(0) == tar(0) and tar(0) != tar(1) and sorted(tar(0)[:8]) == sorted(tar(1)[:8])
 
 
 # ----------------------------------------------------------------------------- pre-tokenised cache
