@@ -466,6 +466,15 @@ def test_fresh_models_start_from_the_official_initial_values():
     assert torch.equal(disc.lecam_ema, torch.zeros(2)) and disc.lecam_decay == 0.999
 
 
+def test_auto_scale_factor_is_one_over_the_std_of_posterior_samples(monkeypatch):
+    tok = Tokenizer.from_preset("tiny")
+    monkeypatch.setattr(tok, "encode", lambda images: (torch.full((len(images), 77, 16), 3.0),
+                                                       torch.full((len(images), 77, 16), math.log(4.0))))
+    # samples 3 + 2 * eps: std 2 over 8 x 1232 draws, so the factor is 1/2 (the mean does not enter)
+    got = tok.estimate_scale_factor(torch.zeros(8, 3, 32, 32), torch.Generator().manual_seed(0))
+    assert got == pytest.approx(0.5, rel=0.02)
+
+
 def test_size_registries_match_the_official_tables(official):
     assert {k: FLOW_MODELS[k] for k in ("S", "B", "L", "XL", "H")} == {
         "S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
@@ -1848,7 +1857,7 @@ def test_lr_factor_warmup_constant_and_cosine_known_answers():
 def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
     common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
               "shapes:n=64", "--global-batch", 4, "--weight-decay", 0, "--schedule", "constant", "--ema", 0.9,
-              "--ckpt-every", 1, "--keep", 5)
+              "--beta2", 0.99, "--ckpt-every", 1, "--keep", 5)
     run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
     run_train(*common, "--lr", 1.0, "--warmup", 1, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
     _, parts, _, _ = run_start(tmp_path / "free")
@@ -1861,6 +1870,7 @@ def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
     moved = (model[0] - init).abs()
     assert moved.max().item() == pytest.approx(2.5e-4, rel=1e-4)
     assert moved.quantile(0.99).item() == pytest.approx(2.5e-4, rel=1e-3)
+    assert [g["betas"] for g in step[0]["optimizer"]["param_groups"]] == [(0.9, 0.99)] * 2
     # the scheduler after k steps holds the lr of step k: lr * (k + 1) / 4
     assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([5e-4, 7.5e-4])
     # EMA: 0.9 * ema + 0.1 * model after every update, starting from the initial weights
@@ -1902,6 +1912,12 @@ def test_time_and_cfg_null_draws_follow_their_distributions():
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     m = len(x)
     assert torch.maximum(torch.arange(1, m + 1) / m - cdf, cdf - torch.arange(m) / m).max() < 1.63 / math.sqrt(m)
+
+
+def test_caption_groups_give_equal_captions_equal_ids():
+    ids, _ = projector.tokenize(["a red circle", "a blue square", "a red circle", "a red circle on the left", ""])
+    groups = train.caption_groups(ids).tolist()
+    assert groups[0] == groups[2] and len(set(groups)) == 4
 
 
 def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypatch):
