@@ -3,9 +3,11 @@
 Known answers, equivalence with the official code (testdata/official_tiny.pt, produced by the official
 FlowTok code at tiny sizes), round trips, resume and DDP checks, bad-input corpora and CLI runs.
 """
+import argparse
 import ast
 import collections
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -419,6 +421,149 @@ def test_projector_grouping_is_its_own_component():
     x2[:, 7:14] += 1.0      # change the 2nd group of 7 CLIP tokens only: only the 2nd grouped token changes
     h1, h2 = grouped.group_in(x), grouped.group_in(x2)
     assert h1.shape == (1, 11, 64) and torch.equal(h1[:, 0], h2[:, 0]) and not torch.equal(h1[:, 1], h2[:, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model core: values a fresh model computes itself (loading official weights overwrites them, so only these
+# tests ever compute them)
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_rope(grid, head_dim, theta=10000.0):
+    """The fact sheet's 2D RoPE, one cell at a time in float64: cell (r, c) (row-major) has the angles
+    [r w0, r w0, r w1, r w1, ..., c w0, c w0, ...], w_k = theta^(-k / (head_dim / 4))."""
+    q = head_dim // 4
+    angles = torch.tensor([[pos * theta ** (-k / q) for pos in (r, c) for k in range(q) for _ in range(2)]
+                           for r in range(grid) for c in range(grid)], dtype=torch.float64)
+    return angles.cos().float(), angles.sin().float()
+
+
+def test_fresh_rope_and_position_tables_equal_the_official_ones(official):
+    sd, tok_sd = official["flowtok_state_dict"], official["flowtitok_state_dict"]
+    # the DiT's frozen sin-cos table, as built at construction (the fixture's is the official, unperturbed one)
+    assert_exact(FlowDiT(depth=2, width=64, heads=4).pos_embed, sd["pos_embed"], atol=1e-6)
+    # the tokenizer's RoPE buffers, as built at construction (grid 4, head dim 16)
+    fresh = Tokenizer.from_preset("tiny").state_dict()
+    for part in ("encoder", "decoder"):
+        for ours, theirs in (("rope_cos", "freqs_cos"), ("rope_sin", "freqs_sin")):
+            assert_exact(fresh[f"{part}.{ours}"], tok_sd[f"{part}.positional_embedding.{theirs}"], atol=1e-6)
+    # other sizes against the closed form: the official 256 and 512 px grids (16, 32) with head dim 64
+    for grid, head_dim in ((16, 64), (32, 64), (3, 8)):
+        cos, sin = tokenizer.rope_2d_tables(grid, head_dim)
+        ref_cos, ref_sin = reference_rope(grid, head_dim)
+        assert cos.shape == (grid * grid, head_dim)
+        assert_exact(cos, ref_cos) and assert_exact(sin, ref_sin)
+    with torch.device("meta"):
+        assert Tokenizer.from_preset("bl77-512").encoder.rope_cos.shape == (32 * 32, 64)
+    # sin-cos positions at the XL width: [sin(p w_k) | cos(p w_k)], w_k = 10000^(-k / 576)
+    pos = flow_dit.sincos_positions(77, 1152)
+    assert pos.shape == (77, 1152) and pos.dtype == torch.float32
+    assert torch.equal(pos[0], torch.cat([torch.zeros(576), torch.ones(576)]))
+    for p, k in ((1, 0), (76, 1), (40, 300), (76, 575)):
+        w = 10000 ** (-k / 576)
+        assert pos[p, k].item() == pytest.approx(math.sin(p * w), abs=1e-6)
+        assert pos[p, 576 + k].item() == pytest.approx(math.cos(p * w), abs=1e-6)
+    # the timestep embedding: t raw in [0, 1], [cos(t f_k) | sin(t f_k)], f_k = e^(-ln(1e4) k / 128)
+    e = flow_dit.timestep_embedding(torch.tensor([0.0, 1.0, 0.25]))
+    assert torch.equal(e[0], torch.cat([torch.ones(128), torch.zeros(128)]))
+    for i, t in ((1, 1.0), (2, 0.25)):
+        for k in (0, 1, 64, 127):
+            f = math.exp(-math.log(10000) * k / 128)
+            assert e[i, k].item() == pytest.approx(math.cos(t * f), abs=1e-6)
+            assert e[i, 128 + k].item() == pytest.approx(math.sin(t * f), abs=1e-6)
+
+
+def _std_close(t, std, rel):
+    return t.float().std().item() == pytest.approx(std, rel=rel)
+
+
+def test_fresh_models_start_from_the_official_initial_values():
+    torch.manual_seed(0)
+    # the contrastive log-temperature: ln(1 / 0.07) = 2.6592600, a learnable 0-dim scalar (logit scale 14.29)
+    proj = TextProjector(clip_dim=64, depth=2, heads=4, d_ff=96, align_hidden=128)
+    assert proj.log_temperature.dim() == 0 and proj.log_temperature.requires_grad
+    assert proj.log_temperature.item() == pytest.approx(2.6592600, abs=1e-6)
+    assert math.exp(proj.log_temperature.item()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert not hasattr(TextProjector(clip_dim=64, depth=1, heads=4, d_ff=96, align_hidden=0), "log_temperature")
+    # the text encoder's layers start as copies of one layer; its LayerNorms at g = 1, b = 0
+    first = proj.layers[0].state_dict()
+    assert all(torch.equal(v, proj.layers[1].state_dict()[k]) for k, v in first.items())
+    assert torch.equal(first["norm1.g"], torch.ones(64)) and torch.equal(first["norm2.b"], torch.zeros(64))
+    # the DiT (adaLN-Zero): modulation and output layers zero, so a fresh model predicts exactly 0
+    dit = FlowDiT(depth=2, width=64, heads=4)
+    with torch.no_grad():
+        assert torch.equal(dit(torch.randn(2, 77, 16), torch.rand(2), torch.tensor([False, True])),
+                           torch.zeros(2, 77, 16))
+    for layer in [b.adaLN_modulation[-1] for b in dit.blocks] + [dit.final_layer.adaLN_modulation[-1],
+                                                                dit.final_layer.linear]:
+        assert not layer.weight.any() and not layer.bias.any()
+    assert not any(m.bias.any() for m in dit.modules() if isinstance(m, nn.Linear))
+    bound = math.sqrt(6 / (64 + 192))                        # Xavier-uniform over the fused (3D, D) qkv matrix
+    qkv = dit.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= bound and _std_close(qkv, bound / math.sqrt(3), 0.05)
+    assert _std_close(dit.t_embedder.mlp[0].weight, 0.02, 0.05) and _std_close(dit.t_embedder.mlp[2].weight, 0.02, 0.05)
+    assert _std_close(dit.y_embedder.embedding_table.weight, 0.02, 0.25)
+    # the tokenizer: Linear / Conv ~ N(0, 0.02) with zero bias, LayerNorm 1 / 0, tokens and positions W^-1/2
+    tok = Tokenizer.from_preset("tiny")
+    for name, m in tok.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() >= 4096:
+            assert _std_close(m.weight, 0.02, 0.1), name
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            assert not m.bias.any(), name
+        if isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones(64)) and not m.bias.any(), name
+    for p in (tok.encoder.latent_tokens, tok.encoder.latent_token_positional_embedding,
+              tok.decoder.latent_token_positional_embedding, tok.decoder.text_guidance_positional_embedding):
+        assert _std_close(p, 64 ** -0.5, 0.05)
+    assert _std_close(tok.decoder.mask_token, 64 ** -0.5, 0.3)
+    demo = Tokenizer.from_preset("demo").encoder.to_moments.bias.view(-1, 32)   # logvar_init -7: the logvar half
+    assert torch.equal(demo[:, 16:], torch.full((77, 16), -7.0)) and not demo[:, :16].any()
+    # the text decoder's positions and the discriminator's LeCAM averages
+    assert _std_close(TextDecoder(width=64, depth=1, heads=4, d_ff=64, vocab_ids=[1, 2]).pos, 64 ** -0.5, 0.05)
+    disc = tokenizer.PatchDiscriminator(32)
+    assert torch.equal(disc.lecam_ema, torch.zeros(2)) and disc.lecam_decay == 0.999
+
+
+def test_auto_scale_factor_is_one_over_the_std_of_posterior_samples(monkeypatch):
+    tok = Tokenizer.from_preset("tiny")
+    monkeypatch.setattr(tok, "encode", lambda images: (torch.full((len(images), 77, 16), 3.0),
+                                                       torch.full((len(images), 77, 16), math.log(4.0))))
+    # samples 3 + 2 * eps: std 2 over 8 x 1232 draws, so the factor is 1/2 (the mean does not enter)
+    got = tok.estimate_scale_factor(torch.zeros(8, 3, 32, 32), torch.Generator().manual_seed(0))
+    assert got == pytest.approx(0.5, rel=0.02)
+
+
+def test_size_registries_match_the_official_tables(official):
+    assert {k: FLOW_MODELS[k] for k in ("S", "B", "L", "XL", "H")} == {
+        "S": dict(depth=12, width=384, heads=6), "B": dict(depth=12, width=768, heads=12),
+        "L": dict(depth=24, width=1024, heads=16), "XL": dict(depth=28, width=1152, heads=16),
+        "H": dict(depth=36, width=1280, heads=20)}
+    assert FLOW_MODELS["tiny"] == dict(depth=2, width=64, heads=4)         # the fixture's DiT
+    with torch.device("meta"):
+        for size in ("S", "L"):           # the fact sheet's count formula (B, XL, H: test_parameter_counts_...)
+            dit = FlowDiT(**FLOW_MODELS[size])
+            D, depth = FLOW_MODELS[size]["width"], FLOW_MODELS[size]["depth"]
+            expected = (depth * (18 * D * D + 15 * D) + 17 * D + 256 * D + D * D + 2 * D + 2 * D
+                        + 2 * D * D + 18 * D + 16)
+            assert sum(p.numel() for p in dit.parameters()) + dit.pos_embed.numel() == expected + 77 * D, size
+    assert FlowDiT.__init__.__defaults__ == (28, 1152, 16, 4.0, 16, 77, 1)              # FlowTok-XL
+    bl77 = dict(patch_size=16, enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16)
+    assert tokenizer.TOKENIZER_PRESETS["bl77-256"] == dict(image_size=256, **bl77)
+    assert tokenizer.TOKENIZER_PRESETS["bl77-512"] == dict(image_size=512, **bl77)
+    with torch.device("meta"):
+        c = Tokenizer().config
+        tiny = Tokenizer.from_preset("tiny").config
+    assert (c["num_tokens"], c["channels"], c["text_dim"], c["text_len"], c["scale_factor"]) == (
+        77, 16, 768, 77, 1.0143)
+    assert (c["latent_layout"], c["text_guidance"], c["logvar_init"]) == ("tokens", True, 0.0)
+    m = official["meta"]["flowtitok_config"]
+    assert (tiny["image_size"], tiny["patch_size"], tiny["enc_width"], tiny["enc_depth"], tiny["enc_heads"]) == (
+        m["image_size"], m["patch_size"], m["encoder"]["width"], m["encoder"]["num_layers"], m["encoder"]["num_heads"])
+    assert projector.CLIP_TOWERS["ViT-L-14-336-quickgelu"] == dict(width=768, layers=12, heads=12)
+    with torch.device("meta"):
+        assert TextProjector().config == dict(clip_dim=768, depth=6, heads=8, d_ff=1024, dropout=0.1, channels=16,
+                                              align_hidden=512, patch_size=1)
+    assert flow_dit.SIGMA_MIN == 1e-5 and tokenizer.SCALE_FACTOR == 1.0143
+    assert {k: w for k, (_, w) in projector.KL_TERMS.items()} == {"official": 0.01, "standard": 1e-4}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -970,6 +1115,72 @@ def test_workers_do_not_change_the_batches(noisy_folder):
     assert loader.state_dict() == {"position": 20}
 
 
+class Flaky:
+    """A map-style source of n tiny samples; the indices in `bad` fail to load ("unreadable image")."""
+
+    def __init__(self, n, bad=()):
+        self.name, self.n, self.bad, self.skipped = "flaky", n, set(bad), collections.Counter()
+
+    def __len__(self):
+        return self.n
+
+    def get(self, index, generator=None):
+        if index in self.bad:
+            raise data.BadSample("unreadable image")
+        return {"image": torch.full((3, 2, 2), float(index)), "caption": f"sample {index}"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_batches_pass_their_skip_counts_to_the_next(workers):
+    order = [int(b["index"][0]) for b in itertools.islice(data.Loader(Flaky(12), 1, seed=7, rank=0, world=1), 12)]
+    # batches of 2: positions 2-3 and 4-5 all bad, 7 bad, 10 bad
+    bad = {order[p] for p in (2, 3, 4, 5, 7, 10)}
+    loader = data.Loader(Flaky(12, bad), 2, seed=7, rank=0, world=1, noise_dim=3, num_workers=workers)
+    stream = iter(loader)
+    got = [next(stream) for _ in range(3)]
+    assert [b["position"].tolist() for b in got] == [[0, 1], [6], [8, 9]]
+    assert [b["index"].tolist() for b in got] == [order[:2], [order[6]], order[8:10]]
+    assert [b["skipped"] for b in got] == [{}, {"unreadable image": 5}, {}]
+    assert loader.state_dict() == {"position": 10}
+    nxt = next(stream)
+    assert nxt["position"].tolist() == [11] and nxt["skipped"] == {"unreadable image": 1}
+    # a stream whose every sample is bad stops with an error after one epoch instead of spinning
+    with pytest.raises(RuntimeError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
+        next(iter(data.Loader(Flaky(12, range(12)), 2, seed=7, rank=0, world=1, num_workers=workers)))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_seed_sets_the_order_and_the_worker_count_does_not(noisy_folder, tmp_path):
+    def batches(seed, workers=0):
+        return list(itertools.islice(data.Loader(noisy_folder, 4, seed=seed, rank=0, world=1, noise_dim=3,
+                                                 num_workers=workers), 6))        # two epochs of 12
+
+    def order(bs):
+        return torch.cat([x["index"] for x in bs]).tolist()
+
+    a, b = batches(0), batches(1)
+    assert order(a)[:12] != order(b)[:12] and order(a)[12:] != order(b)[12:]     # each epoch its own order
+    assert sorted(order(a)[:12]) == sorted(order(b)[:12]) == list(range(12))
+    assert not torch.equal(a[0]["noise"], b[0]["noise"])
+    # crops and flips: one image at every position, 8 positions, other draws under another seed
+    (tmp_path / "one").mkdir()
+    _noise_image(44, 36, 0).save(tmp_path / "one" / "a.png")
+    (tmp_path / "one" / "a.txt").write_text("one image")
+    one = data.build_dataset(f"folder:{tmp_path / 'one'}", 32, random_crop=True, flip=True)
+    crops = [next(iter(data.Loader(one, 8, seed=seed, rank=0, world=1)))["image"] for seed in (0, 1)]
+    assert sum(not torch.equal(x, y) for x, y in zip(*crops)) >= 4
+    for workers in (1, 3):                                                        # the same seed: the same batches
+        for want, got in zip(a, batches(0, workers)):
+            _assert_same_batch(want, got)
+
+    # the tar stream: the seed shuffles the shards of each epoch
+    def tar(seed):
+        loader = data.make_loader(data.build_dataset(spec, 32), 2, seed=seed, rank=0, world=1, noise_dim=3)
+        return [c for x in itertools.islice(loader, 8) for c in x["caption"]]     # two epochs of 8
+    spec = _write_shards(tmp_path, 4, 2)
+    assert tar(0) == tar(0) and tar(0) != tar(1) and sorted(tar(0)[:8]) == sorted(tar(1)[:8])
+
+
 # ----------------------------------------------------------------------------- pre-tokenised cache
 
 def test_cache_write_append_and_read(tmp_path):
@@ -1438,34 +1649,81 @@ def all_tensors(ckpt):
     return out
 
 
+def run_start(out):
+    """Run `out`'s args, its trained parts as main() built them before step 1 (same seed, same order), its
+    frozen encoders and its last checkpoint."""
+    ck = torch.load(out / "last.pt", weights_only=True)
+    args = argparse.Namespace(**ck["args"])
+    torch.manual_seed(args.seed)
+    parts, frozen, _ = train.build_stage(args, torch.device("cpu"))
+    return args, parts, frozen, ck
+
+
+def flat(sd):
+    """A state dict's float tensors (RoPE tables and other buffers included) as one float64 vector."""
+    return torch.cat([v.double().flatten() for v in sd.values() if v.is_floating_point()])
+
+
+def log_value(out, step, key):
+    """The value of `key` on the log line of `step` of run `out`."""
+    line = next(x for x in (out / "log.txt").read_text().splitlines() if x.startswith(f"step {step}/"))
+    words = line.split()
+    return float(words[words.index(key) + 1])
+
+
+LEARNED = {"tokenizer": "mse", "flow": "diff", "text-ae": "ce", "flow-i2t": "diff"}   # each stage's main term
+
+
+def learning(out):
+    """Run `out`'s loss and main term (LEARNED) on its first 16 training samples with the initial and the final
+    weights (eval mode, the same noise, times and CFG draws), and the trained parameters that never moved
+    -> (first, last, unmoved), first and last as tensors [loss, main term]."""
+    args, parts, frozen, ck = run_start(out)
+    batch = next(iter(data.make_loader(data.build_dataset(args.data, image_size=args.image_size), 16, seed=args.seed,
+                                       noise_dim=sum(train.STAGES[args.stage].noise.values()))))
+    inputs = dict(train.prepare(batch, frozen, args, torch.device("cpu")), gan=False)
+
+    def loss():
+        with torch.no_grad():
+            terms = train.stage_loss({k: m.eval() for k, m in parts.items()}, inputs, args)
+            return torch.stack([terms["loss"], terms[LEARNED[args.stage]]])
+    first = loss()
+    unmoved = [f"{name}.{k}" for name, m in parts.items() for k, p in m.named_parameters()
+               if torch.equal(p, ck["model"][name][k])]
+    for name, m in parts.items():
+        m.load_state_dict(ck["model"][name])
+    return first, loss(), unmoved
+
+
 def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     ck = torch.load(tiny_tokenizer / "last.pt", weights_only=True)
     assert set(ck) >= {"stage", "args", "config", "step", "model", "ema", "optimizer", "scheduler", "rng",
                        "data_state", "stats"} and ck["stage"] == "tokenizer" and ck["step"] == 3
-    first = Tokenizer(**ck["config"]["tokenizer"])
-    assert not torch.equal(first.state_dict()["decoder.conv_out.weight"],
-                           ck["model"]["tokenizer"]["decoder.conv_out.weight"])
     log = (tiny_tokenizer / "log.txt").read_text()
     for word in ("mse", "kl", "psnr", "grad_norm", "lr", "samples/s", "skipped"):
         assert word in log
     flow = tmp_path / "flow"
-    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 2, "--sample-every", 2, "--sample-steps", 2))
-    assert (flow / "samples" / "step_0000002.png").exists()
+    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 3, "--sample-every", 3, "--sample-steps", 2))
+    assert (flow / "samples" / "step_0000003.png").exists()
     ck = torch.load(flow / "last.pt", weights_only=True)
     assert set(ck["model"]) == {"dit", "projector"} and ck["config"]["tokenizer"] == str(tiny_tokenizer)
     log = (flow / "log.txt").read_text()
     assert all(w in log for w in ("diff", "contrastive", "kl", "sigma", "grad_norm"))
     tae = tmp_path / "tae"
     run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
-              "shapes:n=64", "--out", tae, "--steps", 2, "--global-batch", 8, "--decoder-width", 32,
-              "--decoder-depth", 1, "--decoder-ff", 64)
+              "shapes:n=64", "--out", tae, "--steps", 3, "--global-batch", 8, "--decoder-width", 32,
+              "--decoder-depth", 1, "--decoder-ff", 64, "--lr", 1e-3, "--warmup", 1)
     assert "token_acc" in (tae / "log.txt").read_text()
     i2t = tmp_path / "i2t"
     run_train("--stage", "flow-i2t", "--model", "tiny", "--tokenizer", tiny_tokenizer, "--text-ae", tae,
               "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data", "shapes:n=64", "--out", i2t,
-              "--steps", 2, "--global-batch", 8, "--sample-every", 2, "--sample-steps", 2)
-    assert " -> " in (i2t / "samples" / "step_0000002.txt").read_text()
+              "--steps", 3, "--global-batch", 8, "--sample-every", 3, "--sample-steps", 2, "--lr", 1e-3, "--warmup", 1)
+    assert " -> " in (i2t / "samples" / "step_0000003.txt").read_text()
     assert torch.load(i2t / "last.pt", weights_only=True)["stage"] == "flow-i2t"
+    # every stage learned: a lower loss on its first training samples, and every trained parameter moved
+    for run in (tiny_tokenizer, flow, tae, i2t):
+        first, last, unmoved = learning(run)
+        assert (last < 0.99 * first).all() and unmoved == [], (run.name, first, last, unmoved)
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
@@ -1590,6 +1848,167 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
         assert cached[k] == pytest.approx(live[k], rel=2e-3), k     # the cache stores float16
 
 
+# ----------------------------------------------------------------------------------------------------------
+# train.py: the optimisation pieces, with small exact numbers
+# ----------------------------------------------------------------------------------------------------------
+
+def test_stage_defaults_follow_the_official_recipes():
+    flow = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0, ema=0.9999,
+                grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
+    assert train.STAGE_DEFAULTS["flow"] == flow                               # the stage configs (fact sheet 10)
+    assert {k: train.STAGE_DEFAULTS["flow-i2t"][k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")} == {
+        k: flow[k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")}
+    assert train.STAGE_DEFAULTS["tokenizer"] == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
+        lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5, ema=0.999,
+        grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1, w_gan=0.1, gan_start=200_000,
+        random_crop=True, flip=True)
+    args = train.build_parser().parse_args(["--out", "x"])
+    assert (args.cfg_prob, args.beta1, args.w_con, args.kl, args.align_hidden, args.cfg, args.w_lecam,
+            args.lecam_decay) == (0.1, 0.9, 1.0, "official", 512, 2.0, 0.001, 0.999)
+    train.fill_defaults(args, world=1)
+    assert args.w_kl == 0.01 and args.accum == 1 and args.batch_size == 4096
+
+
+def test_update_ema_known_answers():
+    model = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(2, 1)})
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(11.0)
+    train.update_ema(ema, model, 0.9)                         # 0.9 * 1 + 0.1 * 11
+    assert all(torch.allclose(p, torch.full_like(p, 2.0), atol=1e-6, rtol=0) for p in ema.parameters())
+    train.update_ema(ema, model, 0.9)                         # 0.9 * 2 + 0.1 * 11
+    assert all(torch.allclose(p, torch.full_like(p, 2.9), atol=1e-6, rtol=0) for p in ema.parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(ema.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    before = [p.clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 0.99)
+    for e, old, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.99 * old + 0.01 * m, atol=1e-6, rtol=0)
+    kept = [p.clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 1.0)                         # decay 1: unchanged; decay 0: a copy of the model
+    assert all(torch.equal(e, k) for e, k in zip(ema.parameters(), kept))
+    train.update_ema(ema, model, 0.0)
+    assert all(torch.equal(e, m) for e, m in zip(ema.parameters(), model.parameters()))
+
+
+def test_lr_factor_warmup_constant_and_cosine_known_answers():
+    args = argparse.Namespace(warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
+    # linear warm-up: step k (0-based) uses (k + 1) / warmup, so the first update already moves; then 1
+    assert [train.lr_factor(k, args) for k in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    args.warmup = 0
+    assert train.lr_factor(0, args) == 1.0
+    # cosine from the end of warm-up to the last step, down to min_lr / lr = 0.1
+    args = argparse.Namespace(warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
+    got = {k: train.lr_factor(k, args) for k in (0, 1, 2, 6, 9, 10, 50)}
+    want = {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.55, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.1, 50: 0.1}
+    assert got == pytest.approx(want, abs=1e-12)
+    assert train.lr_factor(2, args, steps=4) == 1.0 and train.lr_factor(3, args, steps=4) == pytest.approx(0.55)
+    args.min_lr = 0.0
+    assert train.lr_factor(6, args) == pytest.approx(0.5) and train.lr_factor(10, args) == pytest.approx(0.0)
+
+
+def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
+    common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=64", "--global-batch", 4, "--weight-decay", 0, "--schedule", "constant", "--ema", 0.9,
+              "--beta2", 0.99, "--ckpt-every", 1, "--keep", 5)
+    run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
+    run_train(*common, "--lr", 1.0, "--warmup", 1, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
+    _, parts, _, _ = run_start(tmp_path / "free")
+    init = flat(parts["tokenizer"].state_dict())
+    step = [torch.load(tmp_path / "free" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2)]
+    model = [flat(ck["model"]["tokenizer"]) for ck in step]
+    ema = [flat(ck["ema"]["tokenizer"]) for ck in step]
+    # Adam's first update moves each weight by lr_t * |g| / (|g| + eps), lr_t for every gradient well above eps
+    # (1e-8): the warm-up's lr * 1/4
+    moved = (model[0] - init).abs()
+    assert moved.max().item() == pytest.approx(2.5e-4, rel=1e-4)
+    assert moved.quantile(0.99).item() == pytest.approx(2.5e-4, rel=1e-3)
+    assert [g["betas"] for g in step[0]["optimizer"]["param_groups"]] == [(0.9, 0.99)] * 2
+    # the scheduler after k steps holds the lr of step k: lr * (k + 1) / 4
+    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([5e-4, 7.5e-4])
+    # EMA: 0.9 * ema + 0.1 * model after every update, starting from the initial weights
+    torch.testing.assert_close(ema[0], 0.9 * init + 0.1 * model[0], atol=1e-7, rtol=0)
+    torch.testing.assert_close(ema[1], 0.9 * ema[0] + 0.1 * model[1], atol=1e-7, rtol=0)
+    # clipping to norm 1e-10 (<< Adam's eps 1e-8): the update is lr * g_clipped / eps, of L2 norm lr * 1e-10 / 1e-8
+    clipped = flat(torch.load(tmp_path / "clip" / "last.pt", weights_only=True)["model"]["tokenizer"])
+    assert (clipped - init).norm().item() == pytest.approx(0.01, rel=0.02)
+    # the logged norm is the one before clipping: the same first batch and weights give the same norm
+    norm = log_value(tmp_path / "free", 1, "grad_norm")
+    assert norm > 1e-3 and log_value(tmp_path / "clip", 1, "grad_norm") == pytest.approx(norm, rel=1e-3)
+
+
+def test_time_and_cfg_null_draws_follow_their_distributions():
+    n = 4000
+    noise = torch.randn(n, sum(train.STAGES["flow"].noise.values()), generator=torch.Generator().manual_seed(0))
+    batch = {"noise": noise, "ids": torch.zeros(n, 77, dtype=torch.long), "clip": torch.zeros(n, 77, 1),
+             "posterior": torch.zeros(n, 77, 32)}               # a cache batch: no encoder runs
+    frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
+    args = argparse.Namespace(stage="flow", cfg_prob=0.1, caption_groups=False, precision="fp32")
+    inputs = train.prepare(batch, frozen, args, torch.device("cpu"))
+    t, null = inputs["t"], inputs["null"]
+    # t ~ logit-normal(0, 1): logit(t) is standard normal (Kolmogorov-Smirnov distance under its 1% bound)
+    logit = (torch.log(t.double()) - torch.log1p(-t.double())).sort().values
+    cdf = 0.5 * (1 + torch.erf(logit / math.sqrt(2)))
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max().item()
+    assert ks < 1.63 / math.sqrt(n), ks
+    assert 0 < t.min() and t.max() < 1 and abs(logit.mean().item()) < 0.05 and abs(logit.std().item() - 1) < 0.05
+    # the CFG null draws: 10% of samples, independent of t
+    assert null.float().mean().item() == pytest.approx(0.1, abs=0.015)
+    assert null[t > 0.5].float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert null[t < 0.3].float().mean().item() == pytest.approx(0.1, abs=0.025)
+    args.cfg_prob = 0.3
+    assert train.prepare(batch, frozen, args, torch.device("cpu"))["null"].float().mean().item() == pytest.approx(
+        0.3, abs=0.02)
+    # the per-sample noise the loader draws is standard normal
+    loader = data.make_loader(data.build_dataset("shapes:n=16", 32), 16, seed=0, noise_dim=noise.shape[1])
+    x = next(iter(loader))["noise"].double().flatten().sort().values
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    m = len(x)
+    assert torch.maximum(torch.arange(1, m + 1) / m - cdf, cdf - torch.arange(m) / m).max() < 1.63 / math.sqrt(m)
+
+
+def test_caption_groups_give_equal_captions_equal_ids():
+    ids, _ = projector.tokenize(["a red circle", "a blue square", "a red circle", "a red circle on the left", ""])
+    groups = train.caption_groups(ids).tolist()
+    assert groups[0] == groups[2] and len(set(groups)) == 4
+
+
+def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypatch):
+    """The tokenizer's loss is a per-sample mean: 2 micro-batches of 4 must give the batch of 8's steps."""
+    norms, real_clip = collections.defaultdict(list), torch.nn.utils.clip_grad_norm_
+    run = [None]
+
+    def recording(params, max_norm, *a, **k):
+        norm = real_clip(params, max_norm, *a, **k)
+        norms[run[0]].append(norm.item())
+        return norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+              "shapes:n=64", "--steps", 3, "--global-batch", 8, "--lr", 1e-3, "--warmup", 2, "--ema", 0.9,
+              "--grad-clip", 1)
+    for name, extra in (("accum", ("--batch-size", 4)), ("whole", ())):
+        run[0] = name
+        run_train(*common, *extra, "--out", tmp_path / name)
+    assert "global batch 8 = 4 x 1 GPUs x 2 accumulation" in (tmp_path / "accum" / "log.txt").read_text()
+    a = torch.load(tmp_path / "accum" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        diff = (flat(a[part]["tokenizer"]) - flat(b[part]["tokenizer"])).abs().max().item()
+        assert diff < 1e-5, (part, diff)
+    assert (flat(b["model"]["tokenizer"]) - flat(run_start(tmp_path / "whole")[1]["tokenizer"].state_dict())).abs(
+        ).max() > 1e-4                                                          # it did train
+    assert len(norms["accum"]) == 3 and norms["accum"] == pytest.approx(norms["whole"], rel=1e-5)
+    for step in (1, 3):                                                         # the logged losses: means, not sums
+        for key in ("loss", "mse", "kl"):
+            assert log_value(tmp_path / "accum", step, key) == pytest.approx(log_value(tmp_path / "whole", step, key),
+                                                                             rel=1e-3)
+
+
 def torchrun(*argv, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -1641,10 +2060,31 @@ dist.destroy_process_group()
 
 
 def test_two_process_flow_with_gathered_negatives(tiny_tokenizer, tmp_path):
-    r = torchrun(REPO / "train.py", *TINY, *flow_args(tiny_tokenizer, tmp_path / "g", "--steps", 2,
-                                                       "--gather-negatives", "--ckpt-every", 1))
+    """With --gather-negatives, 2 processes x 4 train exactly as 1 process x 8: the contrastive loss sees all 8.
+
+    Everything else is made per-sample (standard KL, no CFG draws, no dropout), so local negatives would differ.
+    """
+    same = ("--steps", 2, "--kl", "standard", "--cfg-prob", 0, "--projector-dropout", 0)
+    r = torchrun(REPO / "train.py", *TINY, *flow_args(tiny_tokenizer, tmp_path / "g", *same, "--gather-negatives",
+                                                       "--ckpt-every", 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("weights identical on all 2 ranks") == 2
+    torch.set_num_threads(1)
+    try:
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "one", *same))
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    two, one = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("g", "one"))
+    for part in ("dit", "projector"):      # Adam turns float noise in the few zero gradients (a softmax's key bias)
+        for kind in ("model", "ema"):      # into steps of up to lr * 0.1: look at all but those
+            diff = (flat(two[kind][part]) - flat(one[kind][part])).abs()
+            assert (diff > 1e-5).float().mean() < 1e-3 and diff.median() < 1e-7, (kind, part)
+    # the contrastive loss is the one over all 8 samples (about log 8, not log 4), and so are the gradients
+    for step in (1, 2):
+        for key in ("contrastive", "grad_norm", "loss"):
+            assert log_value(tmp_path / "g", step, key) == pytest.approx(log_value(tmp_path / "one", step, key),
+                                                                         rel=1e-3)
+    assert log_value(tmp_path / "g", 1, "contrastive") > 1.8
 
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
@@ -1860,13 +2300,22 @@ def test_official_pipeline_from_a_local_folder(tiny_run, tmp_path, monkeypatch):
         sample.load_official_pipeline("FlowTok-XL", official_dir=str(tmp_path), clip_tower="demo")  # 128-d
 
 
-def test_sample_cli_official_from_a_local_folder(sample_runs):
+def test_sample_cli_official_from_a_local_folder(sample_runs, tiny_run):
     out, runs = sample_runs
     if "official" not in runs:
         pytest.skip("flow_dit.FLOW_MODELS has no size for the fixture's tiny official DiT (64 wide, depth 2)")
     rc, stdout, stderr = runs["official"]
     assert rc == 0, stderr
     assert sorted(f for f in os.listdir(out / "official") if f[0].isdigit()) == ["00000_00.png", "00001_00.png"]
+    # the PNGs are the official pipeline's images (the weights of the folder, 2 steps, CFG 2, seed 0's noise),
+    # which test_official_pipeline_from_a_local_folder checks against the official code
+    pipe = sample.load_official_pipeline("FlowTok-XL", official_dir=str(out / "official_files"),
+                                         clip_weights=str(tiny_run["clip"]))
+    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(2)])
+    want = sample.to_uint8(pipe.generate(PROMPTS[:2], steps=2, cfg=2.0, eps=eps)).astype(int)
+    got = np.stack([pixels(out / "official" / f"0000{i}_00.png") for i in range(2)]).astype(int)
+    assert np.abs(got - want).max() <= 1 and (got == want).mean() > 0.99   # 1 thread there, 2 here: rounding
+    assert not np.array_equal(got[0], got[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2405,7 +2854,7 @@ def test_imports_form_a_dag_in_the_readme_order():
 # ==========================================================================================================
 
 def test_demo_preset_smoke_run(tmp_path):
-    """--preset demo --smoke: every stage for a few steps, the report, then sample.py on the result."""
+    """demo.py --smoke: every stage for a few steps, the report, then sample.py on the result."""
     out = tmp_path / "demo"
     report = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
     saved = json.loads((out / "report.json").read_text())
@@ -2634,6 +3083,9 @@ def test_tokenizer_fine_tunes_from_the_official_file(tmp_path):
     official = load_official_tokenizer(str(folder / "FlowTiTok_512.bin")).state_dict()
     mine = torch.load(out / "last.pt", weights_only=True)["model"]["tokenizer"]
     assert mine["encoder.rope_cos"].shape[0] == 4 * official["encoder.rope_cos"].shape[0]   # 64 px: 4x the patches
+    cos, sin = reference_rope(8, 16)                                    # this run's own tables: an 8 x 8 grid
+    for part in ("encoder", "decoder"):
+        assert_exact(mine[f"{part}.rope_cos"], cos) and assert_exact(mine[f"{part}.rope_sin"], sin)
     same = [k for k in mine if "rope_" not in k]
     assert len(same) > 20 and all(torch.equal(mine[k], official[k]) for k in same)
     with pytest.raises(UserError, match="does not fit --tokenizer-preset demo"):
