@@ -2417,7 +2417,7 @@ def test_demo_preset_smoke_run(tmp_path):
                                          "total"}
     assert (out / "heldout_grid.png").exists() and 0 <= saved["caption_cider_d"]
     for stage in ("tokenizer", "flow", "text-ae", "flow-i2t"):
-        assert torch.load(out / stage / "last.pt", weights_only=True)["step"] == train.DEMO[stage][1]
+        assert torch.load(out / stage / "last.pt", weights_only=True)["step"] == demo.DEMO[stage][1]
     # the README's next command works on the result
     r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out), "a large red circle on the left",
                         "--out", str(tmp_path / "s"), "--steps", "4"], cwd=REPO, capture_output=True, text=True)
