@@ -27,7 +27,6 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from scipy import ndimage
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib

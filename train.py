@@ -47,6 +47,7 @@ import textwrap
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
