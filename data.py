@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import tarfile
 import warnings
@@ -639,6 +640,14 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     return source
 
 
+def _leave_signals_to_the_trainer(worker_id):
+    """DataLoader workers ignore SIGTERM / SIGINT / SIGUSR1: a scheduler signals the whole process group on
+    preemption, and a worker that died first would crash the trainer before it saves its checkpoint."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):                  # SIGUSR1 does not exist on Windows
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _rank_world(rank, world):
     """Explicit rank and world size, or torch.distributed's, or (0, 1)."""
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -748,7 +757,8 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             _MapBatches(self.source, self.seed, self.noise_dim), batch_size=None, collate_fn=_as_is,
             sampler=_Positions(len(self.source), self.batch_size, self.rank, self.world, self.seed, start),
-            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=_generator(self.seed, "workers"))
+            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=_generator(self.seed, "workers"),
+            worker_init_fn=_leave_signals_to_the_trainer)
         pending, usable = collections.Counter(), 0
         for batch in loader:
             self.position += self.batch_size * self.world
@@ -826,7 +836,8 @@ class TarLoader:
                               self.batches, list(self.cursors))
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                                              num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                             generator=_generator(self.seed, "workers"))
+                                             generator=_generator(self.seed, "workers"),
+                                             worker_init_fn=_leave_signals_to_the_trainer)
         for batch in loader:
             self.cursors[batch.pop("reader")] = batch.pop("cursor")
             self.batches += 1

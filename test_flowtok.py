@@ -1750,6 +1750,55 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
     assert len(list(killed.glob("step_*.pt"))) <= 2                 # rotation
 
 
+TOKENIZER_RUN = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
+                 "shapes:n=64", "--global-batch", 2)
+
+
+def test_resume_with_a_broken_last_pt_continues_from_the_newest_readable_step_file(tmp_path):
+    out = tmp_path / "run"
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--ckpt-every", 1, "--keep", 3)
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:100])         # truncated
+    (out / "step_0000003.pt").write_bytes(b"not a checkpoint")                   # and the newest step file broken
+    result = run_train(*TOKENIZER_RUN, "--out", out, "--steps", 4, "--ckpt-every", 1, "--keep", 3, "--resume")
+    log = (out / "log.txt").read_text()
+    assert "warning: resuming from " + str(out / "step_0000002.pt") in log and "unreadable: last.pt" in log
+    assert "resumed " + str(out) + " at step 2" in log and result["step"] == 4
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_step_files_without_last_pt_are_an_existing_run(tmp_path):
+    out = tmp_path / "run"
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--ckpt-every", 1, "--keep", 3)
+    (out / "last.pt").unlink()
+    with pytest.raises(UserError, match=r"already holds a run \(step_0000002.pt\)"):   # never overwritten
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2)
+    result = run_train(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--resume")     # continues, not from 0
+    assert result["step"] == 3 and "(no last.pt)" in (out / "log.txt").read_text()
+    for f in out.glob("*.pt"):
+        f.write_bytes(b"junk")
+    with pytest.raises(UserError, match="--resume: no readable checkpoint in .*last.pt .*step_0000003.pt"):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 4, "--resume")
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path):
+    """Preemption as schedulers do it: SIGTERM to the whole group; the workers leave it to the trainer."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [*TOKENIZER_RUN, "--out", out, "--steps", 100000, "--num-workers", 2, "--ckpt-every", 100000]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and "step 3/" not in (
+            (out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)              # the trainer and its DataLoader workers alike
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert saved >= 3 and f"stopped by a signal at step {saved}" in (out / "log.txt").read_text()
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)

@@ -62,7 +62,7 @@ import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
-                       fused_if_available, load_checkpoint, reparameterize, run_cli)
+                       fused_if_available, load_checkpoint, one_line, reparameterize, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 T = 77 * 16   # elements of one 77x16 latent
@@ -666,17 +666,40 @@ def check_output_folder(out, resume):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {out} is not writable ({e.strerror})") from None
-    if not resume and os.path.exists(os.path.join(out, "last.pt")):
-        raise UserError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+    if not resume and run_checkpoints(out):
+        raise UserError(f"{out} already holds a run ({os.path.basename(run_checkpoints(out)[0])}): pass --resume to "
+                        f"continue it, or another --out")
     for partial in glob.glob(os.path.join(out, "*.tmp")) + glob.glob(os.path.join(out, "*.last")):
         os.remove(partial)                     # left by a kill during a checkpoint write
 
 
-def resume_checkpoint(args):
-    """The checkpoint --resume continues (None for a new run), checked against this run's fixed arguments."""
-    if not (args.resume and os.path.exists(os.path.join(args.out, "last.pt"))):
+def run_checkpoints(out):
+    """The checkpoints of the run in out/, the one to resume first: last.pt, then step files newest first."""
+    steps = sorted(glob.glob(os.path.join(out, "step_*.pt")), reverse=True)
+    return [p for p in [os.path.join(out, "last.pt")] if os.path.exists(p)] + steps
+
+
+def resume_checkpoint(args, say=print):
+    """The checkpoint --resume continues (None for a new run), checked against this run's fixed arguments.
+
+    A missing or unreadable last.pt (a crash mid-copy, a full disk, a hand-deleted file) falls back to the newest
+    readable step file, and says so: a run with checkpoints on disk never restarts from step 0 by itself.
+    """
+    candidates = run_checkpoints(args.out) if args.resume else []
+    ckpt, failed = None, []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            break
+        except UserError as e:
+            failed.append(f"{os.path.basename(path)} ({one_line(e)})")
+    if candidates and ckpt is None:
+        raise UserError(f"--resume: no readable checkpoint in {args.out}: " + "; ".join(failed))
+    if ckpt is None:
         return None
-    ckpt = load_checkpoint(args.out)
+    if failed or os.path.basename(ckpt["path"]) != "last.pt":
+        say(f"warning: resuming from {ckpt['path']}" + (f"; unreadable: {', '.join(failed)}" if failed else
+                                                          " (no last.pt)"))
     changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
                for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
@@ -842,7 +865,7 @@ def main(args):
     if world > 1:
         dist.barrier()
     run = Run(args, rank, world, device)
-    ckpt = resume_checkpoint(args)
+    ckpt = resume_checkpoint(args, run.say)
     torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
     random.seed(args.seed + rank)
 
