@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, resolve_path, run_cli,
-                       tokenize)
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, non_negative_int, positive_int,
+                       resolve_path, run_cli, tokenize)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -944,8 +944,10 @@ def build_parser():
     p.add_argument("--clip-tower", help="default: the tokenizer's (ViT-L-14-336-quickgelu for the official one)")
     p.add_argument("--clip-weights", help="default: the tokenizer's ('openai' for the official one)")
     p.add_argument("--no-clip", action="store_true", help="cache only the image posteriors (CLIP runs in training)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images per encoder batch (default: %(default)s)")
+    p.add_argument("--num-workers", type=non_negative_int, default=4,
+                   help="image-decoding workers (default: %(default)s)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     return parser
 

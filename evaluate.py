@@ -38,8 +38,8 @@ import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
 from data import IMAGE_EXTENSIONS
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
-                       check_writable, fused_if_available, load_checkpoint, one_line, pick_device, ranks, resolve_path,
-                       run_cli, tokenize, user_errors)
+                       check_writable, finite_float, fused_if_available, load_checkpoint, non_negative_int, one_line,
+                       pick_device, positive_int, ranks, resolve_path, run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -1352,16 +1352,16 @@ def add_captions_parser(sub):
                      "flow-i2t/ (there are no released image-to-text weights)")
     cap.add_argument("--out", default="eval/captions", help="folder for captions.jsonl, protocol.json, results.json "
                      "(default: %(default)s)")
-    cap.add_argument("--limit", type=sample.positive_int, help="only the first N images of the split (smoke runs)")
+    cap.add_argument("--limit", type=positive_int, help="only the first N images of the split (smoke runs)")
     cap.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded one")
     cap.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     cap.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    cap.add_argument("--steps", type=sample.positive_int, default=DEFAULT_STEPS,
+    cap.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                      help="Euler steps (default: %(default)s)")
-    cap.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+    cap.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                      help="classifier-free guidance scale (default: %(default)s)")
     cap.add_argument("--seed", type=int, default=0, help="seed of the per-image noise (default: %(default)s)")
-    cap.add_argument("--batch-size", type=sample.positive_int, default=64, help="images per batch "
+    cap.add_argument("--batch-size", type=positive_int, default=64, help="images per batch "
                      "(default: %(default)s)")
     cap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     cap.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
@@ -1371,15 +1371,15 @@ def add_speed_parser(sub):
     """The `speed` subcommand's flags."""
     speed = sub.add_parser("speed", help="samples/s, per-stage time, FLOP/s and memory (random weights)")
     speed.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (default: %(default)s)")
-    speed.add_argument("--depth", type=sample.positive_int, help="override the DiT depth (quick runs)")
-    speed.add_argument("--batch-size", type=sample.positive_int, default=64, help="prompts (or training samples) "
+    speed.add_argument("--depth", type=positive_int, help="override the DiT depth (quick runs)")
+    speed.add_argument("--batch-size", type=positive_int, default=64, help="prompts (or training samples) "
                        "per pass (default: %(default)s)")
     speed.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                        help="bf16 autocast or full fp32 (default: %(default)s)")
     speed.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
-    speed.add_argument("--steps", type=sample.positive_int, default=DEFAULT_STEPS,
+    speed.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                        help="Euler steps (default: %(default)s)")
-    speed.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+    speed.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                        help="guidance scale (1: no unconditional branch) (default: %(default)s)")
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
     speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
@@ -1388,8 +1388,8 @@ def add_speed_parser(sub):
                        help="the decoder to time (default: %(default)s)")
     speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
                        help="the text tower to time (default: %(default)s)")
-    speed.add_argument("--repeats", type=sample.positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
-    speed.add_argument("--matmul-size", type=sample.positive_int, help="n of the n x n peak matmul "
+    speed.add_argument("--repeats", type=positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
+    speed.add_argument("--matmul-size", type=positive_int, help="n of the n x n peak matmul "
                        "(default: 8192 on GPU, 2048 on CPU)")
 
 
@@ -1406,9 +1406,9 @@ def build_parser():
                      help=f"local {FID_WEIGHTS_FILE} (default: torch hub cache, else download)")
     fid.add_argument("--resize", choices=resizes, default="bilinear", help="to 299x299: bilinear (pytorch-fid's), "
                      "tf (torch-fidelity's TF1 resize) or clean (clean-fid's) (default: %(default)s)")
-    fid.add_argument("--batch-size", type=int, default=50, help="Inception batch size (default: %(default)s)")
+    fid.add_argument("--batch-size", type=positive_int, default=50, help="Inception batch size (default: %(default)s)")
     fid.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
-    fid.add_argument("--num-workers", type=int, default=NUM_WORKERS,
+    fid.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS,
                      help="image-decoding workers (default: %(default)s)")
 
     for name, spec in PROTOCOLS.items():
@@ -1422,13 +1422,16 @@ def build_parser():
         p.add_argument("--out", required=True, help="folder for samples/, prompts, statistics and results.json")
         p.add_argument("--ref-stats", metavar="FILE.npz", help="reference statistics: used if the file exists, "
                        "else computed from the images and written there (default: OUT/ref_*.npz)")
-        p.add_argument("--limit", type=sample.positive_int, help="only the first N prompts of the draw (smoke runs)")
-        p.add_argument("--size", type=int, help=f"resize + centre-crop both sides to this size first (0: native; "
+        p.add_argument("--limit", type=positive_int, help="only the first N prompts of the draw (smoke runs)")
+        p.add_argument("--size", type=non_negative_int,
+                       help=f"resize + centre-crop both sides to this size first (0: native; "
                        f"default {spec['size']})")
         p.add_argument("--resize", choices=resizes, help=f"to 299 (default {spec['resize']})")
         p.add_argument("--inception-weights", metavar="FILE", help=f"local {FID_WEIGHTS_FILE}")
-        p.add_argument("--fid-batch-size", type=int, default=50, help="Inception batch size (default: %(default)s)")
-        p.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image-decoding workers of the FID "
+        p.add_argument("--fid-batch-size", type=positive_int, default=50,
+                       help="Inception batch size (default: %(default)s)")
+        p.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS,
+                       help="image-decoding workers of the FID "
                        "(default: %(default)s)")
         sample.add_model_args(p)
 
@@ -1439,7 +1442,7 @@ def build_parser():
                       "(default: %(default)s)")
     clip.add_argument("--clip-pretrained", default="openai", help="an open_clip pretrained tag (default: %(default)s)")
     clip.add_argument("--clip-weights", metavar="FILE", help="a local file of those weights (offline)")
-    clip.add_argument("--batch-size", type=int, default=64, help="CLIP batch size (default: %(default)s)")
+    clip.add_argument("--batch-size", type=positive_int, default=64, help="CLIP batch size (default: %(default)s)")
     clip.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
 
     add_captions_parser(sub)
@@ -1447,15 +1450,15 @@ def build_parser():
     rfid = sub.add_parser("rfid", help="tokenizer reconstruction: rFID, PSNR, SSIM on an image folder")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run / checkpoint, or FlowTiTok_256/512.bin")
     rfid.add_argument("--images", required=True, help="an image folder (subfolders included), e.g. ImageNet val")
-    rfid.add_argument("--num-images", type=sample.positive_int, help="only the first N (sorted) images")
-    rfid.add_argument("--image-size", type=sample.positive_int, help="default: the tokenizer's (256 for bl77-256)")
+    rfid.add_argument("--num-images", type=positive_int, help="only the first N (sorted) images")
+    rfid.add_argument("--image-size", type=positive_int, help="default: the tokenizer's (256 for bl77-256)")
     rfid.add_argument("--clip-weights", help="a local open_clip file for the text guidance (default: the recorded "
                       "one; 'openai' download for the official tokenizers)")
     rfid.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights of our checkpoints")
     rfid.add_argument("--save-recon", metavar="DIR", help="also write the reconstructions as PNGs")
     rfid.add_argument("--inception-weights", metavar="FILE", help=f"local {FID_WEIGHTS_FILE}")
     rfid.add_argument("--resize", choices=resizes, default="bilinear", help="to 299 (default: %(default)s)")
-    rfid.add_argument("--batch-size", type=sample.positive_int, default=32, help="images per batch "
+    rfid.add_argument("--batch-size", type=positive_int, default=32, help="images per batch "
                       "(default: %(default)s)")
     rfid.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
 

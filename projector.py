@@ -13,6 +13,7 @@ autoencoder used for image-to-text.
 Official names: TextProjector is the official `context_encoder` (+ `context_projector` = our `align_mlp`,
 `t2t_temperature` = our `log_temperature`); see flow_dit.load_official_flowtok for the key mapping.
 """
+import argparse
 import contextlib
 import datetime
 import functools
@@ -505,6 +506,30 @@ def fused_if_available(device):
         return {"fused": True}
     except (RuntimeError, TypeError):
         return {}
+
+
+def _checked(kind, ok, what, name):
+    """An argparse type: kind(text) that must satisfy ok, else a one-line error naming the flag (exit 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+# argparse types for every numeric flag: a bad value stops at parse time, never as a wrong or crashed run
+positive_int = _checked(int, lambda v: v >= 1, ">= 1", "positive_int")
+non_negative_int = _checked(int, lambda v: v >= 0, ">= 0", "non_negative_int")
+finite_float = _checked(float, math.isfinite, "a finite number", "finite_float")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0", "positive_float")
+non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0",
+                              "non_negative_float")
+fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "fraction")
 
 
 def run_cli(prog, main, args):

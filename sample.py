@@ -27,8 +27,8 @@ import tokenizer as tokenizer_lib
 from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
 from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, barrier,
-                       check_writable, find_runs, load_checkpoint, one_line, pick_device, ranks, resolve_path,
-                       run_cli, user_errors)
+                       check_writable, find_runs, finite_float, load_checkpoint, one_line, pick_device, positive_int,
+                       ranks, resolve_path, run_cli, user_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
@@ -266,14 +266,6 @@ def build_pipeline(args, device, precision):
     raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_model_args(p):
     """The model and sampling options shared by sample.py and evaluate.py's protocols."""
     p.add_argument("--ckpt", help="a train.py run folder or checkpoint (a demo folder with stage subfolders too)")
@@ -284,7 +276,7 @@ def add_model_args(p):
     p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps (default: %(default)s)")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+    p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                    help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the per-sample noise (and of evaluate.py's prompt draw) (default: %(default)s)")

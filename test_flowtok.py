@@ -1799,6 +1799,27 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path)
     assert saved >= 3 and f"stopped by a signal at step {saved}" in (out / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg", "nan"], "--cfg: must be a finite number, got nan"), (["--steps", "0"], "--steps: must be >= 1"),
+    (["--batch-size", "-2"], "--batch-size: must be >= 1"), (["--global-batch", "0"], "--global-batch: must be >= 1"),
+    (["--log-every", "0"], "--log-every: must be >= 1"), (["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
+    (["--lr", "inf"], "--lr: must be a finite number > 0"), (["--ema", "1.5"], "--ema: must be in [0, 1]"),
+    (["--cfg-prob", "-0.1"], "--cfg-prob: must be in [0, 1]"), (["--warmup", "x"], "--warmup: 'x' is not an integer"),
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number >= 0")])
+def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
+    """A bad number stops argparse (exit 2, one line) instead of training nothing, dividing by 0 or writing NaN."""
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args(["--out", "x", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        sample.build_parser().parse_args(["--ckpt", "x", "--cfg", "nan", "--batch-size", "4", "a prompt"])
+    assert exit_.value.code == 2 and "--cfg: must be a finite number, got nan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        data.build_parser().parse_args(["pretokenize", "--data", "x", "--tokenizer", "t", "--out", "o",
+                                        "--batch-size", "0"])
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)

@@ -62,7 +62,8 @@ import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
-                       fused_if_available, load_checkpoint, one_line, reparameterize, run_cli)
+                       finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
+                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 T = 77 * 16   # elements of one 77x16 latent
@@ -992,14 +993,14 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--init", help="initialise the trained parts from another run's checkpoint (not its optimizer)")
     p.add_argument("--init-from-ema", action="store_true", help="with --init: take the EMA weights")
-    p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels")
+    p.add_argument("--image-size", type=positive_int, default=256, help="training resolution in pixels")
     p.add_argument("--random-crop", action=argparse.BooleanOptionalAction,
                    help="random square crops (default: on for the tokenizer stage)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (default: on for the tokenizer stage)")
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
-    p.add_argument("--dit-patch-size", type=int, default=1, help="group this many latent tokens per DiT token")
+    p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
                    help="tokenizer size (stage tokenizer)")
     p.add_argument("--scale-factor", default="auto", help="tokenizer stage: the flow-space scale recorded in the "
@@ -1009,63 +1010,70 @@ def build_parser():
     p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
                    help="the frozen CLIP text tower (tiny and demo: small random towers)")
     p.add_argument("--clip-weights", default="openai", help="'openai' (download), a local open_clip file, or 'random'")
-    p.add_argument("--projector-depth", type=int, default=6, help="TextProjector blocks")
-    p.add_argument("--projector-heads", type=int, default=8, help="TextProjector (and TextDecoder) heads")
-    p.add_argument("--projector-ff", type=int, default=1024, help="TextProjector feed-forward width")
-    p.add_argument("--projector-dropout", type=float, default=0.1, help="TextProjector (and TextDecoder) dropout")
-    p.add_argument("--projector-patch-size", type=int, default=1, help="group this many CLIP tokens (CPU speed)")
-    p.add_argument("--align-hidden", type=int, default=512, help="hidden width of the alignment MLP (official 512)")
-    p.add_argument("--decoder-width", type=int, default=768, help="TextDecoder width (text-ae)")
-    p.add_argument("--decoder-depth", type=int, default=6, help="TextDecoder blocks (text-ae)")
-    p.add_argument("--decoder-ff", type=int, default=3072, help="TextDecoder feed-forward width (text-ae)")
+    p.add_argument("--projector-depth", type=positive_int, default=6, help="TextProjector blocks")
+    p.add_argument("--projector-heads", type=positive_int, default=8, help="TextProjector (and TextDecoder) heads")
+    p.add_argument("--projector-ff", type=positive_int, default=1024, help="TextProjector feed-forward width")
+    p.add_argument("--projector-dropout", type=fraction, default=0.1, help="TextProjector (and TextDecoder) dropout")
+    p.add_argument("--projector-patch-size", type=positive_int, default=1,
+                   help="group this many CLIP tokens (CPU speed)")
+    p.add_argument("--align-hidden", type=non_negative_int, default=512,
+                   help="hidden width of the alignment MLP (official 512)")
+    p.add_argument("--decoder-width", type=positive_int, default=768, help="TextDecoder width (text-ae)")
+    p.add_argument("--decoder-depth", type=positive_int, default=6, help="TextDecoder blocks (text-ae)")
+    p.add_argument("--decoder-ff", type=positive_int, default=3072, help="TextDecoder feed-forward width (text-ae)")
     p.add_argument("--decoder-vocab", choices=["all", "data"], default="all",
                    help="TextDecoder classes: all 49408 CLIP ids, or only those in the training captions (fast)")
     # objective
-    p.add_argument("--w-con", type=float, default=1.0, help="contrastive alignment weight (flow)")
+    p.add_argument("--w-con", type=non_negative_float, default=1.0, help="contrastive alignment weight (flow)")
     p.add_argument("--kl", choices=list(projector.KL_TERMS), default="official",
                    help="official: the released checkpoints' term (weight 0.01); standard: the paper's (1e-4)")
-    p.add_argument("--w-kl", type=float, help="KL weight (default: per stage / per --kl form)")
-    p.add_argument("--cfg-prob", type=float, default=flow_dit.CFG_PROB,
+    p.add_argument("--w-kl", type=non_negative_float, help="KL weight (default: per stage / per --kl form)")
+    p.add_argument("--cfg-prob", type=fraction, default=flow_dit.CFG_PROB,
                    help="fraction of samples trained unconditionally")
     p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
     p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
     # tokenizer stage: the one-stage TA-TiTok losses (tokenizer.py)
-    p.add_argument("--w-perceptual", type=float, help="perceptual weight (tokenizer default 1.1; 0: off)")
+    p.add_argument("--w-perceptual", type=non_negative_float, help="perceptual weight (tokenizer default 1.1; 0: off)")
     p.add_argument("--perceptual-weights", default="auto", help="'auto' (torch hub cache, downloading what is "
                    "missing; offline: a warning and the term off), a folder with the three files, or 'none'")
-    p.add_argument("--w-gan", type=float, help="GAN generator weight (tokenizer default 0.1; 0: no discriminator)")
-    p.add_argument("--gan-start", type=int, help="step at which the GAN terms start (tokenizer default 200000)")
+    p.add_argument("--w-gan", type=non_negative_float,
+                   help="GAN generator weight (tokenizer default 0.1; 0: no discriminator)")
+    p.add_argument("--gan-start", type=non_negative_int,
+                   help="step at which the GAN terms start (tokenizer default 200000)")
     p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
-    p.add_argument("--w-lecam", type=float, default=0.001, help="LeCAM regularisation weight")
-    p.add_argument("--lecam-decay", type=float, default=0.999, help="EMA decay of LeCAM's mean logits")
-    p.add_argument("--disc-width", type=int, default=128, help="PatchGAN base channels")
-    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--w-lecam", type=non_negative_float, default=0.001, help="LeCAM regularisation weight")
+    p.add_argument("--lecam-decay", type=fraction, default=0.999, help="EMA decay of LeCAM's mean logits")
+    p.add_argument("--disc-width", type=positive_int, default=128, help="PatchGAN base channels")
+    p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
-    p.add_argument("--steps", type=int, help="optimisation steps")
-    p.add_argument("--global-batch", type=int, help="samples per optimisation step over all GPUs")
-    p.add_argument("--batch-size", type=int, help="per GPU (default: global batch / GPUs, no accumulation)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, help="the cosine schedule's floor")
+    p.add_argument("--steps", type=positive_int, help="optimisation steps")
+    p.add_argument("--global-batch", type=positive_int, help="samples per optimisation step over all GPUs")
+    p.add_argument("--batch-size", type=positive_int, help="per GPU (default: global batch / GPUs, no accumulation)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate")
+    p.add_argument("--min-lr", type=non_negative_float, help="the cosine schedule's floor")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate after the warm-up")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, help="AdamW beta2")
-    p.add_argument("--ema", type=float, help="EMA decay")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping; the norm is logged anyway)")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=non_negative_float, help="AdamW weight decay")
+    p.add_argument("--beta1", type=fraction, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=fraction, help="AdamW beta2")
+    p.add_argument("--ema", type=fraction, help="EMA decay")
+    p.add_argument("--grad-clip", type=non_negative_float,
+                   help="max gradient norm (0: no clipping; the norm is logged anyway)")
+    p.add_argument("--max-bad-steps", type=positive_int, default=5,
+                   help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per GPU")
+    p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes per GPU")
     p.add_argument("--seed", type=int, default=1234, help="seed of the data order, noise and initialisation")
-    p.add_argument("--log-every", type=int, default=250, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
-    p.add_argument("--keep", type=int, default=3, help="step checkpoints kept besides last.pt")
-    p.add_argument("--sample-every", type=int, default=5000, help="preview grid from the EMA model (0: never)")
-    p.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS, help="Euler steps of the previews")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale of the previews")
+    p.add_argument("--log-every", type=positive_int, default=250, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=positive_int, default=5000, help="steps between checkpoints")
+    p.add_argument("--keep", type=non_negative_int, default=3, help="step checkpoints kept besides last.pt")
+    p.add_argument("--sample-every", type=non_negative_int, default=5000,
+                   help="preview grid from the EMA model (0: never)")
+    p.add_argument("--sample-steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps of the previews")
+    p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="guidance scale of the previews")
     p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
     return p
