@@ -1803,7 +1803,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path)
     (["--cfg", "nan"], "--cfg: must be a finite number, got nan"), (["--steps", "0"], "--steps: must be >= 1"),
     (["--batch-size", "-2"], "--batch-size: must be >= 1"), (["--global-batch", "0"], "--global-batch: must be >= 1"),
     (["--log-every", "0"], "--log-every: must be >= 1"), (["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
-    (["--lr", "inf"], "--lr: must be a finite number > 0"), (["--ema", "1.5"], "--ema: must be in [0, 1]"),
+    (["--lr", "inf"], "--lr: must be a finite number >= 0"), (["--ema", "1.5"], "--ema: must be in [0, 1]"),
     (["--cfg-prob", "-0.1"], "--cfg-prob: must be in [0, 1]"), (["--warmup", "x"], "--warmup: 'x' is not an integer"),
     (["--grad-clip", "nan"], "--grad-clip: must be a finite number >= 0")])
 def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):

@@ -541,7 +541,7 @@ def lr_factor(step, args, steps=None):
     if args.schedule == "constant" or step < args.warmup:
         return warm
     progress = min((step - args.warmup) / max((steps or args.steps) - args.warmup, 1), 1.0)
-    floor = args.min_lr / args.lr
+    floor = args.min_lr / args.lr if args.lr else 0.0            # --lr 0: a run that must not move
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -1049,7 +1049,7 @@ def build_parser():
     p.add_argument("--steps", type=positive_int, help="optimisation steps")
     p.add_argument("--global-batch", type=positive_int, help="samples per optimisation step over all GPUs")
     p.add_argument("--batch-size", type=positive_int, help="per GPU (default: global batch / GPUs, no accumulation)")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate")
+    p.add_argument("--lr", type=non_negative_float, help="peak learning rate")
     p.add_argument("--min-lr", type=non_negative_float, help="the cosine schedule's floor")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate after the warm-up")
     p.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps")
