@@ -39,7 +39,7 @@ from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time
 from data import IMAGE_EXTENSIONS
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
                        check_writable, finite_float, fused_if_available, load_checkpoint, non_negative_int, one_line,
-                       pick_device, positive_int, ranks, resolve_path, run_cli, tokenize, user_errors)
+                       pick_device, positive_int, ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -220,7 +220,7 @@ def load_inception(weights=None):
     if weights is not None:
         if not os.path.isfile(weights):
             raise UserError(f"--inception-weights: no such file {weights}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_weights(weights)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
         try:  # reads the cached file if present, else downloads it there

@@ -86,11 +86,8 @@ def detokenize(ids):
 
 def _read_clip_weights(path):
     """A local open_clip checkpoint (.safetensors, or .bin/.pt read with weights_only) -> its text-tower tensors."""
-    if path.endswith(".safetensors"):
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
+    sd = read_weights(path)
+    sd = sd.get("state_dict", sd)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     # full CLIP checkpoints also hold the vision tower and logit_scale; keep the text tower only
     return {k: v for k, v in sd.items() if not k.startswith("visual.") and k != "logit_scale"}
@@ -375,10 +372,24 @@ def user_errors(what):
         raise UserError(f"{what}: {one_line(e)}") from None
 
 
+def read_weights(path):
+    """A weights file -> its contents, read safely: safetensors, or torch.load(weights_only=True). A missing, corrupt
+    or unsafe file is a UserError of one line (never the advice to load it unsafely that torch's message carries)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(path) if str(path).endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                     weights_only=True)
+    except Exception as e:     # pickle, zip, safetensors and OS errors alike: the file cannot be used
+        why = one_line(e)[:200]
+        if "weights_only" in str(e):
+            why = "it holds Python objects besides tensors and plain types, which are not loaded (unsafe)"
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why})") from None
+
+
 def read_state_dict(src):
     """A path or a dict -> a flat state dict: unwraps {ema, nnet_ema, model, state_dict} and module./_orig_mod."""
-    sd = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or hasattr(
-        src, "__fspath__") else src
+    sd = read_weights(src) if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__") else src
     for key in ("ema", "nnet_ema", "model", "state_dict"):     # EMA weights preferred when both are present
         if isinstance(sd.get(key), dict):
             return read_state_dict(sd[key])
@@ -411,10 +422,7 @@ def load_checkpoint(path):
         path = os.path.join(path, "last.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    ckpt = read_weights(path)
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (for the official files use --official)")
     ckpt["path"] = path

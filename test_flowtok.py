@@ -1820,6 +1820,28 @@ def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+class NotAWeight:
+    """An arbitrary Python object: a file holding one must never be unpickled."""
+
+
+def test_corrupt_or_unsafe_weight_files_are_one_line_errors(tmp_path):
+    """Truncated, junk and pickled-object files: one UserError naming the file; never the weights_only=False advice."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:50])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    torch.save({"w": NotAWeight()}, tmp_path / "object.pt")
+    for name in ("truncated.pt", "junk.safetensors", "object.pt", "missing.bin"):
+        for read in (projector.read_weights, projector.read_state_dict, tokenizer.load_tokenizer,
+                     projector.load_checkpoint):
+            with pytest.raises(UserError) as err:
+                read(str(tmp_path / name))
+            assert name in str(err.value) and "weights_only=False" not in str(err.value)
+    with pytest.raises(UserError, match="Python objects besides tensors"):
+        projector.read_weights(str(tmp_path / "object.pt"))
+    assert torch.equal(projector.read_weights(str(good))["w"], torch.ones(2))
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import gaussian_kl, load_strict, read_state_dict, reparameterize
+from projector import gaussian_kl, load_strict, read_state_dict, read_weights, reparameterize
 
 SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
 
@@ -380,7 +380,7 @@ def load_tokenizer(src, ema=True):
     EMA weights unless ema=False) or the official FlowTiTok .bin (path or state dict)."""
     if isinstance(src, (str, os.PathLike)):
         src = os.path.join(src, "last.pt") if os.path.isdir(src) else src
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        obj = read_weights(src)
     else:
         obj = src
     if obj.get("stage") == "tokenizer":
