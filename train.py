@@ -611,8 +611,10 @@ class Run:
 
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.step, self.skips, self.sums, self.seen, self.n_steps = 0, Counter(), Counter(), 0, 0
+        self.step, self.skips, self.sums, self.seen, self.n_steps, self.bad_in_a_row = 0, Counter(), Counter(), 0, 0, 0
         self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
+        # set by main, section by section: frozen, config, objective, ema, params, optimizer, scheduler, disc,
+        # loader, model
 
     def say(self, msg):
         """Rank 0: print (above the progress bar, if any) and append to out/log.txt."""
@@ -908,7 +910,7 @@ def main(args):
                           for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
-        batches, run.bad_in_a_row, run.t_log = iter(run.loader), 0, time.time()
+        batches, run.t_log = iter(run.loader), time.time()
         if rank == 0 and sys.stderr.isatty() and not args.no_progress:
             run.bar = tqdm(total=args.steps, initial=run.step, dynamic_ncols=True)
         while run.step < args.steps:
