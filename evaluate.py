@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -917,8 +918,11 @@ def _speed_dit(args):
     return dit, f"DiT-{args.model}{f' (depth {args.depth})' if args.depth else ''} {_params(dit):.1f}M"
 
 
-def speed_sampling(args, device, autocast):
-    """Text -> image as FlowTokPipeline.generate, random weights -> (stages [(name, fn(steps), steps)], models)."""
+def speed_sampling(args, device, autocast, out):
+    """Text -> image as FlowTokPipeline.generate, then PNGs into `out`, random weights -> (stages, models, pipeline).
+
+    stages: [(name, fn(steps), steps)]; the flow stage's FLOPs are counted on 1 step and scaled (all steps alike).
+    """
     clip = CLIPTextEncoder(args.clip_tower, "random").to(device)
     proj = TextProjector(clip_dim=clip.width).to(device).eval()
     dit, dit_name = _speed_dit(args)
@@ -926,6 +930,8 @@ def speed_sampling(args, device, autocast):
     tok = Tokenizer.from_preset(args.tokenizer_preset, text_dim=clip.width)
     del tok.encoder                     # sampling only decodes: keep the encoder out of the memory figure
     tok = tok.to(device).eval()
+    if args.compile:                    # as sample.py --compile: the DiT and the decoder
+        dit, tok.decoder = torch.compile(dit), torch.compile(tok.decoder)
     prompts = [f"a photo of object number {i} on a wooden table" for i in range(args.batch_size)]
     eps = torch.randn(args.batch_size, 77, 16, device=device)
     state = {}
@@ -945,11 +951,18 @@ def speed_sampling(args, device, autocast):
         with torch.no_grad(), autocast():
             state["images"] = tok.decode_flow_tokens(state["x1"], state["feats"]).float().clamp(0, 1)
 
+    def write(steps):                   # as sample.py writes them: uint8 on the host, zlib on a thread pool
+        with sample.PNGWriter() as writer:
+            writer.submit(sample.to_uint8(state["images"]), [os.path.join(out, f"{i:05d}.png")
+                                                             for i in range(args.batch_size)])
+
     models = (f"{dit_name} | text projector {_params(proj):.1f}M | CLIP {args.clip_tower} text tower "
               f"{_params(clip):.1f}M | tokenizer decoder {args.tokenizer_preset} {_params(tok):.1f}M")
     stages = [("text encoding", text, 1), ("projector", project, 1),
-              (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1)]
-    return stages, models
+              (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1), ("PNG writing", write, 1)]
+    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision)
+    pipe.compiled = args.compile
+    return stages, models + (" (torch.compile)" if args.compile else ""), pipe
 
 
 def speed_training(args, device, autocast):
@@ -980,7 +993,7 @@ def speed_training(args, device, autocast):
         opt.zero_grad(set_to_none=True)
 
     models = f"{dit_name} + text projector {_params(proj):.1f}M, trained with AdamW"
-    return [("forward", forward, 1), ("backward", backward, 1), ("optimizer", step, 1)], models
+    return [("forward", forward, 1), ("backward", backward, 1), ("optimizer", step, 1)], models, dit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1261,39 +1274,67 @@ def run_rfid(args):
     return result
 
 
-def run_speed(args):
-    """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
-    device = pick_device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+def measure(stages, device, repeats, count_flops=True):
+    """A warm-up pass that counts FLOPs, then `repeats` timed passes -> ({stage: seconds}, {stage: FLOPs}, bytes).
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    repeats = args.repeats or (3 if device.type == "cuda" else 1)
-    build = speed_training if args.train else speed_sampling
-    stages, models = build(args, device, autocast)
+    bytes: the peak memory from the warm-up on (CUDA max_memory_allocated; on CPU the process's max RSS so far).
+    Compiled stages (count_flops False) warm up outside FlopCounterMode, which would make them compile twice;
+    their FLOPs are reported as 0 (the eager stages' count applies).
+    """
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     flops = {}
-    for name, fn, steps in stages:     # warm-up pass that counts FLOPs; the flow runs 1 step (every step is alike)
-        flops[name] = _flops(lambda: fn(1))[1] * steps
+    for name, fn, steps in stages:
+        if count_flops:                # the flow runs 1 step here (every step is alike) and is scaled
+            flops[name] = _flops(lambda: fn(1))[1] * steps
+        else:
+            fn(steps)
+            flops[name] = 0
     seconds = dict.fromkeys(flops, 0.0)
     for _ in range(repeats):
         for name, fn, steps in stages:
             seconds[name] += _timed(lambda: fn(steps), device)[1] / repeats
-    memory, memory_kind = peak_memory(device)
+    return seconds, flops, peak_memory(device)[0]
+
+
+def speed_setup(args, device):
+    """-> (autocast factory, timed passes, matmul size, the setup line shared by both reports)."""
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    repeats = args.repeats or (3 if device.type == "cuda" else 1)
     size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    peak = matmul_peak(device, dtype, size)
+    tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
+    where = (f"{torch.get_num_threads()} threads" if device.type == "cpu" else
+             f"{torch.cuda.get_device_name(device)}, TF32 {tf32}")
+    setup = f"{device.type} ({where}), {args.precision}, torch {torch.__version__}"
+    return autocast, repeats, size, setup
+
+
+def run_speed(args):
+    """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
+    device = pick_device(args.device)
+    if args.suite:
+        return run_speed_suite(args, device)
+    autocast, repeats, size, setup = speed_setup(args, device)
+    batch_size = args.batch_size or 64
+    args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+    with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
+        if args.train:
+            stages, models, _ = speed_training(args, device, autocast)
+        else:
+            stages, models, _ = speed_sampling(args, device, autocast, out)
+        seconds, flops, memory = measure(stages, device, repeats, count_flops=not args.compile)
+    memory_kind = peak_memory(device)[1]
+    peak = matmul_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, size)
 
     total = sum(seconds.values())
     what = "one flow training step" if args.train else "text-to-image sampling"
-    tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
-    threads = (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else
-               f" ({torch.cuda.get_device_name(device)}, TF32 {tf32})")
-    batch = (f"batch {args.batch_size}" if args.train else
-             f"batch {args.batch_size}, {args.steps} Euler steps, cfg {args.cfg} as one batched pass")
+    batch = (f"batch {batch_size}" if args.train else
+             f"batch {batch_size}, {args.steps} Euler steps, cfg {args.cfg} as one batched pass")
     lines = [f"FlowTok speed: {what}, random weights, 1 warm-up pass, mean of {repeats} timed pass(es)",
-             f"models   {models}", f"setup    {device.type}{threads}, {args.precision}, {batch}", "",
+             f"models   {models}", f"setup    {setup}, {batch}", "",
              f"{'stage':<20}{'seconds':>10}{'share':>8}{'GFLOP':>12}{'TFLOP/s':>10}{'of peak':>9}"]
     rows = []
 
@@ -1308,13 +1349,90 @@ def run_speed(args):
     for name in seconds:
         row(name, seconds[name], flops[name])
     row("total", total, sum(flops.values()))
-    lines += ["", f"samples/s    {args.batch_size / total:.3f} end to end (" +
-              ("forward + backward + optimizer" if args.train else "prompts to decoded images; PNG writing excluded")
+    lines += ["", f"samples/s    {batch_size / total:.3f} end to end (" +
+              ("forward + backward + optimizer" if args.train else "prompts to PNG files, stages in sequence")
               + ")",
               f"peak memory  {memory / 2 ** 30:.2f} GiB ({memory_kind})",
               f"matmul peak  {peak / 1e12:.3f} TFLOP/s ({size}x{size} {args.precision} matmul timed in this run)",
               "FLOPs        torch FlopCounterMode (matmul, convolution, attention; elementwise work not counted)"]
     print("\n".join(lines))
+    return rows
+
+
+SPEED_SUITES = {"gpu": ("XL", "H")}    # text to image at batch 64, training at micro-batch 128 (--batch-size: both)
+SHORT_STAGES = {"text encoding": "text", "projector": "projector", "decoding": "decoder", "PNG writing": "PNG"}
+
+
+def suite_row(case, batch_size, seconds, flops, memory, peak):
+    """One markdown row: samples/s, each stage's share of the time, counted TFLOP/s, share of peak, memory."""
+    total = sum(seconds.values())
+    shares = " · ".join(f"{SHORT_STAGES.get(k, k.split(' (')[0])} {100 * v / total:.0f}%" for k, v in seconds.items())
+    rate = sum(flops.values()) / total
+    row = dict(case=case, samples_per_s=batch_size / total, seconds=seconds, flops_per_s=rate, memory=memory)
+    tflops = f"{rate / 1e12:.1f}" if rate >= 1e13 else f"{rate / 1e12:.3g}"
+    return row, (f"| {case} | {batch_size / total:.1f} | {shares} | {tflops} | {100 * rate / peak:.0f}% | "
+                 f"{memory / 2 ** 30:.1f} GiB |")
+
+
+def loop_row(args, pipe, device, batches):
+    """sample.generate_folder over `batches` batches (PNGs written while the next batch runs) -> (row, line)."""
+    prompts = [f"a photo of object number {i} on a wooden table" for i in range(batches * args.batch_size)]
+    with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
+        sample.generate_folder(pipe, prompts[:args.batch_size], out, steps=args.steps, cfg=args.cfg,
+                               batch_size=args.batch_size)                              # warm-up batch
+        _, sec = _timed(lambda: sample.generate_folder(pipe, prompts, out, steps=args.steps, cfg=args.cfg, seed=1,
+                                                       batch_size=args.batch_size), device)
+    case = (f"{args.model} sample.py's loop{', torch.compile' if args.compile else ''}, {batches} x "
+            f"{args.batch_size} prompts to PNGs")
+    return (dict(case=case, samples_per_s=len(prompts) / sec),
+            f"| {case} | {len(prompts) / sec:.1f} | PNG writing overlaps the next batch | - | - | - |")
+
+
+def run_speed_suite(args, device):
+    """`speed --suite gpu`: XL and H text to image and training steps (with and without gradient checkpointing).
+
+    Prints one markdown table (README's GPU table) and returns its rows.
+    """
+    autocast, repeats, size, setup = speed_setup(args, device)
+    peak = matmul_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, size)
+    lines = [f"FlowTok speed suite `{args.suite}`: {setup}, random weights, mean of {repeats} timed pass(es) after a "
+             f"warm-up; {args.steps} Euler steps with cfg {args.cfg}, decoder {args.tokenizer_preset}; matmul peak "
+             f"{peak / 1e12:.1f} TFLOP/s ({size}^3)", "",
+             "| case | samples/s | time per stage | TFLOP/s | of matmul peak | peak memory |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    rows = []
+
+    def add(row_line):
+        rows.append(row_line[0])
+        print(row_line[1], flush=True)    # row by row: a crash in a later case keeps the earlier numbers
+
+    for model in SPEED_SUITES[args.suite]:
+        depth, eager_flops = (f" depth {args.depth}" if args.depth else ""), None
+        for compiled in (False, True) if args.compile else (False,):
+            case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 64,
+                                         "compile": compiled})
+            with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
+                stages, _, pipe = speed_sampling(case, device, autocast, out)
+                seconds, flops, memory = measure(stages, device, repeats, count_flops=not compiled)
+                eager_flops = eager_flops if compiled else flops      # the same math: eager's count applies
+                add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}"
+                              f"{', torch.compile' if compiled else ''}", case.batch_size, seconds, eager_flops,
+                              memory, peak))
+            add(loop_row(case, pipe, device, args.loop_batches))
+            del stages, pipe
+    for model in SPEED_SUITES[args.suite]:
+        case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 128,
+                                     "grad_checkpointing": False})
+        stages, _, dit = speed_training(case, device, autocast)
+        for checkpointing in (False, True):
+            dit.grad_checkpointing = checkpointing
+            name = (f"{model}{f' depth {args.depth}' if args.depth else ''} training step, micro-batch "
+                    f"{case.batch_size}{', gradient checkpointing' if checkpointing else ''}")
+            add(suite_row(name, case.batch_size, *measure(stages, device, repeats), peak))
+        del stages, dit
+    print(f"\nTFLOP/s: FLOPs counted by torch's FlopCounterMode (matmuls and attention; with gradient "
+          f"checkpointing the recomputed forward counts too) over the whole time. Memory: "
+          f"{peak_memory(device)[1]}.")
     return rows
 
 
@@ -1372,8 +1490,8 @@ def add_speed_parser(sub):
     speed = sub.add_parser("speed", help="samples/s, per-stage time, FLOP/s and memory (random weights)")
     speed.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (default: %(default)s)")
     speed.add_argument("--depth", type=positive_int, help="override the DiT depth (quick runs)")
-    speed.add_argument("--batch-size", type=positive_int, default=64, help="prompts (or training samples) "
-                       "per pass (default: %(default)s)")
+    speed.add_argument("--batch-size", type=positive_int, help="prompts (or training samples) per pass "
+                       "(default: 64; the suite: 64 to sample, 128 to train)")
     speed.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                        help="bf16 autocast or full fp32 (default: %(default)s)")
     speed.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
@@ -1384,10 +1502,17 @@ def add_speed_parser(sub):
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
     speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
                        "(the official trainer's setting)")
-    speed.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
-                       help="the decoder to time (default: %(default)s)")
+    speed.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-512",
+                       help="the decoder to time (default: %(default)s, the released models' decoder)")
     speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
                        help="the text tower to time (default: %(default)s)")
+    speed.add_argument("--suite", choices=list(SPEED_SUITES), help="gpu: XL and H text to image at batch 64 "
+                       "and training steps at micro-batch 128 with and without gradient checkpointing, as one "
+                       "markdown table (README's GPU table; under 8 minutes on one GPU)")
+    speed.add_argument("--loop-batches", type=positive_int, default=3, help="with --suite: batches timed through "
+                       "sample.py's loop, PNG writing included (default: %(default)s)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder (sampling; "
+                       "the suite adds compiled text-to-image rows); the warm-up pass compiles")
     speed.add_argument("--repeats", type=positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
     speed.add_argument("--matmul-size", type=positive_int, help="n of the n x n peak matmul "
                        "(default: 8192 on GPU, 2048 on CPU)")

@@ -462,7 +462,7 @@ def find_runs(path):
 def pick_device(name, local_rank=0):
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun, auto / cuda mean the local rank's GPU."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        return use_cuda(torch.device("cuda", local_rank))
     if name == "auto":
         return torch.device("cpu")
     try:
@@ -471,6 +471,13 @@ def pick_device(name, local_rank=0):
         raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here")
+    return use_cuda(device) if device.type == "cuda" else device
+
+
+def use_cuda(device):
+    """Make `device` this process's current GPU and let fp32 matmuls use TF32, as every entry point does."""
+    torch.cuda.set_device(device)            # NCCL and bare .cuda() calls go to this rank's GPU, not GPU 0
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextPr
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
+PNG_COMPRESSION = 1    # zlib level: 1.4x faster than PIL's 6 on a noisy 512 px image, +9% bytes, same pixels
 OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": ("FlowTok-H.pth", "FlowTiTok_512.bin")}
 
 
@@ -69,11 +71,44 @@ def sample_path(out, prompt_index, sample_index):
     return os.path.join(out, f"{prompt_index:05d}_{sample_index:02d}.png")
 
 
-def save_png(image, path):
+def save_png(image, path, compress_level=PNG_COMPRESSION):
     """(H, W, 3) uint8 -> PNG, written to a temporary name then renamed: a kill never leaves half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
+    Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
     os.replace(tmp, path)
+
+
+class PNGWriter:
+    """Writes PNGs on a thread pool while the caller computes the next batch (zlib runs outside the GIL).
+
+    At most `backlog` images wait at a time (their uint8 copies hold host memory); `wait()` raises the first
+    write error (a full disk, say) in the caller's thread.
+    """
+
+    def __init__(self, threads=None, backlog=256):
+        self.pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="png")
+        self.pending, self.backlog = [], backlog
+
+    def submit(self, images, paths):
+        """(B, H, W, 3) uint8 numpy + B paths -> queued writes."""
+        while len(self.pending) + len(paths) > self.backlog and self.pending:
+            self.pending.pop(0).result()
+        self.pending += [self.pool.submit(save_png, img, path) for img, path in zip(images, paths)]
+
+    def wait(self):
+        """Block until every queued PNG is on disk."""
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_png(path):
@@ -97,7 +132,7 @@ class FlowTokPipeline:
     def __init__(self, clip, projector, dit, tokenizer, i2t_dit=None, text_decoder=None, precision="fp32"):
         self.clip, self.projector, self.dit, self.tokenizer = clip, projector, dit, tokenizer
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
-        self.info = {}
+        self.info, self.compiled = {}, False
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
                 m.eval()
@@ -105,6 +140,13 @@ class FlowTokPipeline:
     @property
     def device(self):
         return next(self.tokenizer.parameters()).device
+
+    def compile(self):
+        """torch.compile the DiTs and the image decoder; generate_folder then pads its last batch (one shape)."""
+        self.dit, self.i2t_dit = [m if m is None else torch.compile(m) for m in (self.dit, self.i2t_dit)]
+        self.tokenizer.decoder = torch.compile(self.tokenizer.decoder)
+        self.compiled = True
+        return self
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -242,14 +284,15 @@ def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_ST
     """
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)][rank::world]
     todo = [job for job in jobs if not (skip_existing and os.path.isfile(sample_path(out, *job)))]
-    with tqdm(total=len(todo), desc=f"rank {rank}" if world > 1 else "sampling", unit="img",
-              disable=not progress or not todo) as bar:
+    with PNGWriter() as writer, tqdm(total=len(todo), desc=f"rank {rank}" if world > 1 else "sampling",
+                                     unit="img", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            eps = torch.stack([sample_noise(i, j, seed) for i, j in chunk])                  # (b, 77, 16)
-            images = pipe.generate([prompts[i] for i, _ in chunk], steps, cfg, eps=eps)     # (b, 3, S, S)
-            for (i, j), img in zip(chunk, to_uint8(images)):
-                save_png(img, sample_path(out, i, j))
+            padded = chunk + chunk[-1:] * (batch_size - len(chunk) if pipe.compiled else 0)   # compiled: one shape
+            eps = torch.stack([sample_noise(i, j, seed) for i, j in padded])                 # (B, 77, 16)
+            images = pipe.generate([prompts[i] for i, _ in padded], steps, cfg, eps=eps)    # (B, 3, S, S)
+            images = images[:len(chunk)]
+            writer.submit(to_uint8(images), [sample_path(out, i, j) for i, j in chunk])   # written while b+1 runs
             bar.update(len(chunk))
     return len(todo), len(jobs) - len(todo)
 
@@ -260,10 +303,12 @@ def build_pipeline(args, device, precision):
         if args.no_ema:
             print("warning: --no-ema is ignored with --official (the release holds one set of weights)",
                   file=sys.stderr)
-        return load_official_pipeline(args.official, device, args.official_dir, args.clip_weights, precision)
-    if args.ckpt:
-        return load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
-    raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
+        pipe = load_official_pipeline(args.official, device, args.official_dir, args.clip_weights, precision)
+    elif args.ckpt:
+        pipe = load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
+    else:
+        raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
+    return pipe.compile() if args.compile else pipe
 
 
 def add_model_args(p):
@@ -283,6 +328,8 @@ def add_model_args(p):
     p.add_argument("--batch-size", type=positive_int, default=16, help="per process (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder: the first batch "
+                   "compiles (minutes), later ones run faster; outputs equal eager within float rounding")
 
 
 # ----------------------------------------------------------------------------------------------------------

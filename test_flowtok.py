@@ -2592,7 +2592,7 @@ def test_speed_benchmark_tiny(train):
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "256"]
     rows, stdout, _ = in_process(argv + (["--train"] if train else []))
     stages = ["forward", "backward", "optimizer"] if train else ["text encoding", "projector", "flow (2 steps)",
-                                                                  "decoding"]
+                                                                  "decoding", "PNG writing"]
     assert [r["stage"] for r in rows] == stages + ["total"]
     for stage in stages + ["total"]:
         assert any(line.startswith(stage) for line in stdout.splitlines()), stage
@@ -2605,6 +2605,50 @@ def test_speed_benchmark_tiny(train):
     else:       # the DiT: 2 steps x 2B tokens x 2 FLOPs per MAC x its weights, at least
         dit = FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1})
         assert flops["flow (2 steps)"] >= 2 * 2 * (2 * 2 * 77) * sum(p.numel() for p in dit.blocks.parameters()) * 0.5
+
+
+def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
+    """`speed --suite gpu` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds."""
+    argv = ["speed", "--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
+            "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "128",
+            "--loop-batches", "2"]
+    rows, stdout, _ = in_process(argv)
+    cases = [r["case"] for r in rows]
+    assert cases == ["XL depth 1 text to image, batch 2", "XL sample.py's loop, 2 x 2 prompts to PNGs",
+                     "H depth 1 text to image, batch 2", "H sample.py's loop, 2 x 2 prompts to PNGs",
+                     "XL depth 1 training step, micro-batch 2",
+                     "XL depth 1 training step, micro-batch 2, gradient checkpointing",
+                     "H depth 1 training step, micro-batch 2",
+                     "H depth 1 training step, micro-batch 2, gradient checkpointing"]
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows) and all(line.count("|") == 7 for line in table)
+    for r in rows:
+        if "seconds" in r:      # samples/s = batch / the stages' total time
+            assert r["samples_per_s"] == pytest.approx(2 / sum(r["seconds"].values()))
+            assert list(r["seconds"])[-1] == ("PNG writing" if "image" in r["case"] else "optimizer")
+        assert r["samples_per_s"] > 0
+    # checkpointing recomputes the forward: counted FLOPs per sample grow by about a third of a step's
+    plain, ckpt = rows[4], rows[5]
+    fl = [r["flops_per_s"] * sum(r["seconds"].values()) for r in (plain, ckpt)]
+    assert 1.2 < fl[1] / fl[0] < 1.45
+
+
+def test_compiled_sampling_equals_eager(tmp_path):
+    """sample.py --compile: generate_folder pads the last batch to one shape; PNGs equal eager's within rounding."""
+    torch.manual_seed(0)
+    clip = CLIPTextEncoder("tiny", "random")
+    parts = (TextProjector(clip_dim=64), FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1}),
+             Tokenizer.from_preset("tiny"))
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
+    eager = sample.FlowTokPipeline(clip, *parts)
+    sample.generate_folder(eager, prompts, tmp_path / "eager", steps=2, batch_size=2)
+    compiled = sample.FlowTokPipeline(clip, *copy.deepcopy(parts)).compile()
+    sample.generate_folder(compiled, prompts, tmp_path / "compiled", steps=2, batch_size=2)
+    for i in range(3):
+        a, b = (sample.read_png(tmp_path / d / f"{i:05d}_00.png").int() for d in ("eager", "compiled"))
+        assert (a - b).abs().max() <= 1                    # uint8: one level of rounding at most
+    assert compiled.tokenizer.decoder._orig_mod is not None and eager.compiled is False
 
 
 # ==========================================================================================================

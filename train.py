@@ -63,7 +63,7 @@ import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
                        finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
-                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli)
+                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, use_cuda)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 T = 77 * 16   # elements of one 77x16 latent
@@ -630,9 +630,7 @@ def setup_distributed():
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_cuda(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, local, device
