@@ -1398,7 +1398,8 @@ def run_speed_suite(args, device):
     lines = [f"FlowTok speed suite `{args.suite}`: {setup}, random weights, mean of {repeats} timed pass(es) after a "
              f"warm-up; {args.steps} Euler steps with cfg {args.cfg}, decoder {args.tokenizer_preset}; matmul peak "
              f"{peak / 1e12:.1f} TFLOP/s ({size}^3)", "",
-             "| case | samples/s | time per stage | TFLOP/s | of matmul peak | peak memory |", "|---|---|---|---|---|---|"]
+             "| case | samples/s | time per stage | TFLOP/s | of matmul peak | peak memory |",
+             "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     rows = []
 
