@@ -2607,6 +2607,25 @@ def test_speed_benchmark_tiny(train):
         assert flops["flow (2 steps)"] >= 2 * 2 * (2 * 2 * 77) * sum(p.numel() for p in dit.blocks.parameters()) * 0.5
 
 
+def test_swiglu_padded_hidden_width_equals_the_plain_one():
+    """The GPU path pads ViT-L's 2730 hidden units to 2736: same outputs and gradients, official shapes kept."""
+    torch.manual_seed(0)
+    mlp = tokenizer.SwiGLU(1024)
+    assert mlp.w12.weight.shape == (2 * 2730, 1024) and mlp.w3.weight.shape == (1024, 2730)
+    x = torch.randn(2, 5, 1024, requires_grad=True)
+    outs, grads = [], []
+    for padded in (False, True):
+        mlp.pad_on_cpu = padded
+        y = mlp(x)
+        g = torch.autograd.grad(y.square().sum(), [x, mlp.w12.weight, mlp.w12.bias, mlp.w3.weight])
+        outs.append(y)
+        grads.append(g)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert set(mlp.state_dict()) == {"w12.weight", "w12.bias", "w3.weight", "w3.bias"}
+
+
 def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
     """`speed --suite gpu` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds."""
     argv = ["speed", "--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",

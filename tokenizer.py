@@ -52,17 +52,30 @@ def rotate_pairs(x):
 
 
 class SwiGLU(nn.Module):
-    """w3(SiLU(a) * b) with (a, b) = w12(x) split in halves; hidden = int(2/3 * 4 * width)."""
+    """w3(SiLU(a) * b) with (a, b) = w12(x) split in halves; hidden = int(2/3 * 4 * width).
+
+    On a GPU the hidden width runs zero-padded to a multiple of 8 (ViT-L's 2730 -> 2736): bf16 rows then start on
+    16-byte boundaries, as the fast matmul kernels need. The zero units add exact zeros (and get zero gradients);
+    the parameters and checkpoints keep the official shapes.
+    """
 
     def __init__(self, width):
         super().__init__()
         hidden = int(2 / 3 * int(4 * width))
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
+        self.pad_on_cpu = False                  # tests turn the padded path on where there is no GPU
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        hidden = self.w3.in_features
+        pad = -hidden % 8 if x.is_cuda or self.pad_on_cpu else 0
+        if not pad:
+            a, b = self.w12(x).chunk(2, dim=-1)
+            return self.w3(F.silu(a) * b)
+        w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)   # (2(h+p), W)
+        b12 = F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
+        a, b = F.linear(x, w12, b12).chunk(2, dim=-1)                                          # (B, N, h+p)
+        return F.linear(F.silu(a) * b, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
 class Attention(nn.Module):
@@ -77,6 +90,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         B, N, W = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)   # (B, H, N, d)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)     # bf16 under autocast: fp32 tables would promote q and k
         q = q * cos + rotate_pairs(q) * sin
         k = k * cos + rotate_pairs(k) * sin
         x = F.scaled_dot_product_attention(q, k, v)
