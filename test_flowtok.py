@@ -1589,7 +1589,9 @@ def test_caption_metrics_reject_mismatched_ids():
 # train.py: every stage, checkpoints, exact resume, DDP, bad input
 # ==========================================================================================================
 
-import signal  # noqa: E402  (kept with the section that needs it)
+import re  # noqa: E402  (kept with the section that needs it)
+import signal  # noqa: E402
+import socket  # noqa: E402
 import time  # noqa: E402
 
 import train  # noqa: E402
@@ -1797,6 +1799,87 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path)
     assert "Traceback" not in stderr
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
     assert saved >= 3 and f"stopped by a signal at step {saved}" in (out / "log.txt").read_text()
+
+
+def wait_for_log(out, text, proc, timeout=120):
+    """Wait until `text` is in out/log.txt (or the process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and text not in (
+            (out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+        time.sleep(0.05)
+
+
+def test_second_trainer_on_the_same_out_stops_and_the_first_finishes_untouched(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [*TOKENIZER_RUN, "--out", out, "--steps", 100000, "--ckpt-every", 2, "--keep", 1]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *map(str, argv)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_log(out, "saved ", first)
+    partial = out / f"step_9999999.pt.{first.pid}.tmp"   # as if the first were writing a checkpoint right now
+    partial.write_bytes(b"half")
+    busy = f"{out} is in use by pid {first.pid} on host {socket.gethostname()} since "
+    for extra in ([], ["--resume"], ["--resume", "--steps", 5]):
+        with pytest.raises(UserError, match=re.escape(busy) + ".*wait for it to end or stop it"):
+            run_train(*TOKENIZER_RUN, "--out", out, "--steps", 3, *extra)
+    r = train_cli(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--resume")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: " + busy)
+    assert partial.read_bytes() == b"half"          # the second never cleaned the first's files
+    os.kill(first.pid, signal.SIGTERM)              # the first ends as a preempted run: save, exit 143, unlock
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert f"stopped by a signal at step {saved}" in log and log.count("stage tokenizer:") == 1
+    assert "resumed" not in log and not (out / ".lock").exists()
+    result = run_train(*TOKENIZER_RUN, "--out", out, "--steps", saved + 1, "--resume")    # free again
+    log = (out / "log.txt").read_text()
+    assert result["step"] == saved + 1 and "took over" not in log and not partial.exists()
+    assert not (out / ".lock").exists() and not list(out.glob("*.tmp")) + list(out.glob("*.last"))
+
+
+def dead_pid():
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(out, pid, host):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock").write_text(json.dumps(dict(pid=pid, host=host, since="2024-01-02 03:04:05 +0000")))
+
+
+def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_host_is_respected(tmp_path,
+                                                                                                monkeypatch):
+    out, pid, here = tmp_path / "run", dead_pid(), socket.gethostname()
+    write_lock(out, pid, here)                      # a SIGKILLed trainer of this host
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 1)
+    assert (f"warning: took over the lock of {out} from pid {pid} on host {here} since 2024-01-02 03:04:05 +0000 "
+            f"(that process has ended)") in (out / "log.txt").read_text()
+    assert not (out / ".lock").exists()
+    write_lock(out, pid, "node-17")                 # another host: its pid means nothing here
+    with pytest.raises(UserError, match=re.escape(f"{out} is in use by pid {pid} on host node-17 since 2024-01-02 "
+                                                  f"03:04:05 +0000; if no trainer runs there any more, delete "
+                                                  f"{out / '.lock'} and start again")):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
+    assert (out / ".lock").exists() and torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    (out / ".lock").write_text("")                  # a lock file naming nobody is respected too
+    with pytest.raises(UserError, match="which names no trainer; if none uses .* delete .*.lock"):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
+    (out / ".lock").unlink()                        # a refused run (UserError inside the lock) leaves none behind
+    with pytest.raises(UserError, match="already holds a run"):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2)
+    assert not (out / ".lock").exists()
+    monkeypatch.setattr(train, "fcntl", None)       # no OS lock (Windows, NFS without locks): the pid decides
+    write_lock(out, os.getppid(), here)
+    with pytest.raises(UserError, match=f"in use by pid {os.getppid()} on host"):
+        with train.RunLock(str(out)):
+            pass
+    write_lock(out, pid, here)
+    with train.RunLock(str(out)) as lock:
+        assert "took over" in lock.note and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert not (out / ".lock").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -37,11 +37,14 @@ the official code; --gather-negatives takes the contrastive negatives from all G
 import argparse
 import contextlib
 import copy
+import ctypes
 import glob
+import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import textwrap
 import time
@@ -65,6 +68,11 @@ from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDe
                        finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
                        non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
+
+try:
+    import fcntl      # POSIX: the kernel drops a dead process's flock, the surest test of a stale lock file
+except ImportError:   # Windows: the lock file and its pid alone
+    fcntl = None
 
 T = 77 * 16   # elements of one 77x16 latent
 # arguments a resumed run must share with the run it continues
@@ -96,16 +104,16 @@ def caption_groups(ids):
 def save_checkpoint(state, out, step, keep):
     """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files."""
     path = os.path.join(out, f"step_{step:07d}.pt")
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"          # per process: a stray second writer never shares a partial file
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)                      # a kill before this line leaves the previous files intact
     try:                                       # last.pt: a hard link to the step file (no second copy)
-        os.link(path, path + ".last")
+        os.link(path, f"{path}.{os.getpid()}.last")
     except OSError:
-        torch.save(state, path + ".last")
-    os.replace(path + ".last", os.path.join(out, "last.pt"))
+        torch.save(state, f"{path}.{os.getpid()}.last")
+    os.replace(f"{path}.{os.getpid()}.last", os.path.join(out, "last.pt"))
     for old in sorted(glob.glob(os.path.join(out, "step_*.pt")))[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
@@ -180,8 +188,9 @@ def build_clip(args, device, rank):
         clip = CLIPTextEncoder(args.clip_tower, "random")
     path = os.path.join(args.out, "clip_text.safetensors")
     if rank == 0 and not os.path.exists(path):
-        save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, tmp)
+        os.replace(tmp, path)
     return clip.to(device), path
 
 
@@ -660,10 +669,9 @@ def fill_defaults(args, world):
 
 
 def check_output_folder(out, resume):
-    """Create out/ and prove it is writable; refuse to overwrite a run unless resuming."""
+    """Prove out/ (created and locked by RunLock) is writable; refuse to overwrite a run unless resuming."""
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -673,7 +681,126 @@ def check_output_folder(out, resume):
         raise UserError(f"{out} already holds a run ({os.path.basename(run_checkpoints(out)[0])}): pass --resume to "
                         f"continue it, or another --out")
     for partial in glob.glob(os.path.join(out, "*.tmp")) + glob.glob(os.path.join(out, "*.last")):
-        os.remove(partial)                     # left by a kill during a checkpoint write
+        os.remove(partial)                     # left by a kill during a checkpoint write: name.pt.PID.tmp / .last
+
+
+def os_lock(fd, wait):
+    """Hold the OS lock (flock) of an open file -> True, False (another process holds it) or None (no OS lock
+    here: Windows, or a network filesystem without lock support; the pid decides then)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:                            # ENOLCK and the like
+        return None
+
+
+def process_running(pid):
+    """Whether process `pid` of this host is alive (a stale lock's test where there is no OS lock)."""
+    if os.name == "nt":                        # os.kill(pid, 0) would terminate the process on Windows
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x100000, False, pid)                   # SYNCHRONIZE
+        if not handle:
+            return ctypes.get_last_error() == 5                                # ERROR_ACCESS_DENIED: it exists
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102            # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                    # another user's process
+        return True
+    return True
+
+
+def same_file(fd, path):
+    """Whether `path` still names the file open as `fd` (not deleted or replaced meanwhile)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class RunLock:
+    """One writer per run folder: out/.lock, created atomically (O_EXCL: also on NFS and Windows), names the
+    trainer's pid, host and start time, and is flocked where the OS can. Rank 0 holds it from before anything in
+    out/ is touched until it leaves by any path; a lock whose process ended on this host is taken over."""
+
+    def __init__(self, out):
+        self.out, self.path, self.fd, self.note = out, os.path.join(out, ".lock"), None, None
+        self.me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+
+    def __enter__(self):
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            for _ in range(5):                 # a holder that leaves while we look: look again
+                if self.create() or self.take_over_if_stale():
+                    return self
+        except OSError as e:
+            raise UserError(f"--out {self.out} is not writable ({e.strerror})") from None
+        raise UserError(f"{self.out}: {self.path} keeps changing hands; is another trainer starting there?")
+
+    def __exit__(self, *exc):
+        ours = same_file(self.fd, self.path)   # a lock deleted by hand and taken by another trainer is theirs
+        if ours and os.name != "nt":           # POSIX: unlink while still flocked, so nobody takes it in between
+            os.remove(self.path)
+        os.close(self.fd)
+        if ours and os.name == "nt":           # Windows cannot delete an open file
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+    def create(self):
+        """Create the lock file -> True, or False when it exists."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os_lock(self.fd, wait=True)            # waits only for a contender reading the still empty file
+        self.write()
+        return True
+
+    def take_over_if_stale(self):
+        """An existing lock: take it over when its process ended on this host (True), look again when it went
+        away meanwhile (False); otherwise stop with who holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            locked = os_lock(fd, wait=False)
+            holder = json.loads(os.read(fd, 4096) or b"null")
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict) or type(holder.get("pid")) is not int or not {"host", "since"} <= set(holder):
+            os.close(fd)
+            raise UserError(f"{self.out} is locked by {self.path}, which names no trainer; if none uses {self.out}, "
+                            f"delete {self.path}")
+        who = f"pid {holder['pid']} on host {holder['host']} since {holder['since']}"
+        here = holder["host"] == self.me["host"]
+        if not here or locked is False or (locked is None and process_running(int(holder["pid"]))):
+            os.close(fd)
+            raise UserError(f"{self.out} is in use by {who}; " + (
+                "wait for it to end or stop it, or train into another --out" if here else
+                f"if no trainer runs there any more, delete {self.path} and start again"))
+        if not same_file(fd, self.path):       # released and recreated meanwhile
+            os.close(fd)
+            return False
+        self.fd, self.note = fd, f"warning: took over the lock of {self.out} from {who} (that process has ended)"
+        self.write()
+        return True
+
+    def write(self):
+        """Put this process's pid, host and start time into the lock file."""
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, json.dumps(self.me).encode() + b"\n")
+        os.fsync(self.fd)
 
 
 def run_checkpoints(out):
@@ -860,14 +987,23 @@ def any_rank(flag, run):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(args):
-    # setup: processes, defaults, the run folder, the checkpoint to resume
+    """Train (one process of the run): rank 0 locks the run folder before touching it and until it leaves."""
     rank, world, local, device = setup_distributed()
     fill_defaults(args, world)
+    with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
+        return run_training(args, rank, world, local, device, lock)
+
+
+def run_training(args, rank, world, local, device, lock):
+    """Set up the run in the locked folder, train until --steps or a signal, save -> a summary dict."""
+    # setup: the run folder, the checkpoint to resume
     if rank == 0:
         check_output_folder(args.out, args.resume)
     if world > 1:
         dist.barrier()
     run = Run(args, rank, world, device)
+    if lock is not None and lock.note:
+        run.say(lock.note)
     ckpt = resume_checkpoint(args, run.say)
     torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
     random.seed(args.seed + rank)
