@@ -1590,6 +1590,7 @@ def test_caption_metrics_reject_mismatched_ids():
 # ==========================================================================================================
 
 import re  # noqa: E402  (kept with the section that needs it)
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -1880,6 +1881,76 @@ def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_h
     with train.RunLock(str(out)) as lock:
         assert "took over" in lock.note and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert not (out / ".lock").exists()
+
+
+def test_every_train_flag_has_a_resume_class():
+    """A new flag must be put in one of train.py's resume classes (fixed, applied, kept, free), and in one only."""
+    classes = train.RESUME_FIXED + train.RESUME_APPLIED + train.RESUME_KEPT + train.RESUME_FREE
+    flags = {a.dest for a in train.build_parser()._actions if a.dest != "help"}
+    assert len(flags) > 60
+    assert [k for k, n in collections.Counter(classes).items() if n > 1] == []          # in two classes
+    assert sorted(flags - set(classes)) == [] and sorted(set(classes) - flags) == []    # unclassified, stale
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_tokenizer, tmp_path_factory):
+    """1-step runs to resume: a tokenizer with its GAN on, a flow run, a text autoencoder -> {stage: argv}."""
+    root, clip = tmp_path_factory.mktemp("resume"), tiny_tokenizer / "clip_text.safetensors"
+    runs = {"tokenizer": (*TOKENIZER_RUN, "--out", root / "tok", "--w-gan", 0.1, "--gan-start", 0, "--disc-width", 32),
+            "flow": flow_args(tiny_tokenizer, root / "flow"),
+            "text-ae": ("--stage", "text-ae", "--clip-weights", clip, "--data", "shapes:n=64", "--out", root / "tae",
+                        "--global-batch", 2, "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 64)}
+    for argv in runs.values():
+        run_train(*argv, "--steps", 1)
+    return runs
+
+
+@pytest.mark.parametrize("stage, change, message", [
+    ("tokenizer", ["--w-gan", 0], "--w-gan (run: 0.1, now: 0.0)"),
+    ("tokenizer", ["--disc-width", 64], "--disc-width (run: 32, now: 64)"),
+    ("tokenizer", ["--no-flip"], "--flip (run: True, now: False)"),
+    ("tokenizer", ["--adaptive-gan"], "--adaptive-gan (run: False, now: True)"),
+    ("flow", ["--align-hidden", 32], "--align-hidden (run: 512, now: 32)"),
+    ("flow", ["--w-con", 0], "--w-con (run: 1.0, now: 0.0)"),
+    ("flow", ["--kl", "standard"], "--kl (run: 'official', now: 'standard'), --w-kl (run: 0.01, now: 0.0001)"),
+    ("flow", ["--cfg-prob", 0.5], "--cfg-prob (run: 0.1, now: 0.5)"),
+    ("text-ae", ["--decoder-ff", 32], "--decoder-ff (run: 64, now: 32)"),
+    ("text-ae", ["--w-kl", 0.5], "--w-kl (run: 0.0001, now: 0.5)")])
+def test_resume_with_a_changed_model_or_loss_flag_is_refused_by_name(resume_runs, stage, change, message):
+    out = Path(resume_runs[stage][resume_runs[stage].index("--out") + 1])
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(UserError, match=re.escape(f"cannot resume with different {message}")):
+        run_train(*resume_runs[stage], "--steps", 2, "--resume", *change)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before      # nothing touched
+
+
+def test_resume_with_a_new_lr_applies_and_logs_it(tmp_path):
+    """Two resumes from the same step with --lr 1e-4 and 2e-4: the same gradient, so updates in a ratio of 2;
+    the optimizer, the log and the checkpoint all say the new settings (not the run's --lr 1e-3)."""
+    run = (*TOKENIZER_RUN, "--warmup", 1, "--min-lr", 0, "--weight-decay", 0.1, "--ckpt-every", 1, "--keep", 5)
+    base = tmp_path / "base"
+    run_train(*run, "--out", base, "--steps", 2, "--lr", 1e-3)
+    start = torch.load(base / "last.pt", weights_only=True)["model"]["tokenizer"]
+    delta = {}
+    for lr in (1e-4, 2e-4):
+        out = tmp_path / f"lr{lr}"
+        shutil.copytree(base, out)
+        run_train(*run, "--out", out, "--steps", 4, "--lr", lr, "--weight-decay", 0.5, "--beta2", 0.99,
+                  "--init", "nowhere.pt", "--resume")
+        ck = torch.load(out / "step_0000003.pt", weights_only=True)         # the first step with the new settings
+        delta[lr] = flat(ck["model"]["tokenizer"]) - flat(start)
+        factor = train.lr_factor(3, argparse.Namespace(**ck["args"]))       # cosine 1 -> 0 over steps 1..4: 0.25
+        no_decay, decay = ck["optimizer"]["param_groups"]
+        assert factor == pytest.approx(0.25) and decay["lr"] == no_decay["lr"] == pytest.approx(lr * factor)
+        assert decay["initial_lr"] == no_decay["initial_lr"] == lr and ck["scheduler"]["base_lrs"] == [lr, lr]
+        assert (decay["weight_decay"], no_decay["weight_decay"], tuple(decay["betas"])) == (0.5, 0.0, (0.9, 0.99))
+        assert ck["args"]["lr"] == lr and ck["args"]["init"] is None
+        log = (out / "log.txt").read_text()
+        assert (f"changed from step 2 on: --steps 2 -> 4, --lr 0.001 -> {lr}, --weight-decay 0.1 -> 0.5, "
+                f"--beta2 0.999 -> 0.99") in log
+        assert "note: --init 'nowhere.pt' is not used by a resume; the run started with None" in log
+    a, b = delta[1e-4], delta[2e-4]
+    assert a.norm() > 0 and (b - 2 * a).norm() < 1e-3 * b.norm()
 
 
 @pytest.mark.parametrize("argv, message", [

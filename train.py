@@ -75,10 +75,24 @@ except ImportError:   # Windows: the lock file and its pid alone
     fcntl = None
 
 T = 77 * 16   # elements of one 77x16 latent
-# arguments a resumed run must share with the run it continues
-RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
-                "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
-                "projector_patch_size", "decoder_width", "decoder_depth", "disc_width", "seed")
+# What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
+# fixed: what the models are, what the losses are and what data they see; a different value is refused by name
+RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
+                "scale_factor", "tokenizer", "text_ae", "clip_tower", "clip_weights", "projector_depth",
+                "projector_heads", "projector_ff", "projector_dropout", "projector_patch_size", "align_hidden",
+                "decoder_width", "decoder_depth", "decoder_ff", "decoder_vocab", "w_con", "kl", "w_kl", "cfg_prob",
+                "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan", "gan_start",
+                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed")
+# applied: optimisation and schedule; a new value acts from the resumed step on (AdamW's settings and the schedule's
+# peak are replaced, the moments and the schedule's position kept), is said in the log and recorded in checkpoints
+RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2",
+                  "ema", "grad_clip", "disc_lr")
+# kept: used only when a run starts; a resume keeps (and records) the run's value, and says so if it differs
+RESUME_KEPT = ("init", "init_from_ema")
+# free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
+RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
+               "max_bad_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
+               "sample_prompts", "no_progress")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,8 +621,7 @@ class Discriminator:
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -834,7 +847,30 @@ def resume_checkpoint(args, say=print):
                for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
         raise UserError("cannot resume with different " + ", ".join(changed))
+    for k in RESUME_KEPT:                      # only a run's start uses them: the record must keep saying what it did
+        if ckpt["args"].get(k) != getattr(args, k):
+            say(f"note: --{k.replace('_', '-')} {getattr(args, k)!r} is not used by a resume; the run started with "
+                f"{ckpt['args'].get(k)!r}")
+            setattr(args, k, ckpt["args"].get(k))
     return ckpt
+
+
+def load_optimizer(optimizer, scheduler, state, schedule_state):
+    """Load AdamW's moments and the schedule's position from a checkpoint, keeping this command's settings (lr,
+    weight decay, betas): a changed --lr is applied, not recorded in the checkpoint while the old one runs on."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    scheduler.load_state_dict(schedule_state)
+    for group, mine, factor in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
+        group.update(mine)
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)     # the schedule (new args) at this step
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+
+
+def applied_changes(ckpt, args):
+    """The RESUME_APPLIED flags that differ from the run's -> "--lr 0.001 -> 0.0001" phrases."""
+    return [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} -> {getattr(args, k)}"
+            for k in RESUME_APPLIED if ckpt["args"].get(k) != getattr(args, k)]
 
 
 def build_data(args, rank, world, device):
@@ -855,16 +891,20 @@ def restore(run, ckpt):
     for name, m in run.objective.parts.items():
         m.load_state_dict(ckpt["model"][name])
         run.ema[name].load_state_dict(ckpt["ema"][name])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
+    load_optimizer(run.optimizer, run.scheduler, ckpt["optimizer"], ckpt["scheduler"])
     if run.disc is not None and "discriminator" in ckpt:
         run.disc.load_state_dict(ckpt["discriminator"])
     run.step = ckpt["step"]
     mine = min(run.rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
-    run.loader.load_state_dict(ckpt["data_state"][mine])
+    try:
+        run.loader.load_state_dict(ckpt["data_state"][mine])
+    except ValueError as e:                    # a tar stream continues exactly only with the same GPUs and workers
+        raise UserError(f"--resume: {e}") from None
     run.skips = Counter(ckpt["stats"]["skips"][mine]) if run.rank < len(ckpt["rng"]) else Counter()
     set_rng_state(ckpt["rng"][mine])
     run.say(f"resumed {run.args.out} at step {run.step}")
+    if applied_changes(ckpt, run.args):
+        run.say(f"changed from step {run.step} on: {', '.join(applied_changes(ckpt, run.args))}")
 
 
 def describe(run, source, params):
