@@ -1589,7 +1589,10 @@ def test_caption_metrics_reject_mismatched_ids():
 # train.py: every stage, checkpoints, exact resume, DDP, bad input
 # ==========================================================================================================
 
-import signal  # noqa: E402  (kept with the section that needs it)
+import re  # noqa: E402  (kept with the section that needs it)
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
 import time  # noqa: E402
 
 import train  # noqa: E402
@@ -1797,6 +1800,157 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path)
     assert "Traceback" not in stderr
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
     assert saved >= 3 and f"stopped by a signal at step {saved}" in (out / "log.txt").read_text()
+
+
+def wait_for_log(out, text, proc, timeout=120):
+    """Wait until `text` is in out/log.txt (or the process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and text not in (
+            (out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+        time.sleep(0.05)
+
+
+def test_second_trainer_on_the_same_out_stops_and_the_first_finishes_untouched(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [*TOKENIZER_RUN, "--out", out, "--steps", 100000, "--ckpt-every", 2, "--keep", 1]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, *map(str, argv)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_log(out, "saved ", first)
+    partial = out / f"step_9999999.pt.{first.pid}.tmp"   # as if the first were writing a checkpoint right now
+    partial.write_bytes(b"half")
+    busy = f"{out} is in use by pid {first.pid} on host {socket.gethostname()} since "
+    for extra in ([], ["--resume"], ["--resume", "--steps", 5]):
+        with pytest.raises(UserError, match=re.escape(busy) + ".*wait for it to end or stop it"):
+            run_train(*TOKENIZER_RUN, "--out", out, "--steps", 3, *extra)
+    r = train_cli(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--resume")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: " + busy)
+    assert partial.read_bytes() == b"half"          # the second never cleaned the first's files
+    os.kill(first.pid, signal.SIGTERM)              # the first ends as a preempted run: save, exit 143, unlock
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert f"stopped by a signal at step {saved}" in log and log.count("stage tokenizer:") == 1
+    assert "resumed" not in log and not (out / ".lock").exists()
+    result = run_train(*TOKENIZER_RUN, "--out", out, "--steps", saved + 1, "--resume")    # free again
+    log = (out / "log.txt").read_text()
+    assert result["step"] == saved + 1 and "took over" not in log and not partial.exists()
+    assert not (out / ".lock").exists() and not list(out.glob("*.tmp")) + list(out.glob("*.last"))
+
+
+def dead_pid():
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(out, pid, host):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock").write_text(json.dumps(dict(pid=pid, host=host, since="2024-01-02 03:04:05 +0000")))
+
+
+def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_host_is_respected(tmp_path,
+                                                                                                monkeypatch):
+    out, pid, here = tmp_path / "run", dead_pid(), socket.gethostname()
+    write_lock(out, pid, here)                      # a SIGKILLed trainer of this host
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 1)
+    assert (f"warning: took over the lock of {out} from pid {pid} on host {here} since 2024-01-02 03:04:05 +0000 "
+            f"(that process has ended)") in (out / "log.txt").read_text()
+    assert not (out / ".lock").exists()
+    write_lock(out, pid, "node-17")                 # another host: its pid means nothing here
+    with pytest.raises(UserError, match=re.escape(f"{out} is in use by pid {pid} on host node-17 since 2024-01-02 "
+                                                  f"03:04:05 +0000; if no trainer runs there any more, delete "
+                                                  f"{out / '.lock'} and start again")):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
+    assert (out / ".lock").exists() and torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    (out / ".lock").write_text("")                  # a lock file naming nobody is respected too
+    with pytest.raises(UserError, match="which names no trainer; if none uses .* delete .*.lock"):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
+    (out / ".lock").unlink()                        # a refused run (UserError inside the lock) leaves none behind
+    with pytest.raises(UserError, match="already holds a run"):
+        run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2)
+    assert not (out / ".lock").exists()
+    monkeypatch.setattr(train, "fcntl", None)       # no OS lock (Windows, NFS without locks): the pid decides
+    write_lock(out, os.getppid(), here)
+    with pytest.raises(UserError, match=f"in use by pid {os.getppid()} on host"):
+        with train.RunLock(str(out)):
+            pass
+    write_lock(out, pid, here)
+    with train.RunLock(str(out)) as lock:
+        assert "took over" in lock.note and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert not (out / ".lock").exists()
+
+
+def test_every_train_flag_has_a_resume_class():
+    """A new flag must be put in one of train.py's resume classes (fixed, applied, kept, free), and in one only."""
+    classes = train.RESUME_FIXED + train.RESUME_APPLIED + train.RESUME_KEPT + train.RESUME_FREE
+    flags = {a.dest for a in train.build_parser()._actions if a.dest != "help"}
+    assert len(flags) > 60
+    assert [k for k, n in collections.Counter(classes).items() if n > 1] == []          # in two classes
+    assert sorted(flags - set(classes)) == [] and sorted(set(classes) - flags) == []    # unclassified, stale
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_tokenizer, tmp_path_factory):
+    """1-step runs to resume: a tokenizer with its GAN on, a flow run, a text autoencoder -> {stage: argv}."""
+    root, clip = tmp_path_factory.mktemp("resume"), tiny_tokenizer / "clip_text.safetensors"
+    runs = {"tokenizer": (*TOKENIZER_RUN, "--out", root / "tok", "--w-gan", 0.1, "--gan-start", 0, "--disc-width", 32),
+            "flow": flow_args(tiny_tokenizer, root / "flow"),
+            "text-ae": ("--stage", "text-ae", "--clip-weights", clip, "--data", "shapes:n=64", "--out", root / "tae",
+                        "--global-batch", 2, "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 64)}
+    for argv in runs.values():
+        run_train(*argv, "--steps", 1)
+    return runs
+
+
+@pytest.mark.parametrize("stage, change, message", [
+    ("tokenizer", ["--w-gan", 0], "--w-gan (run: 0.1, now: 0.0)"),
+    ("tokenizer", ["--disc-width", 64], "--disc-width (run: 32, now: 64)"),
+    ("tokenizer", ["--no-flip"], "--flip (run: True, now: False)"),
+    ("tokenizer", ["--adaptive-gan"], "--adaptive-gan (run: False, now: True)"),
+    ("flow", ["--align-hidden", 32], "--align-hidden (run: 512, now: 32)"),
+    ("flow", ["--w-con", 0], "--w-con (run: 1.0, now: 0.0)"),
+    ("flow", ["--kl", "standard"], "--kl (run: 'official', now: 'standard'), --w-kl (run: 0.01, now: 0.0001)"),
+    ("flow", ["--cfg-prob", 0.5], "--cfg-prob (run: 0.1, now: 0.5)"),
+    ("text-ae", ["--decoder-ff", 32], "--decoder-ff (run: 64, now: 32)"),
+    ("text-ae", ["--w-kl", 0.5], "--w-kl (run: 0.0001, now: 0.5)")])
+def test_resume_with_a_changed_model_or_loss_flag_is_refused_by_name(resume_runs, stage, change, message):
+    out = Path(resume_runs[stage][resume_runs[stage].index("--out") + 1])
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(UserError, match=re.escape(f"cannot resume with different {message}")):
+        run_train(*resume_runs[stage], "--steps", 2, "--resume", *change)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before      # nothing touched
+
+
+def test_resume_with_a_new_lr_applies_and_logs_it(tmp_path):
+    """Two resumes from the same step with --lr 1e-4 and 2e-4: the same gradient, so updates in a ratio of 2;
+    the optimizer, the log and the checkpoint all say the new settings (not the run's --lr 1e-3)."""
+    run = (*TOKENIZER_RUN, "--warmup", 1, "--min-lr", 0, "--weight-decay", 0.1, "--ckpt-every", 1, "--keep", 5)
+    base = tmp_path / "base"
+    run_train(*run, "--out", base, "--steps", 2, "--lr", 1e-3)
+    start = torch.load(base / "last.pt", weights_only=True)["model"]["tokenizer"]
+    delta = {}
+    for lr in (1e-4, 2e-4):
+        out = tmp_path / f"lr{lr}"
+        shutil.copytree(base, out)
+        run_train(*run, "--out", out, "--steps", 4, "--lr", lr, "--weight-decay", 0.5, "--beta2", 0.99,
+                  "--init", "nowhere.pt", "--resume")
+        ck = torch.load(out / "step_0000003.pt", weights_only=True)         # the first step with the new settings
+        delta[lr] = flat(ck["model"]["tokenizer"]) - flat(start)
+        factor = train.lr_factor(3, argparse.Namespace(**ck["args"]))       # cosine 1 -> 0 over steps 1..4: 0.25
+        no_decay, decay = ck["optimizer"]["param_groups"]
+        assert factor == pytest.approx(0.25) and decay["lr"] == no_decay["lr"] == pytest.approx(lr * factor)
+        assert decay["initial_lr"] == no_decay["initial_lr"] == lr and ck["scheduler"]["base_lrs"] == [lr, lr]
+        assert (decay["weight_decay"], no_decay["weight_decay"], tuple(decay["betas"])) == (0.5, 0.0, (0.9, 0.99))
+        assert ck["args"]["lr"] == lr and ck["args"]["init"] is None
+        log = (out / "log.txt").read_text()
+        assert (f"changed from step 2 on: --steps 2 -> 4, --lr 0.001 -> {lr}, --weight-decay 0.1 -> 0.5, "
+                f"--beta2 0.999 -> 0.99") in log
+        assert "note: --init 'nowhere.pt' is not used by a resume; the run started with None" in log
+    a, b = delta[1e-4], delta[2e-4]
+    assert a.norm() > 0 and (b - 2 * a).norm() < 1e-3 * b.norm()
 
 
 @pytest.mark.parametrize("argv, message", [

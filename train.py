@@ -37,11 +37,14 @@ the official code; --gather-negatives takes the contrastive negatives from all G
 import argparse
 import contextlib
 import copy
+import ctypes
 import glob
+import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import textwrap
 import time
@@ -66,11 +69,30 @@ from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDe
                        non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, use_cuda)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
+try:
+    import fcntl      # POSIX: the kernel drops a dead process's flock, the surest test of a stale lock file
+except ImportError:   # Windows: the lock file and its pid alone
+    fcntl = None
+
 T = 77 * 16   # elements of one 77x16 latent
-# arguments a resumed run must share with the run it continues
-RESUME_FIXED = ("stage", "data", "image_size", "model", "dit_patch_size", "tokenizer_preset", "tokenizer",
-                "text_ae", "clip_tower", "clip_weights", "projector_depth", "projector_heads", "projector_ff",
-                "projector_patch_size", "decoder_width", "decoder_depth", "disc_width", "seed")
+# What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
+# fixed: what the models are, what the losses are and what data they see; a different value is refused by name
+RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
+                "scale_factor", "tokenizer", "text_ae", "clip_tower", "clip_weights", "projector_depth",
+                "projector_heads", "projector_ff", "projector_dropout", "projector_patch_size", "align_hidden",
+                "decoder_width", "decoder_depth", "decoder_ff", "decoder_vocab", "w_con", "kl", "w_kl", "cfg_prob",
+                "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan", "gan_start",
+                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed")
+# applied: optimisation and schedule; a new value acts from the resumed step on (AdamW's settings and the schedule's
+# peak are replaced, the moments and the schedule's position kept), is said in the log and recorded in checkpoints
+RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2",
+                  "ema", "grad_clip", "disc_lr")
+# kept: used only when a run starts; a resume keeps (and records) the run's value, and says so if it differs
+RESUME_KEPT = ("init", "init_from_ema")
+# free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
+RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
+               "max_bad_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
+               "sample_prompts", "no_progress")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,16 +118,16 @@ def caption_groups(ids):
 def save_checkpoint(state, out, step, keep):
     """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files."""
     path = os.path.join(out, f"step_{step:07d}.pt")
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"          # per process: a stray second writer never shares a partial file
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)                      # a kill before this line leaves the previous files intact
     try:                                       # last.pt: a hard link to the step file (no second copy)
-        os.link(path, path + ".last")
+        os.link(path, f"{path}.{os.getpid()}.last")
     except OSError:
-        torch.save(state, path + ".last")
-    os.replace(path + ".last", os.path.join(out, "last.pt"))
+        torch.save(state, f"{path}.{os.getpid()}.last")
+    os.replace(f"{path}.{os.getpid()}.last", os.path.join(out, "last.pt"))
     for old in sorted(glob.glob(os.path.join(out, "step_*.pt")))[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
@@ -180,8 +202,9 @@ def build_clip(args, device, rank):
         clip = CLIPTextEncoder(args.clip_tower, "random")
     path = os.path.join(args.out, "clip_text.safetensors")
     if rank == 0 and not os.path.exists(path):
-        save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, tmp)
+        os.replace(tmp, path)
     return clip.to(device), path
 
 
@@ -598,8 +621,7 @@ class Discriminator:
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -658,10 +680,9 @@ def fill_defaults(args, world):
 
 
 def check_output_folder(out, resume):
-    """Create out/ and prove it is writable; refuse to overwrite a run unless resuming."""
+    """Prove out/ (created and locked by RunLock) is writable; refuse to overwrite a run unless resuming."""
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -671,7 +692,126 @@ def check_output_folder(out, resume):
         raise UserError(f"{out} already holds a run ({os.path.basename(run_checkpoints(out)[0])}): pass --resume to "
                         f"continue it, or another --out")
     for partial in glob.glob(os.path.join(out, "*.tmp")) + glob.glob(os.path.join(out, "*.last")):
-        os.remove(partial)                     # left by a kill during a checkpoint write
+        os.remove(partial)                     # left by a kill during a checkpoint write: name.pt.PID.tmp / .last
+
+
+def os_lock(fd, wait):
+    """Hold the OS lock (flock) of an open file -> True, False (another process holds it) or None (no OS lock
+    here: Windows, or a network filesystem without lock support; the pid decides then)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:                            # ENOLCK and the like
+        return None
+
+
+def process_running(pid):
+    """Whether process `pid` of this host is alive (a stale lock's test where there is no OS lock)."""
+    if os.name == "nt":                        # os.kill(pid, 0) would terminate the process on Windows
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x100000, False, pid)                   # SYNCHRONIZE
+        if not handle:
+            return ctypes.get_last_error() == 5                                # ERROR_ACCESS_DENIED: it exists
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102            # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                    # another user's process
+        return True
+    return True
+
+
+def same_file(fd, path):
+    """Whether `path` still names the file open as `fd` (not deleted or replaced meanwhile)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class RunLock:
+    """One writer per run folder: out/.lock, created atomically (O_EXCL: also on NFS and Windows), names the
+    trainer's pid, host and start time, and is flocked where the OS can. Rank 0 holds it from before anything in
+    out/ is touched until it leaves by any path; a lock whose process ended on this host is taken over."""
+
+    def __init__(self, out):
+        self.out, self.path, self.fd, self.note = out, os.path.join(out, ".lock"), None, None
+        self.me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+
+    def __enter__(self):
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            for _ in range(5):                 # a holder that leaves while we look: look again
+                if self.create() or self.take_over_if_stale():
+                    return self
+        except OSError as e:
+            raise UserError(f"--out {self.out} is not writable ({e.strerror})") from None
+        raise UserError(f"{self.out}: {self.path} keeps changing hands; is another trainer starting there?")
+
+    def __exit__(self, *exc):
+        ours = same_file(self.fd, self.path)   # a lock deleted by hand and taken by another trainer is theirs
+        if ours and os.name != "nt":           # POSIX: unlink while still flocked, so nobody takes it in between
+            os.remove(self.path)
+        os.close(self.fd)
+        if ours and os.name == "nt":           # Windows cannot delete an open file
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+    def create(self):
+        """Create the lock file -> True, or False when it exists."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os_lock(self.fd, wait=True)            # waits only for a contender reading the still empty file
+        self.write()
+        return True
+
+    def take_over_if_stale(self):
+        """An existing lock: take it over when its process ended on this host (True), look again when it went
+        away meanwhile (False); otherwise stop with who holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            locked = os_lock(fd, wait=False)
+            holder = json.loads(os.read(fd, 4096) or b"null")
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict) or type(holder.get("pid")) is not int or not {"host", "since"} <= set(holder):
+            os.close(fd)
+            raise UserError(f"{self.out} is locked by {self.path}, which names no trainer; if none uses {self.out}, "
+                            f"delete {self.path}")
+        who = f"pid {holder['pid']} on host {holder['host']} since {holder['since']}"
+        here = holder["host"] == self.me["host"]
+        if not here or locked is False or (locked is None and process_running(int(holder["pid"]))):
+            os.close(fd)
+            raise UserError(f"{self.out} is in use by {who}; " + (
+                "wait for it to end or stop it, or train into another --out" if here else
+                f"if no trainer runs there any more, delete {self.path} and start again"))
+        if not same_file(fd, self.path):       # released and recreated meanwhile
+            os.close(fd)
+            return False
+        self.fd, self.note = fd, f"warning: took over the lock of {self.out} from {who} (that process has ended)"
+        self.write()
+        return True
+
+    def write(self):
+        """Put this process's pid, host and start time into the lock file."""
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, json.dumps(self.me).encode() + b"\n")
+        os.fsync(self.fd)
 
 
 def run_checkpoints(out):
@@ -705,7 +845,30 @@ def resume_checkpoint(args, say=print):
                for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
         raise UserError("cannot resume with different " + ", ".join(changed))
+    for k in RESUME_KEPT:                      # only a run's start uses them: the record must keep saying what it did
+        if ckpt["args"].get(k) != getattr(args, k):
+            say(f"note: --{k.replace('_', '-')} {getattr(args, k)!r} is not used by a resume; the run started with "
+                f"{ckpt['args'].get(k)!r}")
+            setattr(args, k, ckpt["args"].get(k))
     return ckpt
+
+
+def load_optimizer(optimizer, scheduler, state, schedule_state):
+    """Load AdamW's moments and the schedule's position from a checkpoint, keeping this command's settings (lr,
+    weight decay, betas): a changed --lr is applied, not recorded in the checkpoint while the old one runs on."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    scheduler.load_state_dict(schedule_state)
+    for group, mine, factor in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
+        group.update(mine)
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)     # the schedule (new args) at this step
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+
+
+def applied_changes(ckpt, args):
+    """The RESUME_APPLIED flags that differ from the run's -> "--lr 0.001 -> 0.0001" phrases."""
+    return [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} -> {getattr(args, k)}"
+            for k in RESUME_APPLIED if ckpt["args"].get(k) != getattr(args, k)]
 
 
 def build_data(args, rank, world, device):
@@ -726,16 +889,20 @@ def restore(run, ckpt):
     for name, m in run.objective.parts.items():
         m.load_state_dict(ckpt["model"][name])
         run.ema[name].load_state_dict(ckpt["ema"][name])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
+    load_optimizer(run.optimizer, run.scheduler, ckpt["optimizer"], ckpt["scheduler"])
     if run.disc is not None and "discriminator" in ckpt:
         run.disc.load_state_dict(ckpt["discriminator"])
     run.step = ckpt["step"]
     mine = min(run.rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
-    run.loader.load_state_dict(ckpt["data_state"][mine])
+    try:
+        run.loader.load_state_dict(ckpt["data_state"][mine])
+    except ValueError as e:                    # a tar stream continues exactly only with the same GPUs and workers
+        raise UserError(f"--resume: {e}") from None
     run.skips = Counter(ckpt["stats"]["skips"][mine]) if run.rank < len(ckpt["rng"]) else Counter()
     set_rng_state(ckpt["rng"][mine])
     run.say(f"resumed {run.args.out} at step {run.step}")
+    if applied_changes(ckpt, run.args):
+        run.say(f"changed from step {run.step} on: {', '.join(applied_changes(ckpt, run.args))}")
 
 
 def describe(run, source, params):
@@ -858,14 +1025,23 @@ def any_rank(flag, run):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(args):
-    # setup: processes, defaults, the run folder, the checkpoint to resume
+    """Train (one process of the run): rank 0 locks the run folder before touching it and until it leaves."""
     rank, world, local, device = setup_distributed()
     fill_defaults(args, world)
+    with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
+        return run_training(args, rank, world, local, device, lock)
+
+
+def run_training(args, rank, world, local, device, lock):
+    """Set up the run in the locked folder, train until --steps or a signal, save -> a summary dict."""
+    # setup: the run folder, the checkpoint to resume
     if rank == 0:
         check_output_folder(args.out, args.resume)
     if world > 1:
         dist.barrier()
     run = Run(args, rank, world, device)
+    if lock is not None and lock.note:
+        run.say(lock.note)
     ckpt = resume_checkpoint(args, run.say)
     torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
     random.seed(args.seed + rank)
