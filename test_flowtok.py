@@ -8,6 +8,7 @@ import ast
 import collections
 import contextlib
 import copy
+import hashlib
 import io
 import itertools
 import json
@@ -1938,6 +1939,65 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
     live, cached = losses
     for k in ("loss", "diff", "contrastive", "kl"):
         assert cached[k] == pytest.approx(live[k], rel=2e-3), k     # the cache stores float16
+
+
+def pretokenize_cli(*argv):
+    """`data.py pretokenize ...` through run_cli in this process (no workers) -> (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    args = data.build_parser().parse_args(["pretokenize", "--num-workers", "0", *map(str, argv)])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = data.run_cli("data.py", data.pretokenize, args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def other_tokenizer(tok, folder):
+    """A copy of a tokenizer run whose EMA weights differ in one value: another tokenizer of the same shapes."""
+    ck = torch.load(tok / "last.pt", weights_only=True)
+    key = next(k for k, v in sorted(ck["ema"]["tokenizer"].items()) if k.endswith("weight"))
+    ck["ema"]["tokenizer"][key] = ck["ema"]["tokenizer"][key] + 0.01
+    folder.mkdir()
+    torch.save(ck, folder / "last.pt")
+    return folder
+
+
+def ema_hash(tok):
+    """weights_sha256 of a tokenizer run's EMA weights, read straight from its last.pt."""
+    return projector.weights_sha256(torch.load(tok / "last.pt", weights_only=True)["ema"]["tokenizer"])
+
+
+def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenizer, tmp_path, capsys):
+    # the identity is sha256 over (index:key:dtype:shape;) + raw bytes per tensor, keys sorted
+    one = struct.pack("<f", 1.0)
+    assert projector.weights_sha256({"b": torch.ones(1), "a": torch.ones(1)}) == \
+        hashlib.sha256(b"0:a:torch.float32:(1,);" + one + b"0:b:torch.float32:(1,);" + one).hexdigest()
+    cache, clip_file = tmp_path / "cache", tiny_tokenizer / "clip_text.safetensors"
+    assert pretokenize_cli("--data", "shapes:n=8", "--tokenizer", tiny_tokenizer, "--out", cache)[0] == 0
+    identity = json.loads((cache / "part-00000" / "identity.json").read_text())
+    ck = torch.load(tiny_tokenizer / "last.pt", weights_only=True)
+    # what the cache used: the EMA weights, not the raw ones the checkpoint also holds
+    assert identity["tokenizer"] == ema_hash(tiny_tokenizer)
+    assert identity["tokenizer"] != projector.weights_sha256(ck["model"]["tokenizer"])
+    assert identity["clip"] == projector.weights_sha256(CLIPTextEncoder("tiny", str(clip_file)))
+    assert data.build_dataset(f"cache:{cache}").identity == identity
+    spec = f"cache:{cache}"
+    capsys.readouterr()
+    assert run_train(*flow_args(tiny_tokenizer, tmp_path / "ok", "--steps", 1), "--data", spec)["step"] == 1
+    assert "warning: --data" not in capsys.readouterr().err
+    tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
+    with pytest.raises(UserError) as err:
+        run_train(*flow_args(tok2, tmp_path / "t2", "--steps", 1), "--clip-weights", clip_file, "--data", spec)
+    theirs = projector.short_hash(ema_hash(tok2))
+    msg = str(err.value)
+    assert f"tokenizer {identity['tokenizer'][:12]} in the cache vs {theirs} of --tokenizer {tok2}" in msg
+    assert "python data.py pretokenize" in msg and "\n" not in msg and "clip" not in msg
+    with pytest.raises(UserError, match=f"clip {identity['clip'][:12]} in the cache vs [0-9a-f]{{12}} of CLIP "):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "c2", "--steps", 1), "--clip-weights", "random", "--seed", 3,
+                  "--data", spec)
+    # a cache made before identities were recorded still loads, with a warning
+    os.remove(cache / "part-00000" / "identity.json")
+    capsys.readouterr()
+    train.check_cache_identity(data.build_dataset(spec), {}, {}, argparse.Namespace(data=spec), 0)
+    assert capsys.readouterr().err.startswith(f"warning: --data {spec} records no tokenizer or CLIP identity")
 
 
 # ----------------------------------------------------------------------------------------------------------
