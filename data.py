@@ -432,6 +432,8 @@ def write_cache(directory, posterior, clip, ids, captions):
 
 
 IDENTITY_FILE = "identity.json"        # in each cache part: what its rows were made with
+# what a cache's rows depend on: pretokenize extends a part only if all of these are unchanged
+CACHE_IDENTITY = ("tokenizer", "clip", "data", "image_size", "precision", "world")
 
 
 def read_identity(part):
@@ -914,7 +916,7 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _cache_identity(args, tok, clip, world, bf16):
-    """What this pretokenize run's rows depend on plus, for people, the paths it used."""
+    """What this pretokenize run's rows depend on (CACHE_IDENTITY) plus, for people, the paths it used."""
     return dict(tokenizer=weights_sha256(tok), clip=None if clip is None else weights_sha256(clip), data=args.data,
                 image_size=tok.image_size, precision="bf16" if bf16 else "fp32", world=world,
                 made_with=dict(tokenizer=args.tokenizer, clip_tower=None if clip is None else clip.tower,
@@ -922,10 +924,26 @@ def _cache_identity(args, tok, clip, world, bf16):
 
 
 def _shown(key, value):
-    """A cache identity value for a message: hashes in short form."""
+    """A CACHE_IDENTITY value for a message: hashes in short form."""
     if key == "clip" and value is None:
         return "none (--no-clip)"
     return short_hash(value) if key in ("tokenizer", "clip") else repr(value)
+
+
+def check_extension(out, identity):
+    """Refuse (before anything is written) to append to a cache whose parts were made with another tokenizer, CLIP
+    tower, data spec, image size, precision or rank count: its rows and the new ones would not belong together."""
+    for part in sorted(p for p in glob.glob(os.path.join(out, "part-*")) if os.path.isdir(p)):
+        old = read_identity(part)
+        if old is None and os.listdir(part):
+            raise UserError(f"--out {out}: {part} was made before caches recorded their tokenizer, CLIP and data, so "
+                            f"it cannot be checked and is not extended: pre-tokenise into a new --out folder")
+        changed = [f"{k} {_shown(k, old.get(k))} -> {_shown(k, identity[k])}" for k in CACHE_IDENTITY
+                   if old is not None and old.get(k) != identity[k]]
+        if changed:
+            raise UserError(f"--out {out} holds a cache made with other settings ({'; '.join(changed)}): nothing "
+                            f"appended; pre-tokenise into a new --out folder, or continue with the settings it was "
+                            f"made with")
 
 
 @torch.no_grad()
@@ -934,7 +952,7 @@ def pretokenize(args):
 
     Under torchrun each rank writes DIR/part-<rank> (read back together); a killed run continues where it
     stopped (rows already in a part are not recomputed). Each part records its identity (tokenizer and CLIP weight
-    hashes, data spec, settings) in identity.json.
+    hashes, data spec, settings) in identity.json; a run of another identity never appends to it.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -952,6 +970,7 @@ def pretokenize(args):
         os.path.join(part, "ids.npy")) else 0
     bf16 = device.type == "cuda" and not args.fp32
     identity = _cache_identity(args, tok, clip, world, bf16)
+    check_extension(args.out, identity)
     total, skipped = done, collections.Counter()
     share = len(range(rank, len(source), world)) if hasattr(source, "__len__") else None
     bar = tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0)

@@ -2000,6 +2000,54 @@ def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenize
     assert capsys.readouterr().err.startswith(f"warning: --data {spec} records no tokenizer or CLIP identity")
 
 
+class Killed(Exception):
+    """A stand-in for a kill in the middle of pre-tokenising."""
+
+
+def test_pretokenize_refuses_to_extend_a_cache_of_other_data_or_tokenizer(tiny_tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    same = ("--tokenizer", tiny_tokenizer, "--out", cache, "--batch-size", 2)
+    write = data.write_cache
+
+    def killed_after_one_batch(directory, *rest):
+        write(directory, *rest)
+        raise Killed
+    monkeypatch.setattr(data, "write_cache", killed_after_one_batch)
+    with pytest.raises(Killed):
+        pretokenize_cli("--data", "shapes:n=6", *same)
+    monkeypatch.undo()
+    rc, out, _ = pretokenize_cli("--data", "shapes:n=6", *same)            # the same identity continues
+    assert rc == 0 and "6 samples" in out
+    source = data.build_dataset(f"cache:{cache}")
+    assert [source.get(i)["caption"] for i in range(6)] == [data.ShapesSource("s", n=6).get(i)["caption"]
+                                                            for i in range(6)]
+    part = cache / "part-00000"
+    before = {f: (part / f).read_bytes() for f in sorted(os.listdir(part))}
+    old = json.loads((part / "identity.json").read_text())
+    tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
+    new_tok = projector.short_hash(ema_hash(tok2))
+    for argv, change in [(("--data", "shapes:n=8", *same), "data 'shapes:n=6' -> 'shapes:n=8'"),
+                         (("--data", "shapes:n=6", *same, "--tokenizer", tok2),
+                          f"tokenizer {old['tokenizer'][:12]} -> {new_tok}"),
+                         (("--data", "shapes:n=6", *same, "--no-clip"),
+                          f"clip {old['clip'][:12]} -> none (--no-clip)")]:
+        rc, _, err = pretokenize_cli(*argv)
+        assert rc == 1 and err.count("\n") == 1 and change in err and "nothing appended" in err, err
+        assert {f: (part / f).read_bytes() for f in sorted(os.listdir(part))} == before
+    os.remove(part / "identity.json")                                       # a cache from before the records
+    rc, _, err = pretokenize_cli("--data", "shapes:n=6", *same)
+    assert rc == 1 and "made before caches recorded" in err and len(os.listdir(part)) == len(before) - 1
+    # parts of one cache that disagree are refused when the cache is read
+    (part / "identity.json").write_text(json.dumps(old))
+    other = cache / "part-00001"
+    other.mkdir()
+    for f, blob in before.items():
+        (other / f).write_bytes(blob)
+    (other / "identity.json").write_text(json.dumps(dict(old, data="shapes:n=7")))
+    with pytest.raises(RuntimeError, match="parts were made with different"):
+        data.build_dataset(f"cache:{cache}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: the optimisation pieces, with small exact numbers
 # ----------------------------------------------------------------------------------------------------------
