@@ -1097,9 +1097,12 @@ def run_protocol(args):
             if n < spec["samples"]:
                 print(f"warning: {n} samples < the protocol's {spec['samples']}: this FID is not comparable with "
                       f"published {spec['title']} numbers", file=sys.stderr)
-        made, kept = sample.generate_folder(pipe, prompts, samples_dir, 1, args.seed, args.steps, args.cfg,
-                                            args.batch_size, rank, world, skip_existing=True, progress=rank == 0)
-        print(f"rank {rank}: generated {made}, reused {kept} samples in {samples_dir}")
+        made, kept, replaced = sample.generate_folder(pipe, prompts, samples_dir, 1, args.seed, args.steps, args.cfg,
+                                                      args.batch_size, rank, world, skip_existing=True,
+                                                      progress=rank == 0)
+        print(f"rank {rank}: generated {made}, reused {kept} samples in {samples_dir}"
+              + (f" ({replaced} regenerated: made with another prompt, seed or model, or unrecorded)" if replaced
+                 else ""))
         del pipe
         barrier(world)                     # every sample is on disk before rank 0 reads them
         if rank != 0:

@@ -2431,8 +2431,11 @@ def test_sample_torchrun_two_processes_cover_every_sample_once(sample_runs):
 class RecordingPipe:
     """A stand-in pipeline: records the prompts it generates, returns flat images of value 20 x the prompt."""
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, model="model-a"):
+        self.seen, self.model = [], model
+
+    def identity(self):
+        return self.model
 
     def generate(self, prompts, steps, cfg, eps=None):
         self.seen += prompts
@@ -2445,13 +2448,55 @@ def test_generate_folder_ranks_partition_the_jobs_and_resume(tmp_path):
     for rank in range(3):  # 3 ranks, 4 prompts x 2 samples = 8 jobs
         pipes.append(RecordingPipe())
         made.append(sample.generate_folder(pipes[-1], prompts, str(tmp_path), 2, batch_size=2, rank=rank, world=3))
-    assert [m for m, _ in made] == [3, 3, 2] and sum(len(p.seen) for p in pipes) == 8
+    assert [m for m, _, _ in made] == [3, 3, 2] and sum(len(p.seen) for p in pipes) == 8
     assert sorted(os.listdir(tmp_path)) == [f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
     assert pixels(tmp_path / "00003_01.png")[0, 0, 0] == 60
     os.remove(tmp_path / "00002_00.png")
     again = RecordingPipe()
-    assert sample.generate_folder(again, prompts, str(tmp_path), 2, skip_existing=True) == (1, 7)
+    assert sample.generate_folder(again, prompts, str(tmp_path), 2, skip_existing=True) == (1, 7, 0)
     assert again.seen == ["2"] and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def run_sample(*argv):
+    """sample.main on argv in this process -> stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sample.main(sample.build_parser().parse_args([str(a) for a in argv]))
+    return out.getvalue()
+
+
+def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, tmp_path):
+    prompts, out = ["1", "2", "3"], str(tmp_path / "g")
+    os.mkdir(out)
+    first = RecordingPipe()
+    assert sample.generate_folder(first, prompts, out, 1, seed=0, steps=2, cfg=2.0) == (3, 0, 0)
+    names = [f"{i:05d}_00.png" for i in range(3)]
+    records = [sample.read_record(tmp_path / "g" / n) for n in names]
+    assert records == [sample.sample_record(p, i, 0, 0, 2, 2.0, "model-a") for i, p in enumerate(prompts)]
+    assert len(set(records)) == 3 and all(len(r) == 64 for r in records)
+
+    def rerun(prompts, seed=0, steps=2, cfg=2.0, model="model-a"):
+        pipe = RecordingPipe(model)
+        counts = sample.generate_folder(pipe, prompts, out, 1, seed=seed, steps=steps, cfg=cfg, skip_existing=True)
+        return counts, pipe.seen
+    assert rerun(prompts) == ((0, 3, 0), [])                               # same everything: all reused
+    assert rerun(["1", "4", "3"]) == ((1, 2, 1), ["4"])                    # a changed prompt: that image only
+    assert pixels(tmp_path / "g" / names[1])[0, 0, 0] == 80
+    assert rerun(["1", "4", "3"], seed=1) == ((3, 0, 3), ["1", "4", "3"])  # another seed: every image
+    assert rerun(["1", "4", "3"], seed=1, steps=3)[0] == (3, 0, 3)         # other settings or model: every image
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5)[0] == (3, 0, 3)
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5, model="model-b")[0] == (3, 0, 3)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "g" / names[2])   # an image with no record
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5, model="model-b") == ((1, 2, 1), ["3"])
+    # the CLI: the record holds the model's weights, and the summary says what was reused and regenerated
+    common = ["--ckpt", tiny_run["flow"], "--steps", "2", "--device", "cpu", "--out", tmp_path / "cli"]
+    run_sample(*common, *PROMPTS[:2])
+    stamp = os.path.getmtime(tmp_path / "cli" / names[0])
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing")
+    assert "reused 1, regenerated 1" in text and "new 0" in text
+    assert os.path.getmtime(tmp_path / "cli" / names[0]) == stamp
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")   # other weights
+    assert "reused 0, regenerated 2" in text
 
 
 def test_sample_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
