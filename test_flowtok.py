@@ -1518,6 +1518,45 @@ def test_fid_cli_empty_folder_is_a_one_line_error(tmp_path):
     assert last.startswith("evaluate.py: error:") and "no images" in last
 
 
+def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys):
+    folder = tmp_path / "samples"                      # a sample.py output folder: 3 samples, a grid, a stray image
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"{i:05d}_00.png" for i in range(3)]
+    for name in names + ["grid.png", "notes.jpg"]:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "prompts.txt").write_text("a\nb\nc\n")
+    assert [p.name for p in evaluate.fid_files(folder)] == names
+    plain = Path(_write_images(tmp_path / "plain", 0, bright=False, count=3))   # any other folder: every image
+    assert len(evaluate.fid_files(plain)) == 3
+    capsys.readouterr()
+
+    def first_pixels(x):                               # a stand-in Inception (the real one costs ~10 s here)
+        return x.flatten(1)[:, :2048]
+    stats = evaluate.folder_stats(folder, first_pixels)    # what `evaluate.py fid` computes for a folder
+    assert stats.n == 3
+    assert "reading those 3, not its 2 other image(s) (grid.png, notes.jpg)" in capsys.readouterr().err
+    # NaN or inf in statistics, read or computed: one line, never 'FID: nan'
+    good, shifted, nan, inf = (str(tmp_path / f"{n}.npz") for n in ("good", "shifted", "nan", "inf"))
+    np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(shifted, mu=np.array([1.0, 0, 0, 0]), sigma=np.eye(4))
+    np.savez(nan, mu=np.array([0, np.nan, 0, 0]), sigma=np.eye(4))
+    np.savez(inf, mu=np.zeros(4), sigma=np.diag([1, np.inf, 1, 1]))
+    assert _fid(good, shifted)[0] == pytest.approx(1.0)                 # |mu1 - mu2|^2, equal covariances
+    capsys.readouterr()
+    for real, fake, bad in ((nan, good, nan), (good, inf, inf)):
+        rc = evaluate.run_cli("evaluate.py", evaluate.main, evaluate.build_parser().parse_args(["fid", real, fake]))
+        captured = capsys.readouterr()
+        assert rc == 1 and "FID" not in captured.out and captured.err.count("\n") == 1
+        assert captured.err.startswith(f"evaluate.py: error: {bad}: 1 NaN or infinite value(s)")
+    acc = evaluate.FeatureStats(dim=3)
+    acc.update(torch.tensor([[1.0, 2.0, float("nan")], [0.0, 1.0, 2.0]]))
+    with pytest.raises(UserError, match="the Inception features of x: 6 NaN"):
+        acc.mean_cov("x")
+    with pytest.raises(ValueError, match="the Frechet distance is nan"):
+        evaluate.frechet_distance(np.array([np.nan]), np.eye(1), np.zeros(1), np.eye(1))
+
+
 # ----------------------------------------------------------------------------------------------- caption metrics
 
 def test_ptb_tokenize():
