@@ -38,8 +38,9 @@ import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
 from data import IMAGE_EXTENSIONS
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
-                       check_writable, finite_float, fused_if_available, load_checkpoint, non_negative_int, one_line,
-                       pick_device, positive_int, ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
+                       check_writable, file_sha256, finite_float, fused_if_available, load_checkpoint,
+                       non_negative_int, one_line, pick_device, positive_int, ranks, read_weights, resolve_path,
+                       run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -215,11 +216,22 @@ class InceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)                      # (B, 2048)
 
 
+def is_release_inception(path):
+    """Is the file pytorch-fid's release? torch hub names files name-<first 8+ hex digits of their sha256>.ext, so
+    FID_WEIGHTS_FILE's '6726825d' is the beginning of the sha256 of the release's bytes."""
+    prefix = re.search(r"-([0-9a-f]{8,})\.", FID_WEIGHTS_FILE).group(1)
+    return file_sha256(path).startswith(prefix)
+
+
 def load_inception(weights=None):
     """The FID InceptionV3 in eval mode, from `weights` (a local release file) or the hub cache / a download."""
     if weights is not None:
         if not os.path.isfile(weights):
             raise UserError(f"--inception-weights: no such file {weights}")
+        if not is_release_inception(weights):
+            print(f"warning: --inception-weights {weights} is not pytorch-fid's {FID_WEIGHTS_FILE} (its sha256 does "
+                  f"not begin with the name's hash): the FID is not comparable with published numbers",
+                  file=sys.stderr)
         state = read_weights(weights)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE

@@ -1557,6 +1557,24 @@ def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys):
         evaluate.frechet_distance(np.array([np.nan]), np.eye(1), np.zeros(1), np.eye(1))
 
 
+def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch, capsys):
+    tiny = tmp_path / "abc.bin"
+    tiny.write_bytes(b"abc")
+    digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"   # sha256("abc"), FIPS 180-2
+    assert hashlib.sha256(b"abc").hexdigest() == digest == projector.file_sha256(tiny)
+    assert evaluate.FID_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
+    assert not evaluate.is_release_inception(tiny)
+    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", "pt_inception-2015-12-05-ba7816bf.pth")
+    assert evaluate.is_release_inception(tiny)
+    monkeypatch.undo()
+    path = str(fid_weights[0])                     # named like the release, random weights: loaded, with a warning
+    evaluate.load_inception(path)
+    assert "not comparable with published numbers" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", f"x-{projector.file_sha256(path)[:8]}.pth")
+    evaluate.load_inception(path)
+    assert "not comparable" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- caption metrics
 
 def test_ptb_tokenize():
