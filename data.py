@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, non_negative_int, positive_int,
-                       resolve_path, run_cli, tokenize)
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, UserError, load_checkpoint, non_negative_int,
+                       positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256, write_json_atomic)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -431,6 +431,23 @@ def write_cache(directory, posterior, clip, ids, captions):
         f.writelines(json.dumps({"caption": c}) + "\n" for c in captions)
 
 
+IDENTITY_FILE = "identity.json"        # in each cache part: what its rows were made with
+# what a cache's rows depend on: pretokenize extends a part only if all of these are unchanged
+CACHE_IDENTITY = ("tokenizer", "clip", "data", "image_size", "precision", "world")
+
+
+def read_identity(part):
+    """A cache part's recorded identity (dict), or None for a part written before identities were recorded."""
+    path = os.path.join(part, IDENTITY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable cache identity ({e}): pre-tokenise again into a new folder") from None
+
+
 class CacheSource:
     """Pre-tokenised features: get(i) -> {"posterior" (77, 32), "clip" (77, C) float32, "ids" (77,), "caption"}.
 
@@ -456,6 +473,11 @@ class CacheSource:
         self.starts = np.cumsum([0] + rows)     # first global row of each part
         if self.starts[-1] != len(self.captions):
             raise RuntimeError(f"{name}: {self.starts[-1]} rows of features for {len(self.captions)} captions")
+        identities = [read_identity(p) for p in self.parts]
+        if any(i != identities[0] for i in identities):
+            raise RuntimeError(f"{name}: its parts were made with different tokenizers, CLIP towers or data "
+                               f"(see their {IDENTITY_FILE}): pre-tokenise again into a new folder")
+        self.identity = identities[0]           # None: a cache made before identities were recorded
 
     def _open(self):
         """The memory-mapped arrays of every part, opened once per process."""
@@ -893,12 +915,44 @@ class _Indexed(torch.utils.data.Dataset):
             return e
 
 
+def _cache_identity(args, tok, clip, world, bf16):
+    """What this pretokenize run's rows depend on (CACHE_IDENTITY) plus, for people, the paths it used."""
+    return dict(tokenizer=weights_sha256(tok), clip=None if clip is None else weights_sha256(clip), data=args.data,
+                image_size=tok.image_size, precision="bf16" if bf16 else "fp32", world=world,
+                made_with=dict(tokenizer=args.tokenizer, clip_tower=None if clip is None else clip.tower,
+                               clip_weights=None if clip is None else clip.weights))
+
+
+def _shown(key, value):
+    """A CACHE_IDENTITY value for a message: hashes in short form."""
+    if key == "clip" and value is None:
+        return "none (--no-clip)"
+    return short_hash(value) if key in ("tokenizer", "clip") else repr(value)
+
+
+def check_extension(out, identity):
+    """Refuse (before anything is written) to append to a cache whose parts were made with another tokenizer, CLIP
+    tower, data spec, image size, precision or rank count: its rows and the new ones would not belong together."""
+    for part in sorted(p for p in glob.glob(os.path.join(out, "part-*")) if os.path.isdir(p)):
+        old = read_identity(part)
+        if old is None and os.listdir(part):
+            raise UserError(f"--out {out}: {part} was made before caches recorded their tokenizer, CLIP and data, so "
+                            f"it cannot be checked and is not extended: pre-tokenise into a new --out folder")
+        changed = [f"{k} {_shown(k, old.get(k))} -> {_shown(k, identity[k])}" for k in CACHE_IDENTITY
+                   if old is not None and old.get(k) != identity[k]]
+        if changed:
+            raise UserError(f"--out {out} holds a cache made with other settings ({'; '.join(changed)}): nothing "
+                            f"appended; pre-tokenise into a new --out folder, or continue with the settings it was "
+                            f"made with")
+
+
 @torch.no_grad()
 def pretokenize(args):
     """Encode every sample of --data once: tokenizer posterior (+ CLIP features) -> a cache for `cache:DIR`.
 
     Under torchrun each rank writes DIR/part-<rank> (read back together); a killed run continues where it
-    stopped (rows already in a part are not recomputed).
+    stopped (rows already in a part are not recomputed). Each part records its identity (tokenizer and CLIP weight
+    hashes, data spec, settings) in identity.json; a run of another identity never appends to it.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -915,6 +969,8 @@ def pretokenize(args):
     done = len(np.load(os.path.join(part, "ids.npy"), mmap_mode="r")) if os.path.exists(
         os.path.join(part, "ids.npy")) else 0
     bf16 = device.type == "cuda" and not args.fp32
+    identity = _cache_identity(args, tok, clip, world, bf16)
+    check_extension(args.out, identity)
     total, skipped = done, collections.Counter()
     share = len(range(rank, len(source), world)) if hasattr(source, "__len__") else None
     bar = tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0)
@@ -926,11 +982,15 @@ def pretokenize(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             mean, logvar = tok.encode(images)                                    # (B, 77, 16) each
             feats = None if clip is None else clip(ids.to(device))              # (B, 77, C)
+        if not os.path.isfile(os.path.join(part, IDENTITY_FILE)):     # recorded before the part's first rows
+            os.makedirs(part, exist_ok=True)
+            write_json_atomic(os.path.join(part, IDENTITY_FILE), identity)
         write_cache(part, torch.cat([mean, logvar], -1), feats, ids, captions)
         total += len(batch)
         bar.update(len(batch))
     bar.close()
-    print(f"rank {rank}: {total} samples in {part}; skipped: {format_skips(skipped)}")
+    print(f"rank {rank}: {total} samples in {part} (tokenizer {short_hash(identity['tokenizer'])}, CLIP "
+          f"{_shown('clip', identity['clip'])}); skipped: {format_skips(skipped)}")
 
 
 def build_parser():

@@ -39,8 +39,9 @@ import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
 from data import IMAGE_EXTENSIONS
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
-                       check_writable, finite_float, fused_if_available, load_checkpoint, non_negative_int, one_line,
-                       pick_device, positive_int, ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
+                       check_writable, file_sha256, finite_float, fused_if_available, load_checkpoint,
+                       non_negative_int, one_line, pick_device, positive_int, ranks, read_weights, resolve_path,
+                       run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -216,11 +217,22 @@ class InceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)                      # (B, 2048)
 
 
+def is_release_inception(path):
+    """Is the file pytorch-fid's release? torch hub names files name-<first 8+ hex digits of their sha256>.ext, so
+    FID_WEIGHTS_FILE's '6726825d' is the beginning of the sha256 of the release's bytes."""
+    prefix = re.search(r"-([0-9a-f]{8,})\.", FID_WEIGHTS_FILE).group(1)
+    return file_sha256(path).startswith(prefix)
+
+
 def load_inception(weights=None):
     """The FID InceptionV3 in eval mode, from `weights` (a local release file) or the hub cache / a download."""
     if weights is not None:
         if not os.path.isfile(weights):
             raise UserError(f"--inception-weights: no such file {weights}")
+        if not is_release_inception(weights):
+            print(f"warning: --inception-weights {weights} is not pytorch-fid's {FID_WEIGHTS_FILE} (its sha256 does "
+                  f"not begin with the name's hash): the FID is not comparable with published numbers",
+                  file=sys.stderr)
         state = read_weights(weights)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
@@ -318,6 +330,21 @@ def image_files(folder, recursive=False):
     return files
 
 
+SAMPLE_NAME = re.compile(r"^(\d{5,})_(\d{2,})\.png$")  # sample.py's {prompt index:05d}_{sample index:02d}.png
+
+
+def fid_files(folder):
+    """The images of `folder` that a FID reads: a sample.py output folder's samples only (never its grid.png or any
+    other file), every image of any other folder."""
+    files = image_files(folder)
+    samples = [p for p in files if SAMPLE_NAME.match(p.name)]
+    others = [p.name for p in files if not SAMPLE_NAME.match(p.name)]
+    if samples and others:
+        print(f"note: {folder} holds sample.py's samples: reading those {len(samples)}, not its {len(others)} other "
+              f"image(s) ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})", file=sys.stderr)
+    return samples or files
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files -> ((3, 299, 299) Inception input, readable?); an unreadable file gives zeros and False.
 
@@ -369,13 +396,22 @@ class FeatureStats:
         self.sum += f.sum(0)
         self.gram += f.T @ f
 
-    def mean_cov(self):
-        """(mu (D,), sigma (D, D)) as float64 numpy arrays."""
+    def mean_cov(self, what="the images"):
+        """(mu (D,), sigma (D, D)) as float64 numpy arrays; non-finite statistics are refused (UserError)."""
         if self.n < 2:
             raise UserError(f"a covariance needs at least 2 images, got {self.n}")
         mu = self.sum / self.n
         sigma = (self.gram - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return check_finite(mu.cpu().numpy(), sigma.cpu().numpy(), f"the Inception features of {what}")
+
+
+def check_finite(mu, sigma, what):
+    """-> (mu, sigma) if every value is finite; else a UserError (a FID of NaN statistics would print 'FID: nan')."""
+    bad = int(np.count_nonzero(~np.isfinite(mu))) + int(np.count_nonzero(~np.isfinite(sigma)))
+    if bad:
+        raise UserError(f"{what}: {bad} NaN or infinite value(s) in the statistics (mu, sigma): no FID from them; "
+                        f"check the images and the Inception weights, or recompute the statistics")
+    return mu, sigma
 
 
 def files_stats(files, net, resize="bilinear", batch_size=50, device="cpu", num_workers=0, size=None, name=None):
@@ -396,12 +432,12 @@ def files_stats(files, net, resize="bilinear", batch_size=50, device="cpu", num_
     if unreadable:
         names = ", ".join(Path(p).name for p in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
         raise UserError(f"{name}: {len(unreadable)} unreadable image(s): {names}")
-    return Stats(*acc.mean_cov(), acc.n, resize_label(resize, size))
+    return Stats(*acc.mean_cov(name), acc.n, resize_label(resize, size))
 
 
 def folder_stats(folder, net, resize="bilinear", batch_size=50, device="cpu", num_workers=0):
-    """Inception statistics of the images in `folder` (net already on `device`)."""
-    return files_stats(image_files(folder), net, resize, batch_size, device, num_workers, name=str(folder))
+    """Inception statistics of the images in `folder` that a FID reads (fid_files; net already on `device`)."""
+    return files_stats(fid_files(folder), net, resize, batch_size, device, num_workers, name=str(folder))
 
 
 def save_stats(path, stats):
@@ -413,10 +449,12 @@ def load_stats(path):
     """Read a .npz written by save_stats or by pytorch-fid (which has only `mu` and `sigma`)."""
     try:
         with np.load(path) as f:
-            return Stats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
-                         int(f["n"]) if "n" in f else None, str(f["resize"]) if "resize" in f else None)
+            stats = Stats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
+                          int(f["n"]) if "n" in f else None, str(f["resize"]) if "resize" in f else None)
     except (OSError, KeyError, ValueError) as err:
         raise UserError(f"{path}: not a statistics file with 'mu' and 'sigma' ({err})") from None
+    check_finite(stats.mu, stats.sigma, str(path))
+    return stats
 
 
 def _sqrtm(a):
@@ -444,7 +482,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary component ({np.abs(covmean.imag).max():.3g})")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not math.isfinite(value):   # never a printed 'FID: nan': the callers turn this into one line
+        raise ValueError(f"the Frechet distance is {value}: the statistics hold NaN or infinite values")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,7 +603,6 @@ def cider_d(candidates, references, sigma=6.0):
 # CLIP score (open_clip): prompt-image agreement of generated images
 # ----------------------------------------------------------------------------------------------------------------
 
-SAMPLE_NAME = re.compile(r"^(\d{5,})_(\d{2,})\.png$")  # sample.py's {prompt index:05d}_{sample index:02d}.png
 
 
 def load_clip_scorer(model="ViT-B-32", pretrained="openai", weights=None, device="cpu"):
@@ -1110,9 +1150,12 @@ def run_protocol(args):
             if n < spec["samples"]:
                 print(f"warning: {n} samples < the protocol's {spec['samples']}: this FID is not comparable with "
                       f"published {spec['title']} numbers", file=sys.stderr)
-        made, kept = sample.generate_folder(pipe, prompts, samples_dir, 1, args.seed, args.steps, args.cfg,
-                                            args.batch_size, rank, world, skip_existing=True, progress=rank == 0)
-        print(f"rank {rank}: generated {made}, reused {kept} samples in {samples_dir}")
+        made, kept, replaced = sample.generate_folder(pipe, prompts, samples_dir, 1, args.seed, args.steps, args.cfg,
+                                                      args.batch_size, rank, world, skip_existing=True,
+                                                      progress=rank == 0)
+        print(f"rank {rank}: generated {made}, reused {kept} samples in {samples_dir}"
+              + (f" ({replaced} regenerated: made with another prompt, seed or model, or unrecorded)" if replaced
+                 else ""))
         del pipe
         barrier(world)                     # every sample is on disk before rank 0 reads them
         if rank != 0:
@@ -1257,7 +1300,7 @@ def run_rfid(args):
     if len(files) < MIN_FID_IMAGES:
         print(f"warning: {len(files)} < {MIN_FID_IMAGES} images: the covariance is rank-deficient and the rFID "
               f"unreliable (the usual protocol: the 50,000 ImageNet val images)", file=sys.stderr)
-    value = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+    value = frechet_distance(*real.mean_cov("the originals"), *fake.mean_cov("the reconstructions"))
     result = dict(rfid=value, psnr=torch.cat(psnrs).mean().item(), ssim=torch.cat(ssims).mean().item(),
                   images=len(files))
     guidance = ("none (a decoder without text)" if clip is None else

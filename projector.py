@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
+import json
 import math
 import os
 import sys
@@ -556,3 +558,41 @@ def run_cli(prog, main, args):
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 128 + result["stopped"] if isinstance(result, dict) and result.get("stopped") else 0
+
+
+def weights_sha256(*modules):
+    """sha256 hex of modules' (or state dicts') tensors: key, dtype, shape and bytes, keys sorted, modules in order.
+
+    The identity of weights, not of a file: the same tensors hash the same from any file format, device or key
+    order, and a checkpoint's unused copies (raw weights beside the EMA ones, optimizer state) do not count.
+    """
+    digest = hashlib.sha256()
+    for k, module in enumerate(modules):
+        sd = module.state_dict() if isinstance(module, nn.Module) else module
+        for key in sorted(sd):
+            t = sd[key].detach().cpu().contiguous()
+            digest.update(f"{k}:{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())     # raw bytes (bfloat16 has no numpy dtype)
+    return digest.hexdigest()
+
+
+def file_sha256(path, chunk=1 << 20):
+    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short_hash(digest):
+    """The first 12 hex digits of a hash, for messages (None -> 'none')."""
+    return digest[:12] if digest else "none"
+
+
+def write_json_atomic(path, obj):
+    """Write obj as JSON to a temporary name, then rename: readers see the old file or the whole new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

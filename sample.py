@@ -11,6 +11,7 @@ what is written and how each sample's noise is seeded.
 """
 import argparse
 import hashlib
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 import data
@@ -29,7 +30,7 @@ from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
 from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, barrier,
                        check_writable, find_runs, finite_float, load_checkpoint, one_line, pick_device, positive_int,
-                       ranks, resolve_path, run_cli, user_errors)
+                       ranks, resolve_path, run_cli, user_errors, weights_sha256)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
@@ -71,10 +72,34 @@ def sample_path(out, prompt_index, sample_index):
     return os.path.join(out, f"{prompt_index:05d}_{sample_index:02d}.png")
 
 
-def save_png(image, path, compress_level=PNG_COMPRESSION):
-    """(H, W, 3) uint8 -> PNG, written to a temporary name then renamed: a kill never leaves half a file."""
+RECORD_KEY = "flowtok-sample"     # the PNG text chunk that holds what a sample was made from (sample_record)
+
+
+def sample_record(prompt, prompt_index, sample_index, seed, steps, cfg, model):
+    """sha256 hex of everything one sample depends on: its prompt, its noise (seed, prompt and sample index), the
+    sampler settings and the model (weights and precision, FlowTokPipeline.identity)."""
+    text = json.dumps([prompt, prompt_index, sample_index, seed, steps, float(cfg), model])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_record(path):
+    """The sample_record stored in an image file, or None (no file, no record, unreadable)."""
+    try:
+        with Image.open(path) as im:        # the text chunk precedes the pixels: the header read finds it
+            return im.info.get(RECORD_KEY)
+    except (OSError, ValueError):
+        return None
+
+
+def save_png(image, path, record=None, compress_level=PNG_COMPRESSION):
+    """(H, W, 3) uint8 -> PNG (with `record` in a text chunk), written to a temporary name then renamed: a kill
+    never leaves half a file, and an image and its record are always written together."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
+    info = None
+    if record is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(RECORD_KEY, record)
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
     os.replace(tmp, path)
 
 
@@ -89,11 +114,12 @@ class PNGWriter:
         self.pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="png")
         self.pending, self.backlog = [], backlog
 
-    def submit(self, images, paths):
-        """(B, H, W, 3) uint8 numpy + B paths -> queued writes."""
+    def submit(self, images, paths, records=None):
+        """(B, H, W, 3) uint8 numpy + B paths (+ B sample records) -> queued writes."""
         while len(self.pending) + len(paths) > self.backlog and self.pending:
             self.pending.pop(0).result()
-        self.pending += [self.pool.submit(save_png, img, path) for img, path in zip(images, paths)]
+        records = records or [None] * len(paths)
+        self.pending += [self.pool.submit(save_png, img, path, rec) for img, path, rec in zip(images, paths, records)]
 
     def wait(self):
         """Block until every queued PNG is on disk."""
@@ -132,7 +158,7 @@ class FlowTokPipeline:
     def __init__(self, clip, projector, dit, tokenizer, i2t_dit=None, text_decoder=None, precision="fp32"):
         self.clip, self.projector, self.dit, self.tokenizer = clip, projector, dit, tokenizer
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
-        self.info, self.compiled = {}, False
+        self.info, self._identity, self.compiled = {}, None, False
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
                 m.eval()
@@ -143,6 +169,7 @@ class FlowTokPipeline:
 
     def compile(self):
         """torch.compile the DiTs and the image decoder; generate_folder then pads its last batch (one shape)."""
+        self.identity()          # hashed before: compiled modules rename their weights (_orig_mod.)
         self.dit, self.i2t_dit = [m if m is None else torch.compile(m) for m in (self.dit, self.i2t_dit)]
         self.tokenizer.decoder = torch.compile(self.tokenizer.decoder)
         self.compiled = True
@@ -150,6 +177,14 @@ class FlowTokPipeline:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def identity(self):
+        """sha256 of the text-to-image weights (CLIP, projector, DiT, tokenizer) + ':' + the precision; computed
+        once (a few seconds for the released models), it tells whether two images came from the same model."""
+        if self._identity is None:
+            modules = [m for m in (self.clip, self.projector, self.dit, self.tokenizer) if m is not None]
+            self._identity = f"{weights_sha256(*modules)}:{self.precision}"
+        return self._identity
 
     @torch.no_grad()
     def generate(self, prompts, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, generator=None, eps=None):
@@ -277,13 +312,20 @@ def load_official_pipeline(name, device="cpu", official_dir=None, clip_weights=N
 
 def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=16,
                     rank=0, world=1, skip_existing=False, progress=False):
-    """This rank's share of OUT/{i:05d}_{j:02d}.png for every (prompt i, sample j) -> (generated, reused).
+    """This rank's share of OUT/{i:05d}_{j:02d}.png for every (prompt i, sample j) -> (generated, reused, replaced).
 
     Rank r of `world` takes jobs r, r + world, ... of the (i, j) list: together the ranks write every file
-    exactly once. skip_existing keeps files already there (PNGs are written atomically, so they are whole).
+    exactly once. Each PNG holds the sample_record of what it was made from; skip_existing keeps a file already
+    there only if its record is this job's (PNGs are written atomically, so they are whole), and regenerates the
+    others: `replaced` counts those, files made with another prompt, seed, settings or model, or with no record.
     """
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)][rank::world]
-    todo = [job for job in jobs if not (skip_existing and os.path.isfile(sample_path(out, *job)))]
+    model = pipe.identity()
+    record = {(i, j): sample_record(prompts[i], i, j, seed, steps, cfg, model) for i, j in jobs}
+    found = {job: read_record(sample_path(out, *job)) for job in jobs
+             if skip_existing and os.path.isfile(sample_path(out, *job))}
+    todo = [job for job in jobs if found.get(job) != record[job]]
+    replaced = sum(job in found for job in todo)
     with PNGWriter() as writer, tqdm(total=len(todo), desc=f"rank {rank}" if world > 1 else "sampling",
                                      unit="img", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), batch_size):
@@ -292,9 +334,10 @@ def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_ST
             eps = torch.stack([sample_noise(i, j, seed) for i, j in padded])                 # (B, 77, 16)
             images = pipe.generate([prompts[i] for i, _ in padded], steps, cfg, eps=eps)    # (B, 3, S, S)
             images = images[:len(chunk)]
-            writer.submit(to_uint8(images), [sample_path(out, i, j) for i, j in chunk])   # written while b+1 runs
+            writer.submit(to_uint8(images), [sample_path(out, i, j) for i, j in chunk],      # written while the
+                          [record[job] for job in chunk])                                     # next batch runs
             bar.update(len(chunk))
-    return len(todo), len(jobs) - len(todo)
+    return len(todo), len(jobs) - len(todo), replaced
 
 
 def build_pipeline(args, device, precision):
@@ -393,8 +436,11 @@ def main(args):
             raise UserError("no prompts: give them on the command line or with --prompts FILE")
         check_writable(args.out, rank)
         pipe = build_pipeline(args, device, precision)
-        made, kept = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps, args.cfg,
-                                     args.batch_size, rank, world, args.skip_existing, progress=rank == 0)
+        made, kept, replaced = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps,
+                                               args.cfg, args.batch_size, rank, world, args.skip_existing,
+                                               progress=rank == 0)
+        if args.skip_existing and world > 1:
+            print(f"rank {rank}: reused {kept}, regenerated {replaced}, new {made - replaced}")
         barrier(world)                                # every rank's files exist before the grid reads them
         if rank != 0:
             return
@@ -405,7 +451,10 @@ def main(args):
         nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
         grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=nrow)
         total = len(prompts) * args.n_per_prompt
-        reused = f", {kept} of them already there" if kept and world == 1 else ""
+        reused = ""
+        if args.skip_existing and world == 1:
+            reused = (f"; reused {kept}, regenerated {replaced} made from another prompt, seed, settings or model "
+                      f"(or unrecorded), new {made - replaced}")
         print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
               f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
 
@@ -418,7 +467,9 @@ def build_parser():
     p.add_argument("--caption", nargs="+", metavar="IMAGE", help="image files or folders to caption (image to text)")
     p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
     p.add_argument("--n-per-prompt", type=positive_int, default=1, help="samples per prompt (default: %(default)s)")
-    p.add_argument("--skip-existing", action="store_true", help="keep samples already in --out (resume a run)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep samples already in --out that were made from the same prompt, seed, settings and model "
+                   "(resume a run); regenerate the others")
     add_model_args(p)
     return p
 

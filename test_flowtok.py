@@ -8,6 +8,7 @@ import ast
 import collections
 import contextlib
 import copy
+import hashlib
 import io
 import itertools
 import json
@@ -1517,6 +1518,63 @@ def test_fid_cli_empty_folder_is_a_one_line_error(tmp_path):
     assert last.startswith("evaluate.py: error:") and "no images" in last
 
 
+def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys):
+    folder = tmp_path / "samples"                      # a sample.py output folder: 3 samples, a grid, a stray image
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"{i:05d}_00.png" for i in range(3)]
+    for name in names + ["grid.png", "notes.jpg"]:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "prompts.txt").write_text("a\nb\nc\n")
+    assert [p.name for p in evaluate.fid_files(folder)] == names
+    plain = Path(_write_images(tmp_path / "plain", 0, bright=False, count=3))   # any other folder: every image
+    assert len(evaluate.fid_files(plain)) == 3
+    capsys.readouterr()
+
+    def first_pixels(x):                               # a stand-in Inception (the real one costs ~10 s here)
+        return x.flatten(1)[:, :2048]
+    stats = evaluate.folder_stats(folder, first_pixels)    # what `evaluate.py fid` computes for a folder
+    assert stats.n == 3
+    assert "reading those 3, not its 2 other image(s) (grid.png, notes.jpg)" in capsys.readouterr().err
+    # NaN or inf in statistics, read or computed: one line, never 'FID: nan'
+    good, shifted, nan, inf = (str(tmp_path / f"{n}.npz") for n in ("good", "shifted", "nan", "inf"))
+    np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(shifted, mu=np.array([1.0, 0, 0, 0]), sigma=np.eye(4))
+    np.savez(nan, mu=np.array([0, np.nan, 0, 0]), sigma=np.eye(4))
+    np.savez(inf, mu=np.zeros(4), sigma=np.diag([1, np.inf, 1, 1]))
+    assert _fid(good, shifted)[0] == pytest.approx(1.0)                 # |mu1 - mu2|^2, equal covariances
+    capsys.readouterr()
+    for real, fake, bad in ((nan, good, nan), (good, inf, inf)):
+        rc = evaluate.run_cli("evaluate.py", evaluate.main, evaluate.build_parser().parse_args(["fid", real, fake]))
+        captured = capsys.readouterr()
+        assert rc == 1 and "FID" not in captured.out and captured.err.count("\n") == 1
+        assert captured.err.startswith(f"evaluate.py: error: {bad}: 1 NaN or infinite value(s)")
+    acc = evaluate.FeatureStats(dim=3)
+    acc.update(torch.tensor([[1.0, 2.0, float("nan")], [0.0, 1.0, 2.0]]))
+    with pytest.raises(UserError, match="the Inception features of x: 6 NaN"):
+        acc.mean_cov("x")
+    with pytest.raises(ValueError, match="the Frechet distance is nan"):
+        evaluate.frechet_distance(np.array([np.nan]), np.eye(1), np.zeros(1), np.eye(1))
+
+
+def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch, capsys):
+    tiny = tmp_path / "abc.bin"
+    tiny.write_bytes(b"abc")
+    digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"   # sha256("abc"), FIPS 180-2
+    assert hashlib.sha256(b"abc").hexdigest() == digest == projector.file_sha256(tiny)
+    assert evaluate.FID_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
+    assert not evaluate.is_release_inception(tiny)
+    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", "pt_inception-2015-12-05-ba7816bf.pth")
+    assert evaluate.is_release_inception(tiny)
+    monkeypatch.undo()
+    path = str(fid_weights[0])                     # named like the release, random weights: loaded, with a warning
+    evaluate.load_inception(path)
+    assert "not comparable with published numbers" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", f"x-{projector.file_sha256(path)[:8]}.pth")
+    evaluate.load_inception(path)
+    assert "not comparable" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- caption metrics
 
 def test_ptb_tokenize():
@@ -2094,6 +2152,113 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
         assert cached[k] == pytest.approx(live[k], rel=2e-3), k     # the cache stores float16
 
 
+def pretokenize_cli(*argv):
+    """`data.py pretokenize ...` through run_cli in this process (no workers) -> (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    args = data.build_parser().parse_args(["pretokenize", "--num-workers", "0", *map(str, argv)])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = data.run_cli("data.py", data.pretokenize, args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def other_tokenizer(tok, folder):
+    """A copy of a tokenizer run whose EMA weights differ in one value: another tokenizer of the same shapes."""
+    ck = torch.load(tok / "last.pt", weights_only=True)
+    key = next(k for k, v in sorted(ck["ema"]["tokenizer"].items()) if k.endswith("weight"))
+    ck["ema"]["tokenizer"][key] = ck["ema"]["tokenizer"][key] + 0.01
+    folder.mkdir()
+    torch.save(ck, folder / "last.pt")
+    return folder
+
+
+def ema_hash(tok):
+    """weights_sha256 of a tokenizer run's EMA weights, read straight from its last.pt."""
+    return projector.weights_sha256(torch.load(tok / "last.pt", weights_only=True)["ema"]["tokenizer"])
+
+
+def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenizer, tmp_path, capsys):
+    # the identity is sha256 over (index:key:dtype:shape;) + raw bytes per tensor, keys sorted
+    one = struct.pack("<f", 1.0)
+    assert projector.weights_sha256({"b": torch.ones(1), "a": torch.ones(1)}) == \
+        hashlib.sha256(b"0:a:torch.float32:(1,);" + one + b"0:b:torch.float32:(1,);" + one).hexdigest()
+    cache, clip_file = tmp_path / "cache", tiny_tokenizer / "clip_text.safetensors"
+    assert pretokenize_cli("--data", "shapes:n=8", "--tokenizer", tiny_tokenizer, "--out", cache)[0] == 0
+    identity = json.loads((cache / "part-00000" / "identity.json").read_text())
+    ck = torch.load(tiny_tokenizer / "last.pt", weights_only=True)
+    # what the cache used: the EMA weights, not the raw ones the checkpoint also holds
+    assert identity["tokenizer"] == ema_hash(tiny_tokenizer)
+    assert identity["tokenizer"] != projector.weights_sha256(ck["model"]["tokenizer"])
+    assert identity["clip"] == projector.weights_sha256(CLIPTextEncoder("tiny", str(clip_file)))
+    assert data.build_dataset(f"cache:{cache}").identity == identity
+    spec = f"cache:{cache}"
+    capsys.readouterr()
+    assert run_train(*flow_args(tiny_tokenizer, tmp_path / "ok", "--steps", 1), "--data", spec)["step"] == 1
+    assert "warning: --data" not in capsys.readouterr().err
+    tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
+    with pytest.raises(UserError) as err:
+        run_train(*flow_args(tok2, tmp_path / "t2", "--steps", 1), "--clip-weights", clip_file, "--data", spec)
+    theirs = projector.short_hash(ema_hash(tok2))
+    msg = str(err.value)
+    assert f"tokenizer {identity['tokenizer'][:12]} in the cache vs {theirs} of --tokenizer {tok2}" in msg
+    assert "python data.py pretokenize" in msg and "\n" not in msg and "clip" not in msg
+    with pytest.raises(UserError, match=f"clip {identity['clip'][:12]} in the cache vs [0-9a-f]{{12}} of CLIP "):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "c2", "--steps", 1), "--clip-weights", "random", "--seed", 3,
+                  "--data", spec)
+    # a cache made before identities were recorded still loads, with a warning
+    os.remove(cache / "part-00000" / "identity.json")
+    capsys.readouterr()
+    train.check_cache_identity(data.build_dataset(spec), {}, {}, argparse.Namespace(data=spec), 0)
+    assert capsys.readouterr().err.startswith(f"warning: --data {spec} records no tokenizer or CLIP identity")
+
+
+class Killed(Exception):
+    """A stand-in for a kill in the middle of pre-tokenising."""
+
+
+def test_pretokenize_refuses_to_extend_a_cache_of_other_data_or_tokenizer(tiny_tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    same = ("--tokenizer", tiny_tokenizer, "--out", cache, "--batch-size", 2)
+    write = data.write_cache
+
+    def killed_after_one_batch(directory, *rest):
+        write(directory, *rest)
+        raise Killed
+    monkeypatch.setattr(data, "write_cache", killed_after_one_batch)
+    with pytest.raises(Killed):
+        pretokenize_cli("--data", "shapes:n=6", *same)
+    monkeypatch.undo()
+    rc, out, _ = pretokenize_cli("--data", "shapes:n=6", *same)            # the same identity continues
+    assert rc == 0 and "6 samples" in out
+    source = data.build_dataset(f"cache:{cache}")
+    assert [source.get(i)["caption"] for i in range(6)] == [data.ShapesSource("s", n=6).get(i)["caption"]
+                                                            for i in range(6)]
+    part = cache / "part-00000"
+    before = {f: (part / f).read_bytes() for f in sorted(os.listdir(part))}
+    old = json.loads((part / "identity.json").read_text())
+    tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
+    new_tok = projector.short_hash(ema_hash(tok2))
+    for argv, change in [(("--data", "shapes:n=8", *same), "data 'shapes:n=6' -> 'shapes:n=8'"),
+                         (("--data", "shapes:n=6", *same, "--tokenizer", tok2),
+                          f"tokenizer {old['tokenizer'][:12]} -> {new_tok}"),
+                         (("--data", "shapes:n=6", *same, "--no-clip"),
+                          f"clip {old['clip'][:12]} -> none (--no-clip)")]:
+        rc, _, err = pretokenize_cli(*argv)
+        assert rc == 1 and err.count("\n") == 1 and change in err and "nothing appended" in err, err
+        assert {f: (part / f).read_bytes() for f in sorted(os.listdir(part))} == before
+    os.remove(part / "identity.json")                                       # a cache from before the records
+    rc, _, err = pretokenize_cli("--data", "shapes:n=6", *same)
+    assert rc == 1 and "made before caches recorded" in err and len(os.listdir(part)) == len(before) - 1
+    # parts of one cache that disagree are refused when the cache is read
+    (part / "identity.json").write_text(json.dumps(old))
+    other = cache / "part-00001"
+    other.mkdir()
+    for f, blob in before.items():
+        (other / f).write_bytes(blob)
+    (other / "identity.json").write_text(json.dumps(dict(old, data="shapes:n=7")))
+    with pytest.raises(RuntimeError, match="parts were made with different"):
+        data.build_dataset(f"cache:{cache}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: the optimisation pieces, with small exact numbers
 # ----------------------------------------------------------------------------------------------------------
@@ -2477,8 +2642,11 @@ def test_sample_torchrun_two_processes_cover_every_sample_once(sample_runs):
 class RecordingPipe:
     """A stand-in pipeline: records the prompts it generates, returns flat images of value 20 x the prompt."""
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, model="model-a"):
+        self.seen, self.model, self.compiled = [], model, False
+
+    def identity(self):
+        return self.model
 
     def generate(self, prompts, steps, cfg, eps=None):
         self.seen += prompts
@@ -2491,13 +2659,55 @@ def test_generate_folder_ranks_partition_the_jobs_and_resume(tmp_path):
     for rank in range(3):  # 3 ranks, 4 prompts x 2 samples = 8 jobs
         pipes.append(RecordingPipe())
         made.append(sample.generate_folder(pipes[-1], prompts, str(tmp_path), 2, batch_size=2, rank=rank, world=3))
-    assert [m for m, _ in made] == [3, 3, 2] and sum(len(p.seen) for p in pipes) == 8
+    assert [m for m, _, _ in made] == [3, 3, 2] and sum(len(p.seen) for p in pipes) == 8
     assert sorted(os.listdir(tmp_path)) == [f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
     assert pixels(tmp_path / "00003_01.png")[0, 0, 0] == 60
     os.remove(tmp_path / "00002_00.png")
     again = RecordingPipe()
-    assert sample.generate_folder(again, prompts, str(tmp_path), 2, skip_existing=True) == (1, 7)
+    assert sample.generate_folder(again, prompts, str(tmp_path), 2, skip_existing=True) == (1, 7, 0)
     assert again.seen == ["2"] and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def run_sample(*argv):
+    """sample.main on argv in this process -> stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sample.main(sample.build_parser().parse_args([str(a) for a in argv]))
+    return out.getvalue()
+
+
+def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, tmp_path):
+    prompts, out = ["1", "2", "3"], str(tmp_path / "g")
+    os.mkdir(out)
+    first = RecordingPipe()
+    assert sample.generate_folder(first, prompts, out, 1, seed=0, steps=2, cfg=2.0) == (3, 0, 0)
+    names = [f"{i:05d}_00.png" for i in range(3)]
+    records = [sample.read_record(tmp_path / "g" / n) for n in names]
+    assert records == [sample.sample_record(p, i, 0, 0, 2, 2.0, "model-a") for i, p in enumerate(prompts)]
+    assert len(set(records)) == 3 and all(len(r) == 64 for r in records)
+
+    def rerun(prompts, seed=0, steps=2, cfg=2.0, model="model-a"):
+        pipe = RecordingPipe(model)
+        counts = sample.generate_folder(pipe, prompts, out, 1, seed=seed, steps=steps, cfg=cfg, skip_existing=True)
+        return counts, pipe.seen
+    assert rerun(prompts) == ((0, 3, 0), [])                               # same everything: all reused
+    assert rerun(["1", "4", "3"]) == ((1, 2, 1), ["4"])                    # a changed prompt: that image only
+    assert pixels(tmp_path / "g" / names[1])[0, 0, 0] == 80
+    assert rerun(["1", "4", "3"], seed=1) == ((3, 0, 3), ["1", "4", "3"])  # another seed: every image
+    assert rerun(["1", "4", "3"], seed=1, steps=3)[0] == (3, 0, 3)         # other settings or model: every image
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5)[0] == (3, 0, 3)
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5, model="model-b")[0] == (3, 0, 3)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "g" / names[2])   # an image with no record
+    assert rerun(["1", "4", "3"], seed=1, steps=3, cfg=1.5, model="model-b") == ((1, 2, 1), ["3"])
+    # the CLI: the record holds the model's weights, and the summary says what was reused and regenerated
+    common = ["--ckpt", tiny_run["flow"], "--steps", "2", "--device", "cpu", "--out", tmp_path / "cli"]
+    run_sample(*common, *PROMPTS[:2])
+    stamp = os.path.getmtime(tmp_path / "cli" / names[0])
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing")
+    assert "reused 1, regenerated 1" in text and "new 0" in text
+    assert os.path.getmtime(tmp_path / "cli" / names[0]) == stamp
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")   # other weights
+    assert "reused 0, regenerated 2" in text
 
 
 def test_sample_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path):

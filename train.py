@@ -66,7 +66,8 @@ import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
                        finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
-                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, use_cuda)
+                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, short_hash,
+                       use_cuda, weights_sha256)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 try:
@@ -884,6 +885,30 @@ def build_data(args, rank, world, device):
     return source, loader
 
 
+def check_cache_identity(source, frozen, config, args, rank):
+    """A `cache:` source must come from this run's tokenizer and CLIP weights (pretokenize records their hashes):
+    another encoder's features would train the flow on latents that its tokenizer never decodes, silently."""
+    if not isinstance(source, data.CacheSource):
+        return
+    if source.identity is None:
+        if rank == 0:
+            print(f"warning: --data {args.data} records no tokenizer or CLIP identity (made before caches recorded "
+                  f"it): nothing checks that it matches this run's; pre-tokenise again to get the check",
+                  file=sys.stderr)
+        return
+    ours = {}
+    if "posterior" in source.keys and frozen.get("tokenizer") is not None:
+        ours["tokenizer"] = (weights_sha256(frozen["tokenizer"]), f"--tokenizer {args.tokenizer}")
+    if "clip" in source.keys and frozen.get("clip") is not None:
+        ours["clip"] = (weights_sha256(frozen["clip"]), f"CLIP {config['clip']['weights']}")
+    differ = [f"{name} {short_hash(source.identity.get(name))} in the cache vs {short_hash(mine)} of {what}"
+              for name, (mine, what) in ours.items() if source.identity.get(name) != mine]
+    if differ:
+        raise UserError(f"--data {args.data} was pre-tokenised with other weights ({'; '.join(differ)}): pre-tokenise "
+                        f"again with this run's (python data.py pretokenize --tokenizer {args.tokenizer} ...), or "
+                        f"train with the tokenizer and CLIP the cache was made with")
+
+
 def restore(run, ckpt):
     """Continue from a checkpoint: weights, EMA, optimizer, schedule, discriminator, data position, RNG."""
     for name, m in run.objective.parts.items():
@@ -1069,6 +1094,7 @@ def run_training(args, rank, world, local, device, lock):
         run.disc = Discriminator(args, device, world, local) if args.w_gan > 0 else None
         run.objective.helpers["discriminator"] = run.disc.net if run.disc is not None else None
     source, run.loader = build_data(args, rank, world, device)
+    check_cache_identity(source, run.frozen, run.config, args, rank)
 
     # resume: everything from the checkpoint, then DDP (which broadcasts rank 0's weights)
     if ckpt:
