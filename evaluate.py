@@ -672,13 +672,13 @@ def sample_files(folder, n_prompts):
 PROTOCOLS = {
     "coco30k": dict(title="COCO-30K", samples=30_000, size=256, resize="bilinear",
                     draw="30,000 distinct images of MS-COCO 2014 val drawn at random, one random caption of each",
-                    ref="all images listed in the captions file (40,504 for val2014)"),
+                    ref="--coco-reference: the drawn images (default) or all images of the captions file"),
     "mjhq30k": dict(title="MJHQ-30K", samples=30_000, size=0, resize="clean",
                     draw="the prompts of meta_data.json (30,000), in a seeded random order",
                     ref="every image under --mjhq-images (30,000 at 1024 px)"),
 }
 # what a protocol's images depend on: a rerun reuses the images only if these are unchanged
-SAMPLE_SETTINGS = ("protocol", "seed", "steps", "cfg", "precision", "model", "weights")
+SAMPLE_SETTINGS = ("protocol", "seed", "steps", "cfg", "precision", "decode_precision", "model", "weights")
 
 
 def _read_json(path, what):
@@ -772,8 +772,8 @@ def protocol_block(spec, args, settings, n, ref, resize, size, pipe, world):
         f"samples         {n} (protocol: {spec['samples']})" + (f", --limit {args.limit}" if args.limit else ""),
         f"reference       {spec['ref']}: {ref}",
         f"seed            {settings['seed']} (prompt draw and per-sample noise)",
-        f"sampling        {settings['steps']} Euler steps, cfg {settings['cfg']}, precision {settings['precision']}, "
-        f"batch {args.batch_size} x {world} process(es)",
+        f"sampling        {settings['steps']} Euler steps, cfg {settings['cfg']}, precision {settings['precision']} "
+        f"(decoder {settings['decode_precision']}), batch {args.batch_size} x {world} process(es)",
         f"weights         {settings['weights']} ({pipe.info.get('source', settings['model'])}{step})"])
 
 
@@ -988,7 +988,7 @@ def speed_sampling(args, device, autocast, out):
             state["x1"] = euler_sample(dit, state["z"], steps=steps, cfg=args.cfg)  # 2B rows per DiT call
 
     def decode(steps):
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(args.decode_precision):
             state["images"] = tok.decode_flow_tokens(state["x1"], state["feats"]).float().clamp(0, 1)
 
     def write(steps):                   # as sample.py writes them: uint8 on the host, zlib on a thread pool
@@ -1000,7 +1000,8 @@ def speed_sampling(args, device, autocast, out):
               f"{_params(clip):.1f}M | tokenizer decoder {args.tokenizer_preset} {_params(tok):.1f}M")
     stages = [("text encoding", text, 1), ("projector", project, 1),
               (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1), ("PNG writing", write, 1)]
-    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision)
+    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision,
+                                  decode_precision=args.decode_precision)
     pipe.compiled = args.compile
     return stages, models + (" (torch.compile)" if args.compile else ""), pipe
 
@@ -1110,16 +1111,23 @@ def run_protocol(args):
     if args.command == "coco30k":
         draw, ref_files = coco_draw(args.coco_captions, args.coco_images, args.seed)
         source, images_flag = args.coco_captions, "--coco-images"
+        spec, kind = dict(spec), args.coco_reference
+        if kind == "drawn":   # the official trainer's reference file is coco30k_fid_stat.pth (train_t2i.py:112)
+            spec["ref"] = f"the {min(len(draw), spec['samples']):,} drawn images (seed {args.seed}; --coco-reference)"
+            ref_files = ref_files and [Path(args.coco_images) / d["file"] for d in draw[:spec["samples"]]]
+        else:
+            spec["ref"] = f"all {len(ref_files or []) or 'the'} images of the captions file (--coco-reference all)"
+        kind = f"-drawn-seed{args.seed}" if kind == "drawn" else "-all"
     else:
         draw, ref_files = mjhq_draw(args.mjhq_meta, args.mjhq_images, args.seed)
-        source, images_flag = args.mjhq_meta, "--mjhq-images"
+        source, images_flag, kind = args.mjhq_meta, "--mjhq-images", ""
     n = min(args.limit or spec["samples"], len(draw))
     draw, prompts = draw[:n], [d["prompt"] for d in draw[:n]]
     if not prompts:
         raise UserError(f"no prompts in {source}")
     size = (spec["size"] if args.size is None else args.size) or None
     resize = args.resize or spec["resize"]
-    ref_path = args.ref_stats or os.path.join(args.out, f"ref_{args.command}_{resize_label(resize, size)}.npz")
+    ref_path = args.ref_stats or os.path.join(args.out, f"ref_{args.command}{kind}_{resize_label(resize, size)}.npz")
     if os.path.isfile(ref_path):
         ref = f"precomputed ({ref_path})"
     elif ref_files is None:
@@ -1135,6 +1143,7 @@ def run_protocol(args):
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
         check_writable(samples_dir, rank)
         settings = dict(protocol=args.command, seed=args.seed, steps=args.steps, cfg=args.cfg, precision=precision,
+                        decode_precision=args.decode_precision,
                         model=args.official or os.path.abspath(args.ckpt or ""),
                         weights="released" if args.official else "raw" if args.no_ema else "EMA")
         if rank == 0:
@@ -1171,8 +1180,8 @@ def run_protocol(args):
         value = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
     except ValueError as err:
         raise UserError(str(err)) from None
-    result = dict(settings, fid=value, samples=n, reference=ref_path, reference_images=real.n,
-                  input_pipeline=resize_label(resize, size))
+    result = dict(settings, fid=value, samples=n, reference=ref_path, reference_set=spec["ref"],
+                  reference_images=real.n, input_pipeline=resize_label(resize, size))
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"{spec['title']} FID: {value:.4f} ({n} samples vs {real.n or '?'} reference images; {args.out}/results.json)"
@@ -1343,15 +1352,16 @@ def measure(stages, device, repeats, count_flops=True):
 
 def speed_setup(args, device):
     """-> (autocast factory, timed passes, matmul size, the setup line shared by both reports)."""
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    def autocast(precision=None):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision or args.precision) == "bf16")
 
     repeats = args.repeats or (3 if device.type == "cuda" else 1)
     size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
     where = (f"{torch.get_num_threads()} threads" if device.type == "cpu" else
              f"{torch.cuda.get_device_name(device)}, TF32 {tf32}")
-    setup = f"{device.type} ({where}), {args.precision}, torch {torch.__version__}"
+    decoder = "" if args.train else f" (decoder {args.decode_precision})"
+    setup = f"{device.type} ({where}), {args.precision}{decoder}, torch {torch.__version__}"
     return autocast, repeats, size, setup
 
 
@@ -1543,6 +1553,8 @@ def add_speed_parser(sub):
                        help="Euler steps (default: %(default)s)")
     speed.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                        help="guidance scale (1: no unconditional branch) (default: %(default)s)")
+    speed.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32",
+                       help="of the image decoder, as sample.py's flag (default: %(default)s)")
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
     speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
                        "(the official trainer's setting)")
@@ -1585,6 +1597,9 @@ def build_parser():
         if name == "coco30k":
             p.add_argument("--coco-captions", required=True, help="annotations/captions_val2014.json")
             p.add_argument("--coco-images", help="the val2014/ image folder (for the reference statistics)")
+            p.add_argument("--coco-reference", choices=["drawn", "all"], default="drawn",
+                           help="reference images: the 30,000 drawn ones, as the official coco30k_fid_stat.pth, or "
+                           "all 40,504 of val2014 (default: %(default)s)")
         else:
             p.add_argument("--mjhq-meta", required=True, help="MJHQ-30K's meta_data.json")
             p.add_argument("--mjhq-images", help="the MJHQ-30K image folder (category subfolders; for the reference)")

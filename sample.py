@@ -155,9 +155,11 @@ class FlowTokPipeline:
     `info` describes where the weights came from (set by the loaders; printed by the evaluation protocols).
     """
 
-    def __init__(self, clip, projector, dit, tokenizer, i2t_dit=None, text_decoder=None, precision="fp32"):
+    def __init__(self, clip, projector, dit, tokenizer, i2t_dit=None, text_decoder=None, precision="fp32",
+                 decode_precision="fp32"):
         self.clip, self.projector, self.dit, self.tokenizer = clip, projector, dit, tokenizer
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
+        self.decode_precision = decode_precision    # fp32: the official decode_tokens runs outside autocast
         self.info, self._identity, self.compiled = {}, None, False
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
@@ -175,15 +177,16 @@ class FlowTokPipeline:
         self.compiled = True
         return self
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def _autocast(self, precision=None):
+        precision = precision or self.precision
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def identity(self):
         """sha256 of the text-to-image weights (CLIP, projector, DiT, tokenizer) + ':' + the precision; computed
         once (a few seconds for the released models), it tells whether two images came from the same model."""
         if self._identity is None:
             modules = [m for m in (self.clip, self.projector, self.dit, self.tokenizer) if m is not None]
-            self._identity = f"{weights_sha256(*modules)}:{self.precision}"
+            self._identity = f"{weights_sha256(*modules)}:{self.precision}:decode {self.decode_precision}"
         return self._identity
 
     @torch.no_grad()
@@ -196,7 +199,8 @@ class FlowTokPipeline:
             eps = torch.randn((len(prompts), 77, 16), generator=generator)
         with self._autocast():
             z, _, _ = self.projector(feats, eps.to(self.device))                        # x0, (B, 77, 16)
-            x1 = flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg)
+            x1 = flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg)                # float32
+        with self._autocast(self.decode_precision):
             images = self.tokenizer.decode_flow_tokens(x1, feats)
         return images.float().clamp(0, 1)
 
@@ -351,6 +355,7 @@ def build_pipeline(args, device, precision):
         pipe = load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
     else:
         raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
+    pipe.decode_precision = args.decode_precision
     return pipe.compile() if args.compile else pipe
 
 
@@ -369,7 +374,10 @@ def add_model_args(p):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the per-sample noise (and of evaluate.py's prompt draw) (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="per process (default: %(default)s)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="of the text encoder, projector and DiT "
+                   "(default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32", help="of the image decoder "
+                   "(default: %(default)s, as the official decode_tokens, outside autocast; bf16: faster on GPU)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder: the first batch "
                    "compiles (minutes), later ones run faster; outputs equal eager within float rounding")

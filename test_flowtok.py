@@ -2792,6 +2792,9 @@ def corpus(tmp_path_factory):
         images.append({"id": 100 + k, "file_name": name})
         anns += [{"id": 1000 + 10 * k + c, "image_id": 100 + k, "caption": f" image {k}\ncaption {c} "}
                  for c in range(3)]
+    name = "COCO_val2014_000000000009.jpg"      # listed, never captioned: in --coco-reference all only
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "val2014" / name)
+    images.append({"id": 109, "file_name": name})
     (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     meta = {}
     for k in range(3):
@@ -2848,9 +2851,13 @@ def test_coco30k_smoke_run_block_warning_reuse_and_reference(tiny_run, corpus, f
         [d["prompt"] for d in full]
     # the FID compares the saved reference statistics of all 3 val images with the statistics of the 2 samples
     (mu_r, sigma_r, mu_f, _), = frechet_spy
-    with np.load(out / "ref_coco30k_crop256+bilinear.npz") as ref:
+    assert "reference       the 3 drawn images (seed 0; --coco-reference)" in stdout
+    with np.load(out / "ref_coco30k-drawn-seed0_crop256+bilinear.npz") as ref:
         assert int(ref["n"]) == 3 and str(ref["resize"]) == "crop256+bilinear"
         np.testing.assert_array_equal(ref["mu"], mu_r)
+    drawn = evaluate.files_stats([corpus / "val2014" / d["file"] for d in full], net_for_ref(corpus), "bilinear",
+                                 size=256)
+    np.testing.assert_allclose(drawn.mu, mu_r, rtol=1e-5, atol=1e-6)
     net = evaluate.load_inception(str(corpus / "inception.pth"))
     files = [out / "samples" / f"{i:05d}_00.png" for i in range(2)]
     mine = evaluate.files_stats(files, net, "bilinear", size=256)
@@ -2863,6 +2870,34 @@ def test_coco30k_smoke_run_block_warning_reuse_and_reference(tiny_run, corpus, f
     assert os.path.getmtime(files[0]) == stamp
     with pytest.raises(UserError, match=r"other settings \(steps 2 -> 3\)"):
         in_process([*args, "--steps", "3"])
+    # --coco-reference all: every image the captions file lists (the uncaptioned one too), its own statistics file
+    _, stdout3, _ = in_process([*args, "--coco-reference", "all"])
+    assert "all 4 images of the captions file" in stdout3 and "generated 0, reused 2" in stdout3
+    with np.load(out / "ref_coco30k-all_crop256+bilinear.npz") as ref:
+        assert int(ref["n"]) == 4
+    assert json.loads((out / "results.json").read_text())["reference_set"].startswith("all 4 images")
+
+
+def net_for_ref(corpus):
+    return evaluate.load_inception(str(corpus / "inception.pth"))
+
+
+def test_pipeline_decodes_in_fp32_unless_asked(tiny_run):
+    """As the official decode_tokens (no autocast): a bf16 pipeline still decodes in fp32 unless asked for bf16."""
+    pipe = sample.load_pipeline(tiny_run["flow"], precision="bf16")
+    seen, decode = [], pipe.tokenizer.decode_flow_tokens
+
+    def spy(x1, text):
+        out = decode(x1, text)
+        seen.append((x1.dtype, out.dtype))
+        return out
+    pipe.tokenizer.decode_flow_tokens = spy
+    eps = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(0))
+    fp32 = pipe.generate(["a", "b"], steps=2, eps=eps)
+    pipe.decode_precision = "bf16"
+    bf16 = pipe.generate(["a", "b"], steps=2, eps=eps)
+    assert seen == [(torch.float32, torch.float32), (torch.float32, torch.bfloat16)]
+    assert 0 < (fp32 - bf16).abs().max() < 0.1
 
 
 def test_mjhq30k_smoke_run(tiny_run, corpus, frechet_spy, tmp_path):
