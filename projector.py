@@ -232,7 +232,7 @@ class TextProjector(nn.Module):
         h = self.group_in(clip_feats)                            # (B, 77 / p, clip_dim)
         for layer in self.layers:
             h = layer(h)
-        with torch.autocast(h.device.type, enabled=False):     # posterior maths in float32
+        with fp32_region(h):         # the (mu, logvar) head and posterior maths in float32, not autocast's bf16
             mu, logvar = self.linear(h.float()).view(B, L, -1).chunk(2, dim=-1)
         eps = torch.randn_like(mu) if eps is None else eps
         return reparameterize(mu, logvar, eps), mu, logvar
@@ -253,8 +253,9 @@ def reparameterize(mu, logvar, eps):
 
 def gaussian_kl(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, 1)) per element, float32: 1/2 (mu^2 + exp(logvar) - 1 - logvar)."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
+    with fp32_region(mu):        # float32 by construction, not by what autocast's op lists happen to keep
+        mu, logvar = mu.float(), logvar.float()
+        return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)
 
 
 def contrastive_loss(z, target, log_temperature, groups=None):
@@ -264,15 +265,22 @@ def contrastive_loss(z, target, log_temperature, groups=None):
     mass spread evenly over them (needed when a small caption set repeats within a batch). None = the
     official diagonal.
     """
-    a = F.normalize(z.flatten(1).float(), dim=-1)                # (B, 1232)
-    p = F.normalize(target.flatten(1).float(), dim=-1)           # (B, 1232)
-    logits = log_temperature.float().exp() * a @ p.T             # (B, B), temperature never clamped (official)
-    if groups is None:
-        labels = torch.arange(len(a), device=a.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    positives = (groups[:, None] == groups[None]).float()       # (B, B), symmetric
-    soft = positives / positives.sum(1, keepdim=True)
-    return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft.T)) / 2
+    with fp32_region(z):         # logits and cross-entropy in float32, even under bf16 autocast
+        logits = contrastive_logits(z, target, log_temperature)
+        if groups is None:
+            labels = torch.arange(len(logits), device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        positives = (groups[:, None] == groups[None]).float()   # (B, B), symmetric
+        soft = positives / positives.sum(1, keepdim=True)
+        return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft.T)) / 2
+
+
+def contrastive_logits(z, target, log_temperature):
+    """S = e^tau a p^T (B, B) of the L2-normalised flattened z and MLP(E), computed in float32 under any autocast."""
+    with fp32_region(z):         # autocast would run the matmul in bf16 despite the .float() inputs
+        a = F.normalize(z.flatten(1).float(), dim=-1)            # (B, 1232)
+        p = F.normalize(target.flatten(1).float(), dim=-1)       # (B, 1232)
+        return log_temperature.float().exp() * a @ p.T           # temperature never clamped (official)
 
 
 def kl_official(mu, logvar):
@@ -282,8 +290,9 @@ def kl_official(mu, logvar):
     |mu| < ~6, much stronger beyond), and the batch sum makes its weight grow with the per-GPU batch.
     The variance part is the standard KL's, pulling sigma towards 1 (which keeps the source noisy).
     """
-    mu, logvar = mu.float(), logvar.float()
-    return -0.5 * torch.sum(1 + logvar - (0.3 * mu) ** 6 - logvar.exp())
+    with fp32_region(mu):        # float32 by construction: 1 and e^logvar nearly cancel in the sum
+        mu, logvar = mu.float(), logvar.float()
+        return -0.5 * torch.sum(1 + logvar - (0.3 * mu) ** 6 - logvar.exp())
 
 
 def kl_standard(mu, logvar):
@@ -372,6 +381,14 @@ def user_errors(what):
         raise
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
         raise UserError(f"{what}: {one_line(e)}") from None
+
+
+def fp32_region(x):
+    """A context with autocast off on x's device: code inside that casts its inputs with .float() runs in float32.
+
+    Under bf16 autocast a .float() input alone is not enough: matmuls and Linear layers still run in bf16.
+    """
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def read_weights(path):

@@ -329,16 +329,94 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+BF16_EPS = 2 ** -8     # bf16's machine epsilon (8 significant bits): one rounding step of a bf16 number, relative
+
+
 def test_bf16_autocast_keeps_posteriors_and_losses_float32():
     torch.manual_seed(0)
-    dit, proj = FlowDiT(depth=1, width=64, heads=4), TextProjector(clip_dim=64, depth=1, heads=4, d_ff=96)
+    dit, proj = FlowDiT(depth=1, width=64, heads=4), TextProjector(clip_dim=64, depth=1, heads=4, d_ff=96).eval()
     tok = Tokenizer.from_preset("tiny")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mean, logvar = tok.encode(torch.rand(2, 3, 32, 32))
-        out = flowtok_loss(dit, proj, torch.randn(2, 77, 64), torch.randn(2, 77, 16), torch.rand(2),
-                           torch.zeros(2, dtype=torch.bool))
+    images = torch.rand(2, 3, 32, 32)
+    inputs = (torch.randn(2, 77, 64), torch.randn(2, 77, 16), torch.rand(2), torch.zeros(2, dtype=torch.bool),
+              torch.randn(2, 77, 16))
+    with torch.no_grad():
+        mean_32, logvar_32 = tok.encode(images)
+        out_32 = flowtok_loss(dit, proj, *inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = tok.encode(images)
+            out = flowtok_loss(dit, proj, *inputs)
     assert mean.dtype == logvar.dtype == torch.float32
     assert all(out[k].dtype == torch.float32 for k in ("loss", "diff", "kl", "contrastive", "mu", "logvar", "x0"))
+    # and the values are float32's up to bf16 rounding elsewhere: each scalar averages many bf16-rounded numbers,
+    # so it must not move by a whole bf16 step; a posterior entry by at most a couple of steps of the largest one
+    for k in ("loss", "diff", "kl", "contrastive"):
+        torch.testing.assert_close(out[k], out_32[k], rtol=BF16_EPS, atol=0)
+    for bf, ref in ((mean, mean_32), (logvar, logvar_32)):
+        torch.testing.assert_close(bf, ref, rtol=0, atol=2 * BF16_EPS * ref.abs().max().item())
+
+
+def record_calls(module):
+    """Keep every (input, output) of module's forward calls in the returned list (a forward hook)."""
+    calls = []
+    module.register_forward_hook(lambda m, args, out: calls.append((args[0].detach(), out.detach())))
+    return calls
+
+
+def assert_float32_linear(calls, linear):
+    """Every recorded call of `linear` returned float32 equal to a float32 Linear of the same input (to 1e-6)."""
+    assert calls
+    for inp, out in calls:
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, F.linear(inp.float(), linear.weight, linear.bias), atol=1e-6, rtol=0)
+
+
+def test_fp32_regions_hold_under_bf16_autocast(official):
+    """Under CPU bf16 autocast the float32 regions (posterior heads, contrastive logits and loss, KL) still compute in
+    float32: from the same bf16-produced inputs they equal a float32 computation to 1e-6, and one training step's
+    loss terms stay within a bf16 step of the float32 step's."""
+    d = official
+    dit, proj = tiny_flowtok(d)
+    inputs = (d["loss_cond"], d["loss_x1"], d["loss_t"], d["loss_null_indicator"], d["loss_eps"])
+    ref = flowtok_loss(dit, proj, *inputs)
+    heads, targets = record_calls(proj.linear), record_calls(proj.align_mlp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flowtok_loss(dit, proj, *inputs)
+        z, p, tau = out["x0"].detach(), targets[0][1], proj.log_temperature.detach()
+        logits = projector.contrastive_logits(z, p, tau)
+        a, b = F.normalize(z.flatten(1), dim=-1), F.normalize(p.flatten(1).float(), dim=-1)
+        bf16_logits = tau.exp() * a @ b.T          # the same formula outside an fp32 region: autocast's bf16 matmul
+    out["loss"].backward()                         # the rest of the training step, still through the regions
+    assert p.dtype == torch.bfloat16, "the alignment MLP runs in bf16: the regions' inputs really are bf16-made"
+    assert_float32_linear(heads, proj.linear)
+    assert logits.dtype == torch.float32
+    fp32_logits = projector.contrastive_logits(z, p, tau)
+    torch.testing.assert_close(logits, fp32_logits, atol=1e-6, rtol=0)
+    # the check can tell: bf16 logits of size ~e^tau = 15 are off by about e^tau * BF16_EPS / 2, far above 1e-6
+    assert (bf16_logits.float() - fp32_logits).abs().max() > 1e-3
+    torch.testing.assert_close(out["contrastive"].detach(), projector.contrastive_loss(z, p, tau), atol=1e-6, rtol=0)
+    kl = 0.01 * projector.kl_official(out["mu"].detach(), out["logvar"].detach())
+    torch.testing.assert_close(out["kl"].detach(), kl, atol=0, rtol=1e-6)
+    for k in ("loss", "diff", "kl", "contrastive"):       # bf16 elsewhere: within one bf16 step (see the test above)
+        torch.testing.assert_close(out[k].detach(), ref[k].detach(), rtol=BF16_EPS, atol=0)
+    grads = [q.grad for q in list(dit.parameters()) + list(proj.parameters()) if q.grad is not None]
+    assert proj.log_temperature.grad is not None and all(torch.isfinite(g).all() for g in grads)
+
+    official_tok = Tokenizer.from_preset("tiny")
+    projector.load_strict(official_tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
+    for tok in (official_tok.eval(), random_weights(Tokenizer.from_preset("demo")).eval()):   # both latent layouts
+        with torch.no_grad():
+            mean_32, logvar_32 = tok.encode(d["tok_img"])
+            moments = record_calls(tok.encoder.to_moments)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mean, logvar = tok.encode(d["tok_img"])
+                kl = tokenizer.posterior_kl(mean, logvar)
+        assert_float32_linear(moments, tok.encoder.to_moments)
+        assert mean.dtype == logvar.dtype == kl.dtype == torch.float32
+        torch.testing.assert_close(kl, tokenizer.posterior_kl(mean, logvar), atol=0, rtol=1e-6)
+        for bf, ref in ((mean, mean_32), (logvar, logvar_32)):
+            torch.testing.assert_close(bf, ref, rtol=0, atol=2 * BF16_EPS * ref.abs().max().item())
+        kl_32 = tokenizer.posterior_kl(mean_32, logvar_32)
+        torch.testing.assert_close(kl.sum(1).mean(), kl_32.sum(1).mean(), rtol=BF16_EPS, atol=0)  # train.py's KL
 
 
 def test_dit_patch_size_groups_consecutive_tokens():

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import gaussian_kl, load_strict, read_state_dict, read_weights, reparameterize
+from projector import fp32_region, gaussian_kl, load_strict, read_state_dict, read_weights, reparameterize
 
 SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
 
@@ -160,17 +160,18 @@ class Encoder(ViT):
         self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
         self.to_moments = nn.Linear(width, 2 * channels)                        # official conv_out (1x1 conv)
 
-    def moments(self, x):
-        """(B, g*g, W) patch embeddings -> (B, 77, 2C): the latent tokens ride along through the ViT."""
+    def features(self, x):
+        """(B, g*g, W) patch embeddings -> (B, 77, W), what to_moments reads: the latent tokens ride through the ViT."""
         latents = (self.latent_tokens + self.latent_token_positional_embedding).expand(len(x), -1, -1)
         x = self.run_blocks(torch.cat([x, latents], dim=1))
-        return self.to_moments(self.ln_post(x[:, self.grid_tokens:]))
+        return self.ln_post(x[:, self.grid_tokens:])
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                  # (B, g*g, W), no abs. positions
-        moments = self.moments(x)                                               # (B, 77, 32)
-        with torch.autocast(moments.device.type, enabled=False):                # posterior maths in float32
-            mean, logvar = moments.float().chunk(2, dim=-1)
+        h = self.features(x)
+        with fp32_region(h):     # moments head + posterior maths in float32: bf16 keeps ~3 digits of mean, logvar
+            moments = self.to_moments(h.float()).view(len(h), self.num_tokens, -1)             # (B, 77, 2C)
+            mean, logvar = moments.chunk(2, dim=-1)
             return mean, logvar.clamp(-30.0, 20.0)
 
 
@@ -220,10 +221,9 @@ class LinearEncoder(Encoder):
         """Linear(g*g*W, 77 * 2C): no latent tokens in the ViT."""
         self.to_moments = nn.Linear(self.grid_tokens * width, num_tokens * 2 * channels)
 
-    def moments(self, x):
-        """(B, g*g, W) patch embeddings -> (B, 77, 2C)."""
-        x = self.ln_post(self.run_blocks(x)).flatten(1)                          # (B, g*g*W)
-        return self.to_moments(x).view(len(x), self.num_tokens, -1)
+    def features(self, x):
+        """(B, g*g, W) patch embeddings -> (B, g*g*W), what to_moments reads."""
+        return self.ln_post(self.run_blocks(x)).flatten(1)
 
 
 class LinearDecoder(Decoder):
