@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
@@ -30,7 +31,7 @@ from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
 from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, barrier,
                        check_writable, find_runs, finite_float, load_checkpoint, one_line, pick_device, positive_int,
-                       ranks, resolve_path, run_cli, user_errors, weights_sha256)
+                       load_strict, ranks, resolve_path, run_cli, user_errors, weights_sha256)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
@@ -232,7 +233,15 @@ def _part(ckpt, name, cls, ema):
 
 
 def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=None, tokenizer=None):
-    """Our checkpoints -> FlowTokPipeline: a flow run (text to image), plus flow-i2t + text-ae if present."""
+    """Our checkpoints -> FlowTokPipeline: a flow run (text to image), plus flow-i2t + text-ae if present; or an
+    exported folder (export_pipeline), local or hf:OWNER/NAME[@REVISION] on the Hugging Face Hub."""
+    if path.startswith("hf:"):
+        path = fetch_hub(path)
+    if is_export(path):
+        if tokenizer or not ema:
+            raise UserError(f"{path} is an export (EMA weights, its own tokenizer): --tokenizer and --no-ema do not "
+                            f"apply")
+        return load_export(path, device, precision, clip_weights)
     runs = find_runs(path)
     if "flow" not in runs and "flow-i2t" not in runs:
         stage = next(iter(runs))
@@ -258,6 +267,91 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
     pipe = FlowTokPipeline(*mods, precision=precision)
     pipe.info = dict(source=main["path"], step=main.get("step"), weights="EMA" if ema else "raw (--no-ema)")
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exported weights: DIR/model.safetensors + DIR/config.json, what a colleague (or the Hub) needs to sample
+# ----------------------------------------------------------------------------------------------------------
+
+EXPORT_FORMAT = "flowtok-export"
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_PARTS = {"projector": TextProjector, "dit": FlowDiT, "tokenizer": tokenizer_lib.Tokenizer, "i2t_dit": FlowDiT,
+                "text_decoder": TextDecoder}
+
+
+def export_pipeline(pipe, out, dtype="fp32"):
+    """A pipeline -> OUT/model.safetensors (every part, the CLIP text tower included: parameters in `dtype`,
+    buffers such as RoPE tables kept in fp32) + OUT/config.json (each part's config, identities, source)."""
+    parts = {"clip": pipe.clip.text, **{name: getattr(pipe, name) for name in EXPORT_PARTS}}
+    tensors = {}
+    for name, module in parts.items():
+        if module is None:
+            continue
+        params = {k for k, _ in module.named_parameters()}
+        for k, v in module.state_dict().items():
+            cast = EXPORT_DTYPES[dtype] if k in params and v.is_floating_point() else v.dtype
+            tensors[f"{name}.{k}"] = v.detach().to("cpu", cast).clone()     # clone: no shared storage in the file
+    config = dict(format=EXPORT_FORMAT, version=1, dtype=dtype,
+                  parts={name: parts[name].config for name in EXPORT_PARTS if parts[name] is not None},
+                  clip=dict(tower=pipe.clip.tower, origin=str(pipe.clip.weights),
+                            sha256=weights_sha256(pipe.clip.text)),
+                  identity=pipe.identity(), source={k: v for k, v in pipe.info.items() if v is not None})
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f"model.safetensors.{os.getpid()}.tmp")
+    save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
+    os.replace(tmp, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def is_export(path):
+    """Whether `path` is a folder written by export_pipeline."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_export(path, device="cpu", precision="fp32", clip_weights=None):
+    """An export_pipeline folder -> FlowTokPipeline (weights back in fp32, as the run's own modules)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with user_errors(f"{path}/model.safetensors"):
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+    groups = {}
+    for key, value in tensors.items():
+        name, _, rest = key.partition(".")
+        groups.setdefault(name, {})[rest] = value.float() if value.is_floating_point() else value
+    modules = {}
+    with user_errors(f"{path}: rebuilding the models"):
+        for name, cls in EXPORT_PARTS.items():
+            if name in config["parts"]:
+                modules[name] = cls(**config["parts"][name])
+                load_strict(modules[name], groups.get(name, {}), name)
+        clip = CLIPTextEncoder(config["clip"]["tower"], clip_weights or "random")
+        if not clip_weights:                      # the exported tower (config["clip"] says where it came from)
+            load_strict(clip.text, groups.get("clip", {}), "CLIP text tower")
+    with user_errors(f"moving the model to {device}"):
+        clip = clip.to(device)
+        modules = {k: m.to(device) for k, m in modules.items()}
+    pipe = FlowTokPipeline(clip, modules.get("projector"), modules.get("dit"), modules["tokenizer"],
+                           modules.get("i2t_dit"), modules.get("text_decoder"), precision=precision)
+    pipe.info = dict(source=f"export {path}", step=config["source"].get("step"),
+                     weights=f"{config['source'].get('weights', 'EMA')}, exported in {config['dtype']}")
+    return pipe
+
+
+def fetch_hub(spec):
+    """hf:OWNER/NAME[@REVISION] -> the local folder of that Hub repository (huggingface_hub's cache; once)."""
+    repo, _, revision = spec[len("hf:"):].partition("@")
+    try:
+        return snapshot_download(repo, revision=revision or None, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:   # offline, unknown repo, gated, proxy...: one actionable line
+        raise UserError(f"--ckpt {spec}: not in the Hugging Face cache and not downloadable ({type(e).__name__}); "
+                        f"where there is internet run `huggingface-cli download {repo} --local-dir DIR`, copy DIR "
+                        f"here and pass --ckpt DIR") from None
 
 
 def official_files(name, official_dir=None):
@@ -436,6 +530,12 @@ def main(args):
     with ranks() as (rank, world, local):
         device = pick_device(args.device, local)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        if args.export:
+            if rank == 0:
+                size = export_pipeline(build_pipeline(args, device, precision), args.export, args.export_dtype)
+                print(f"exported to {args.export}: model.safetensors ({size / 2 ** 20:.1f} MiB, {args.export_dtype} "
+                      f"parameters) and config.json; sample with --ckpt {args.export}")
+            return None
         if args.caption:
             image_paths(args.caption)                 # fail on a bad path before loading the model
             return caption_images(build_pipeline(args, device, precision), args, rank, world)
@@ -478,6 +578,10 @@ def build_parser():
     p.add_argument("--skip-existing", action="store_true",
                    help="keep samples already in --out that were made from the same prompt, seed, settings and model "
                    "(resume a run); regenerate the others")
+    p.add_argument("--export", metavar="DIR", help="write DIR/model.safetensors + DIR/config.json (the EMA weights "
+                   "of every part, CLIP's text tower included) to share or upload, instead of sampling")
+    p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES), default="fp32",
+                   help="dtype of the exported parameters (default: %(default)s)")
     add_model_args(p)
     return p
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -2752,6 +2753,51 @@ def run_sample(*argv):
     with contextlib.redirect_stdout(out):
         sample.main(sample.build_parser().parse_args([str(a) for a in argv]))
     return out.getvalue()
+
+
+def test_export_samples_like_the_run_and_loads_from_a_hub_cache(sample_runs, tiny_run, tmp_path, monkeypatch):
+    """sample.py --export DIR: DIR as --ckpt gives the run's PNGs bitwise (fp32), a bf16 export is half the size and
+    close; hf:OWNER/NAME resolves through a Hugging Face cache laid out as huggingface_hub lays it (offline)."""
+    out, runs = sample_runs
+    export = tmp_path / "export"
+    assert "exported to" in run_sample("--ckpt", tiny_run["flow"], "--export", export, "--device", "cpu")
+    config = json.loads((export / "config.json").read_text())
+    assert config["format"] == "flowtok-export" and set(config["parts"]) == {"projector", "dit", "tokenizer"}
+    assert config["clip"]["tower"] == "tiny" and config["source"]["step"] == 3
+    common = [*PROMPTS, "--n-per-prompt", "2", "--steps", "3", "--seed", "5", "--device", "cpu"]
+    run_sample("--ckpt", export, *common, "--out", tmp_path / "from_export")
+    for name in NAMES:
+        np.testing.assert_array_equal(pixels(tmp_path / "from_export" / name), pixels(out / "b1" / name))
+    # the same weights: the run's images count as made by the export (--skip-existing reuses them)
+    shutil.copytree(out / "b1", tmp_path / "b1")
+    assert "reused 6, regenerated 0" in run_sample("--ckpt", export, *common, "--out", tmp_path / "b1",
+                                                   "--skip-existing")
+    # bf16: parameters halved, buffers (RoPE tables, position tables) kept in fp32
+    half = tmp_path / "half"
+    run_sample("--ckpt", tiny_run["flow"], "--export", half, "--export-dtype", "bf16", "--device", "cpu")
+    from safetensors.torch import load_file
+    full_t, half_t = load_file(export / "model.safetensors"), load_file(half / "model.safetensors")
+    pipe = sample.load_export(export)
+    params = {f"{n}.{k}" for n in ("projector", "dit", "tokenizer") for k, _ in getattr(pipe, n).named_parameters()}
+    params |= {f"clip.{k}" for k, _ in pipe.clip.text.named_parameters()}
+    assert {k for k, v in half_t.items() if v.dtype == torch.bfloat16} == params and set(half_t) == set(full_t)
+    assert all(half_t[k].equal(full_t[k]) for k in half_t if k not in params) and len(half_t) > len(params)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (export / "model.safetensors").stat().st_size
+    # hf:OWNER/NAME[@REVISION] from a local Hub cache (models--OWNER--NAME/refs, snapshots/<commit>/files)
+    import huggingface_hub.constants as hub
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--flowtok-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(export, repo / "snapshots" / commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    for spec in ("hf:someone/flowtok-tiny", f"hf:someone/flowtok-tiny@{commit}"):
+        run_sample("--ckpt", spec, *common, "--out", tmp_path / "hub_out")
+        np.testing.assert_array_equal(pixels(tmp_path / "hub_out" / NAMES[0]), pixels(out / "b1" / NAMES[0]))
+    with pytest.raises(UserError, match=r"hf:someone/missing: not in the Hugging Face cache .*huggingface-cli "
+                                        r"download someone/missing --local-dir DIR"):
+        run_sample("--ckpt", "hf:someone/missing", "a", "--device", "cpu", "--out", tmp_path / "none")
 
 
 def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, tmp_path):
