@@ -1888,6 +1888,49 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
     assert a.keys() == b.keys() and len(a) > 20
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert len(list(killed.glob("step_*.pt"))) <= 2                 # rotation
+    # metrics.jsonl: every step once across the kill and the resume, the same losses as the uninterrupted run
+    whole_log, killed_log = (metrics_records(p) for p in (whole, killed))
+    assert [r["step"] for r in killed_log] == [r["step"] for r in whole_log] == list(range(1, 31))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in killed_log] == [r[key] for r in whole_log], key
+
+
+def metrics_records(out):
+    """OUT/metrics.jsonl -> list of dicts."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_and_tensorboard_scalars(tiny_tokenizer, tmp_path, monkeypatch):
+    """One JSON object per logged step (losses, lr, grad norm, speed, skips); --tensorboard mirrors the scalars,
+    and without the package it stops before any work with one line."""
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, folder, purge_step=None):
+            scalars.append(("open", folder, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append(("close",))
+    monkeypatch.setattr(train, "SummaryWriter", FakeWriter)
+    out = tmp_path / "run"
+    run_train(*flow_args(tiny_tokenizer, out, "--steps", 4, "--log-every", 2, "--tensorboard"))
+    records = metrics_records(out)
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "diff", "contrastive", "kl", "grad_norm", "lr", "samples_per_s", "skipped"} <= set(records[0])
+    log = (out / "log.txt").read_text()
+    assert f"step 4/4 | " in log and f"loss {records[1]['loss']:.4g}" in log
+    assert scalars[0] == ("open", str(out / "tensorboard"), 1) and scalars[-1] == ("close",)
+    assert ("loss", records[1]["loss"], 4) in scalars and ("lr", records[0]["lr"], 2) in scalars
+    monkeypatch.setattr(train, "SummaryWriter", None)
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package"):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "none", "--steps", 2, "--tensorboard"))
+    assert not (tmp_path / "none").exists()
 
 
 TOKENIZER_RUN = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",

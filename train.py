@@ -74,6 +74,10 @@ try:
     import fcntl      # POSIX: the kernel drops a dead process's flock, the surest test of a stale lock file
 except ImportError:   # Windows: the lock file and its pid alone
     fcntl = None
+try:
+    from torch.utils.tensorboard import SummaryWriter   # optional: --tensorboard needs the tensorboard package
+except ImportError:
+    SummaryWriter = None
 
 T = 77 * 16   # elements of one 77x16 latent
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
@@ -93,7 +97,7 @@ RESUME_KEPT = ("init", "init_from_ema")
 # free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
 RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
                "max_bad_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
-               "sample_prompts", "no_progress")
+               "sample_prompts", "no_progress", "tensorboard")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,6 +640,7 @@ class Run:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.step, self.skips, self.sums, self.seen, self.n_steps, self.bad_in_a_row = 0, Counter(), Counter(), 0, 0, 0
         self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
+        self.metrics = None                         # rank 0's MetricsLog, once the step to start from is known
         # set by main, section by section: frozen, config, objective, ema, params, optimizer, scheduler, disc,
         # loader, model
 
@@ -645,6 +650,46 @@ class Run:
             (self.bar.write if self.bar is not None else print)(msg)
             with open(self.log_file, "a") as f:
                 f.write(msg + "\n")
+
+
+class MetricsLog:
+    """Rank 0's OUT/metrics.jsonl (one JSON object per logged step) and, with --tensorboard, OUT/tensorboard/.
+
+    A resumed run first drops the records past its checkpoint's step (logged by the killed process after its last
+    save): they are logged again, so every step appears once across resumes.
+    """
+
+    def __init__(self, out, step, tensorboard):
+        self.path = os.path.join(out, "metrics.jsonl")
+        kept = []
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:              # a line cut by the kill
+                        continue
+                    if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step + 1) if tensorboard else None
+
+    def write(self, record):
+        """Append one record {step, ...}; scalars also go to TensorBoard."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def setup_distributed():
@@ -1003,9 +1048,14 @@ def log_metrics(run):
         dist.all_reduce(vec)
         vec[:-1] /= run.world
     total_skips = sum((Counter(c) for c in gather_objects(dict(run.skips), run.world)), Counter())
-    metrics = " ".join(f"{k} {v / run.n_steps:.4g}" for k, v in zip(keys, vec[:-1].tolist()))
-    run.say(f"step {run.step}/{run.args.steps} | {metrics} | lr {run.scheduler.get_last_lr()[0]:.3g} | "
-            f"{vec[-1].item() / (time.time() - run.t_log):.1f} samples/s | skipped: {data.format_skips(total_skips)}")
+    means = {k: v / run.n_steps for k, v in zip(keys, vec[:-1].tolist())}
+    lr, speed = run.scheduler.get_last_lr()[0], vec[-1].item() / (time.time() - run.t_log)
+    metrics = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+    run.say(f"step {run.step}/{run.args.steps} | {metrics} | lr {lr:.3g} | {speed:.1f} samples/s | "
+            f"skipped: {data.format_skips(total_skips)}")
+    if run.metrics is not None:
+        run.metrics.write({"step": run.step, **means, "lr": lr, "samples_per_s": speed, "time": time.time(),
+                           "skipped": dict(total_skips)})
     run.sums, run.n_steps, run.t_log, run.seen = Counter(), 0, time.time(), 0
 
 
@@ -1051,6 +1101,9 @@ def any_rank(flag, run):
 
 def main(args):
     """Train (one process of the run): rank 0 locks the run folder before touching it and until it leaves."""
+    if args.tensorboard and SummaryWriter is None:     # before anything is created
+        raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard); OUT/metrics.jsonl "
+                        "holds the same numbers without it")
     rank, world, local, device = setup_distributed()
     fill_defaults(args, world)
     with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
@@ -1104,6 +1157,8 @@ def run_training(args, rank, world, local, device, lock):
     if args.compile:
         run.model = torch.compile(run.model)
     describe(run, source, run.params)
+    if rank == 0:
+        run.metrics = MetricsLog(args.out, run.step, args.tensorboard)
 
     # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
     stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum))
@@ -1135,6 +1190,8 @@ def run_training(args, rank, world, local, device, lock):
             signal.signal(s, h)
         if run.bar is not None:
             run.bar.close()
+        if run.metrics is not None:
+            run.metrics.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
@@ -1278,6 +1335,8 @@ def build_parser():
     p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="guidance scale of the previews")
     p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
+    p.add_argument("--tensorboard", action="store_true", help="also write the logged metrics as TensorBoard scalars "
+                   "to OUT/tensorboard (needs `pip install tensorboard`; OUT/metrics.jsonl is always written)")
     return p
 
 
