@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, non_negative_int, positive_int,
-                       resolve_path, run_cli, tokenize)
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, UserError, load_checkpoint, non_negative_int,
+                       one_line, positive_int, resolve_path, run_cli, tokenize)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -191,10 +191,18 @@ class _Strings:
 # A map-style source has len(), .name, .skipped (a Counter of the records dropped when it was built) and
 # get(index, generator) -> sample dict (or raises BadSample). The tar source is a stream instead.
 
-def _jsonl_records(path, root):
+def _open_listing(spec, path, mode="rb"):
+    """Open the file a spec names (a jsonl or COCO json); a missing or unreadable one is a one-line UserError."""
+    try:
+        return open(path, mode)
+    except OSError as e:  # missing, a folder, no permission, a symlink loop: the spec is wrong, not the code
+        raise UserError(f"{spec}: cannot read {path} ({e.strerror})") from None
+
+
+def _jsonl_records(spec, path, root):
     """A jsonl file -> (image paths, captions, skip counts)."""
     paths, captions, skipped = [], [], collections.Counter()
-    with open(path, "rb") as f:
+    with _open_listing(spec, path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -222,20 +230,36 @@ def _jsonl_records(path, root):
     return paths, captions, skipped
 
 
-def _coco_records(path, images):
+def _coco_records(spec, path, images):
     """A COCO captions json (captions_train2014.json layout) -> (image paths, captions, skip counts)."""
-    with open(path, encoding="utf-8") as f:
-        coco = json.load(f)
-    file_names = {image["id"]: image["file_name"] for image in coco.get("images", [])}
+    with _open_listing(spec, path) as f:
+        try:
+            coco = json.load(f)
+        except (ValueError, OSError) as e:  # ValueError: not JSON or not UTF-8; OSError: a read that failed
+            raise UserError(f"{spec}: {path} is not a readable JSON file ({one_line(e)})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) \
+            or not isinstance(coco.get("images", []), list):
+        found = "an object without them" if isinstance(coco, dict) else "a list" if isinstance(coco, list) else \
+            "a single value"
+        raise UserError(f"{spec}: {path} is not a COCO captions file (expected an object with 'images' and "
+                        f"'annotations' lists, found {found})")
+    # an image record without an id or a file name is left out: its captions then count as "missing image"
+    file_names = {image["id"]: image["file_name"] for image in coco.get("images", [])
+                  if isinstance(image, dict) and isinstance(image.get("id"), (int, str))
+                  and isinstance(image.get("file_name"), str)}
     exists = {}
     paths, captions, skipped = [], [], collections.Counter()
-    for annotation in coco.get("annotations", []):
+    for annotation in coco["annotations"]:
+        if not isinstance(annotation, dict):
+            skipped["bad annotation"] += 1
+            continue
         try:
             caption = clean_caption(annotation.get("caption"))
         except BadSample as e:
             skipped[e.reason] += 1
             continue
-        name = file_names.get(annotation.get("image_id"))
+        image_id = annotation.get("image_id")
+        name = file_names.get(image_id) if isinstance(image_id, (int, str)) else None  # a list is no key
         if name is None:
             skipped["missing image"] += 1
             continue
@@ -627,11 +651,11 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
         source = CacheSource(spec, path)
     else:
         if kind == "jsonl":
-            records = _jsonl_records(path, options.get("root", os.path.dirname(os.path.abspath(path))))
+            records = _jsonl_records(spec, path, options.get("root", os.path.dirname(os.path.abspath(path))))
         elif kind == "coco":
             if "images" not in options:
                 raise ValueError(f"{spec}: coco needs images=DIR")
-            records = _coco_records(path, options["images"])
+            records = _coco_records(spec, path, options["images"])
         else:
             records = _folder_records(path)
         source = ImageCaptions(spec, *records, **images)

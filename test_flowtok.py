@@ -945,6 +945,41 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
         data.build_dataset(f"folder:{tmp_path / 'empty'}", 32)
 
 
+def test_missing_jsonl_or_coco_file_is_a_one_line_error(tmp_path):
+    """--data naming a file that is not there (or is a folder): one line naming the spec and the path."""
+    for spec, path in ((f"jsonl:{tmp_path}/nope.jsonl", f"{tmp_path}/nope.jsonl"),
+                       (f"coco:{tmp_path}/nope.json,images={tmp_path}", f"{tmp_path}/nope.json"),
+                       (f"jsonl:{tmp_path}", str(tmp_path))):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value).startswith(f"{spec}: cannot read {path} (") and "\n" not in str(err.value)
+    r = train_cli(*TOKENIZER_RUN, "--data", f"coco:{tmp_path}/nope.json,images={tmp_path}", "--out", tmp_path / "run",
+                  "--steps", 1)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"train.py: error: coco:{tmp_path}/nope.json,images={tmp_path}: cannot "
+                                             f"read {tmp_path}/nope.json (No such file or directory)"]
+
+
+def test_coco_captions_json_that_is_a_list_is_a_one_line_error(tmp_path):
+    """A list, an object without annotations, not JSON: one line; malformed records inside a good file are skipped."""
+    for name, text, why in (("list.json", json.dumps([{"image_id": 1, "caption": "x"}]), "found a list"),
+                            ("noann.json", json.dumps({"images": []}), "found an object without them"),
+                            ("annstr.json", json.dumps({"annotations": "x"}), "found an object without them"),
+                            ("number.json", "7", "found a single value"),
+                            ("broken.json", "{not json", "is not a readable JSON file")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=why) as err:
+            data.build_dataset(f"coco:{tmp_path / name},images={tmp_path}", 32)
+        assert str(err.value).startswith(f"coco:{tmp_path / name},images={tmp_path}: {tmp_path / name} ")
+    _solid((40, 40), (0, 200, 0)).save(tmp_path / "ok.png")
+    coco = {"images": [{"id": 1, "file_name": "ok.png"}, {"id": 2}, "junk", {"id": [3], "file_name": "ok.png"}],
+            "annotations": [{"image_id": 1, "caption": "fine"}, "junk", 5, {"image_id": 2, "caption": "no name"},
+                            {"image_id": [1], "caption": "a list id"}]}
+    (tmp_path / "odd.json").write_text(json.dumps(coco))
+    source = data.build_dataset(f"coco:{tmp_path / 'odd.json'},images={tmp_path}", 32)
+    assert len(source) == 1 and source.skipped == {"bad annotation": 2, "missing image": 2}
+
+
 # ----------------------------------------------------------------------------- tar shards
 
 def _write_tar(path, files):
