@@ -289,6 +289,9 @@ def _folder_records(directory):
             except FileNotFoundError:
                 skipped["missing caption"] += 1
                 continue
+            except OSError:  # a folder, a symlink loop, no permission: one bad sample, skipped and counted like
+                skipped["unreadable caption"] += 1  # the other bad ones, never a reason to stop a run
+                continue
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue

@@ -980,6 +980,17 @@ def test_coco_captions_json_that_is_a_list_is_a_one_line_error(tmp_path):
     assert len(source) == 1 and source.skipped == {"bad annotation": 2, "missing image": 2}
 
 
+def test_folder_caption_that_is_a_folder_or_a_symlink_loop_is_skipped(tmp_path):
+    """A caption that cannot be read is one bad sample, counted, like a missing one: never a crash."""
+    for name in ("a", "b", "c"):
+        _solid((40, 40), (0, 0, 200)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").mkdir()
+    os.symlink("b.txt", tmp_path / "b.txt")                       # points at itself: ELOOP on open
+    (tmp_path / "c.txt").write_text("a readable caption")
+    source = data.build_dataset(f"folder:{tmp_path}", 32)
+    assert source.skipped == {"unreadable caption": 2} and [source.captions[0]] == ["a readable caption"]
+
+
 # ----------------------------------------------------------------------------- tar shards
 
 def _write_tar(path, files):
