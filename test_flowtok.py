@@ -8,6 +8,7 @@ import ast
 import collections
 import contextlib
 import copy
+import errno
 import io
 import itertools
 import json
@@ -1888,14 +1889,19 @@ def test_corrupt_or_unsafe_weight_files_are_one_line_errors(tmp_path):
     assert torch.equal(projector.read_weights(str(good))["w"], torch.ones(2))
 
 
+def _write_part(f, payload):
+    """What a torch.save cut short leaves: a few bytes in f (a path or an open file, as torch.save takes)."""
+    with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as fh:
+        fh.write(payload)
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)
     real_save = torch.save
 
     def dies_half_way(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a checkpoint")
+        _write_part(f, b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt                        # the process dies here
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
@@ -1906,6 +1912,30 @@ def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     assert not (tmp_path / "step_0000002.pt").exists()
     train.check_output_folder(str(tmp_path), resume=True)      # a resume clears the partial file
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disk_full_while_saving_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """ENOSPC mid-write: one line (exit 1) saying the disk is full; the previous files intact, the partial removed."""
+    out, real_save = tmp_path / "run", torch.save
+
+    def fills_the_disk(obj, f, *a, **k):
+        if obj["step"] < 2:
+            return real_save(obj, f, *a, **k)
+        _write_part(f, b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    args = train_args(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--ckpt-every", 1)
+    assert projector.run_cli("train.py", train.main, args) == 1
+    assert capsys.readouterr().err == (f"train.py: error: the disk is full at {out}: cannot write the checkpoint "
+                                       f"{out}/step_0000002.pt (No space left on device); the previous checkpoints "
+                                       "are intact: free space, then continue with --resume\n")
+    assert sorted(p.name for p in out.glob("*.pt*")) == ["last.pt", "step_0000001.pt"]      # no .tmp left
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    if os.path.exists("/dev/full"):   # a real full disk: the write through a Python file says ENOSPC
+        monkeypatch.setattr(torch, "save", real_save)
+        with pytest.raises(OSError) as err:
+            train._write_synced({"w": torch.ones(1000)}, "/dev/full")
+        assert err.value.errno == errno.ENOSPC
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ the official code; --gather-negatives takes the contrastive negatives from all G
 import argparse
 import contextlib
 import copy
+import errno
 import glob
 import math
 import os
@@ -93,19 +94,44 @@ def caption_groups(ids):
     return (ids.long() * weights).sum(1) % (2 ** 61 - 1)
 
 
-def save_checkpoint(state, out, step, keep):
-    """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files."""
-    path = os.path.join(out, f"step_{step:07d}.pt")
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
+def _write_synced(state, path):
+    """torch.save into path through a Python file, on disk when it returns (fsync).
+
+    Through a file object a full disk raises OSError(ENOSPC); torch.save(state, path) would give an opaque
+    RuntimeError from its C++ writer ("unexpected pos ...") that cannot be told from a bug.
+    """
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)                      # a kill before this line leaves the previous files intact
-    try:                                       # last.pt: a hard link to the step file (no second copy)
-        os.link(path, path + ".last")
-    except OSError:
-        torch.save(state, path + ".last")
-    os.replace(path + ".last", os.path.join(out, "last.pt"))
+
+
+def save_checkpoint(state, out, step, keep):
+    """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files.
+
+    A write that fails (full disk, quota, a folder in the way) removes its partial files, leaves the previous
+    checkpoints as they were and is a UserError: the run stops with one line and continues with --resume.
+    """
+    path = os.path.join(out, f"step_{step:07d}.pt")
+    tmp, link = path + ".tmp", path + ".last"
+    try:
+        _write_synced(state, tmp)
+        os.replace(tmp, path)                  # a kill before this line leaves the previous files intact
+        try:                                   # last.pt: a hard link to the step file (no second copy)
+            os.link(path, link)
+        except OSError:
+            _write_synced(state, link)
+        os.replace(link, os.path.join(out, "last.pt"))
+    except OSError as e:
+        for partial in (tmp, link):
+            if os.path.isfile(partial):
+                os.remove(partial)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a failed write() names no file: name the checkpoint
+            raise UserError(f"the disk is full at {out}: cannot write the checkpoint {path} ({e.strerror}); the "
+                            f"previous checkpoints are intact: free space, then continue with --resume") from None
+        where = e.filename2 or e.filename       # os.replace onto a folder names the folder second
+        raise UserError(f"cannot write the checkpoint {path} ({e.strerror}{f': {where}' if where else ''}); the "
+                        f"previous checkpoints in {out} are intact") from None
     for old in sorted(glob.glob(os.path.join(out, "step_*.pt")))[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
