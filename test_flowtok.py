@@ -1867,6 +1867,17 @@ def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("width", ["8", "16", "48", "0", "-32"])
+def test_disc_width_that_is_not_a_multiple_of_32_is_a_parse_error(width, capsys):
+    """The PatchGAN's GroupNorm splits its channels into 32 groups: another width stops argparse, not GroupNorm."""
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args(["--out", "x", "--disc-width", width])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--disc-width: must be a multiple of 32, got {width}" in err
+    assert "Traceback" not in err
+    assert train.build_parser().parse_args(["--out", "x", "--disc-width", "96"]).disc_width == 96
+
+
 class NotAWeight:
     """An arbitrary Python object: a file holding one must never be unpickled."""
 

@@ -1071,7 +1071,8 @@ def build_parser():
     p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
     p.add_argument("--w-lecam", type=non_negative_float, default=0.001, help="LeCAM regularisation weight")
     p.add_argument("--lecam-decay", type=fraction, default=0.999, help="EMA decay of LeCAM's mean logits")
-    p.add_argument("--disc-width", type=positive_int, default=128, help="PatchGAN base channels")
+    p.add_argument("--disc-width", type=projector.multiple_of(tokenizer_lib.DISC_GROUPS), default=128,
+                   help=f"PatchGAN base channels, a multiple of {tokenizer_lib.DISC_GROUPS} (its GroupNorm groups)")
     p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
     p.add_argument("--steps", type=positive_int, help="optimisation steps")
