@@ -631,6 +631,18 @@ _KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), 
           "cache": set()}  # kind -> its options
 
 
+def _int_option(spec, options, key, default, least):
+    """The integer option `key` of a spec (shapes:n=2000), at least `least`; a bad one is a UserError naming it."""
+    text = options.get(key, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:  # numpy seeds must be >= 0; n = 0 would be an empty source
+        raise UserError(f"{spec}: option {key}={text} must be an integer >= {least}")
+    return value
+
+
 def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False):
     """A data spec (README "Data") -> source; skips images with shorter side < min_size (default image_size // 2)."""
     kind, _, rest = spec.partition(":")
@@ -648,8 +660,8 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     if kind == "tar":
         return TarSource(spec, path, **images)  # checked as it streams
     if kind == "shapes":
-        source = ShapesSource(spec, options.get("split", "train"), int(options.get("n", 20000)),
-                              int(options.get("seed", 0)), image_size)
+        source = ShapesSource(spec, options.get("split", "train"), _int_option(spec, options, "n", 20000, 1),
+                              _int_option(spec, options, "seed", 0, 0), image_size)
     elif kind == "cache":
         source = CacheSource(spec, path)
     else:

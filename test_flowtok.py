@@ -992,6 +992,16 @@ def test_folder_caption_that_is_a_folder_or_a_symlink_loop_is_skipped(tmp_path):
     assert source.skipped == {"unreadable caption": 2} and [source.captions[0]] == ["a readable caption"]
 
 
+@pytest.mark.parametrize("option, least", [("n=abc", 1), ("n=1.5", 1), ("n=0", 1), ("n=-3", 1), ("seed=x", 0),
+                                           ("seed=-1", 0)])
+def test_shapes_spec_with_a_bad_number_is_a_one_line_error(option, least):
+    """shapes:n=abc names the option and what it must be, instead of int()'s message or a numpy traceback."""
+    with pytest.raises(UserError) as err:
+        data.build_dataset(f"shapes:split=train,{option}", 32)
+    assert str(err.value) == f"shapes:split=train,{option}: option {option} must be an integer >= {least}"
+    assert len(data.build_dataset("shapes:n=3,seed=0", 32)) == 3
+
+
 # ----------------------------------------------------------------------------- tar shards
 
 def _write_tar(path, files):
