@@ -2014,6 +2014,31 @@ def test_clear_errors(tiny_tokenizer, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("train.py: error: ")
 
 
+def test_init_from_another_stage_or_model_size_is_a_one_line_error(tiny_tokenizer, tmp_path):
+    """--init names what the file is (stage, parts, sizes) and what this run needs, instead of a KeyError or
+    load_state_dict's size-mismatch traceback."""
+    flow = tmp_path / "flow"
+    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 1))
+    with pytest.raises(UserError) as err:
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "a", "--steps", 1, "--init", tiny_tokenizer))
+    assert str(err.value) == (f"--init {tiny_tokenizer} is a 'tokenizer' checkpoint (parts: tokenizer): it has no "
+                              "dit, projector, which --stage flow trains")
+    with pytest.raises(UserError, match=r"\(a 'flow' run\) does not fit this 'flow' run: --model tiny there, demo "
+                                        r"here; its dit: .* \(\d+ keys in all\)$"):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1, "--init", flow), "--model", "demo")
+    with pytest.raises(UserError, match="has no text_decoder, which --stage text-ae trains"):
+        run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--out",
+                  tmp_path / "c", "--global-batch", 2, "--steps", 1, "--decoder-width", 32, "--decoder-depth", 1,
+                  "--decoder-ff", 32, "--init", flow)
+    with pytest.raises(UserError, match=r"\(encoder 64 x 2, decoder 64 x 2\) does not fit --tokenizer-preset demo "
+                                        r"\(encoder 128 x 2, decoder 128 x 3\)"):
+        run_train(*TOKENIZER_RUN, "--tokenizer-preset", "demo", "--out", tmp_path / "d", "--steps", 1,
+                  "--init", tiny_tokenizer)
+    with pytest.raises(UserError, match="a 'flow' checkpoint, not a tokenizer"):
+        run_train(*TOKENIZER_RUN, "--out", tmp_path / "e", "--steps", 1, "--init", flow)
+    assert run_train(*flow_args(tiny_tokenizer, tmp_path / "f", "--steps", 1, "--init", flow))["step"] == 1
+
+
 def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_path):
     cache = tmp_path / "cache"
     data.pretokenize(data.build_parser().parse_args(["pretokenize", "--data", "shapes:n=16", "--tokenizer",

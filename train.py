@@ -534,25 +534,61 @@ def build_perceptual(args, device, rank, world, say):
     return net
 
 
+# the flags that shape the trained parts: an --init file that does not fit is told by those that differ
+SHAPE_FLAGS = ("model", "dit_patch_size", "clip_tower", "projector_depth", "projector_heads", "projector_ff",
+               "projector_patch_size", "align_hidden", "w_con", "decoder_width", "decoder_depth", "decoder_ff",
+               "decoder_vocab")
+
+
+def _misfit(own, src):
+    """The keys of two state dicts that do not match -> up to 3 described, and the count, or '' when they fit."""
+    wrong = [f"{k} missing" for k in own if k not in src] + [f"{k} unexpected" for k in src if k not in own]
+    wrong += [f"{k} {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in src and src[k].shape != own[k].shape]
+    return ", ".join(wrong[:3]) + (f" ({len(wrong)} keys in all)" if len(wrong) > 3 else "")
+
+
+def init_from_run(parts, args):
+    """--init for the DiT / projector / decoder stages: the same parts of another run (any stage that has them)."""
+    init = load_checkpoint(args.init)
+    weights, saved = init.get("ema" if args.init_from_ema else "model") or {}, init.get("args") or {}
+    absent = [name for name in parts if name not in weights]
+    if absent:
+        raise UserError(f"--init {args.init} is a '{init['stage']}' checkpoint (parts: {', '.join(weights)}): it "
+                        f"has no {', '.join(absent)}, which --stage {args.stage} trains")
+    for name, m in parts.items():
+        misfit = _misfit(m.state_dict(), weights[name])
+        if misfit:
+            flags = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here" for k in SHAPE_FLAGS
+                     if k in saved and saved[k] != getattr(args, k)]
+            raise UserError(f"--init {args.init} (a '{init['stage']}' run) does not fit this '{args.stage}' run"
+                            f"{': ' + '; '.join(flags) if flags else ''}; its {name}: {misfit}")
+        m.load_state_dict(weights[name])
+
+
+def _tokenizer_size(config):
+    """A tokenizer's size in words: 'encoder 768 x 12, decoder 1024 x 24' (width x depth)."""
+    return (f"encoder {config['enc_width']} x {config['enc_depth']}, "
+            f"decoder {config['dec_width']} x {config['dec_depth']}")
+
+
 def init_weights(parts, args):
     """--init: the trained parts from another run; for the tokenizer stage also any tokenizer checkpoint,
     the official FlowTiTok_256/512.bin included (fine-tuning; RoPE tables follow this run's image size)."""
     if args.stage != "tokenizer":
-        init = load_checkpoint(args.init)
-        for name, m in parts.items():
-            m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
-        return
+        return init_from_run(parts, args)
     try:
-        src = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema).state_dict()
+        tok = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema)
     except (ValueError, OSError, RuntimeError) as e:
         raise UserError(f"--init {args.init}: {e}") from None
-    own = parts["tokenizer"].state_dict()
+    src, own = tok.state_dict(), parts["tokenizer"].state_dict()
     keys = [k for k in own if "rope_" not in k]
     wrong = [k for k in keys if k not in src or src[k].shape != own[k].shape]
     if wrong:
-        raise UserError(f"--init {args.init} does not fit --tokenizer-preset {args.tokenizer_preset}: "
-                         + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
-                                     f"{tuple(own[k].shape)}" for k in wrong[:5]))
+        raise UserError(f"--init {args.init} ({_tokenizer_size(tok.config)}) does not fit --tokenizer-preset "
+                        f"{args.tokenizer_preset} ({_tokenizer_size(parts['tokenizer'].config)}): "
+                        + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
+                                    f"{tuple(own[k].shape)}" for k in wrong[:5]))
     parts["tokenizer"].load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
