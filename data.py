@@ -357,7 +357,8 @@ class TarSource:
         exactly (the shard's first `offset` samples are read past, not decoded).
         """
         if readers > len(self.shards):
-            raise ValueError(f"{self.name}: {len(self.shards)} shards for {readers} readers")
+            raise UserError(f"{self.name}: {len(self.shards)} shards for {readers} readers (each reads shards of its "
+                            f"own): use at most {len(self.shards)} processes, or split the data into more shards")
         epoch, shard, offset, seen = cursor["epoch"], cursor["shard"], cursor["offset"], cursor["seen"]
         counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
         while True:
@@ -853,21 +854,28 @@ class TarLoader:
         self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
         self.rank, self.world = _rank_world(rank, world)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        workers = max(num_workers, 1)
-        if len(source.shards) < self.world * workers:
-            raise ValueError(f"{source.name}: {len(source.shards)} shards cannot feed {self.world} ranks x {workers}"
-                             f" workers = {self.world * workers} readers (each needs its own shards):"
-                             " use fewer workers or more shards")
+        if len(source.shards) < self.world:
+            raise UserError(f"{source.name}: {len(source.shards)} shards for {self.world} ranks (each reads shards of "
+                            f"its own): use at most {len(source.shards)} processes, or split the data into more shards")
+        # More workers than shards per rank: fewer workers, not an error. Each reader needs shards of its own (one
+        # without could only repeat another's samples), so workers beyond shards // ranks cannot help; fewer read
+        # the same stream, only with less decoding in parallel. The count depends on the shards, ranks and
+        # --num-workers alone, so the same command resumes the same stream.
+        workers = min(max(num_workers, 1), len(source.shards) // self.world)
+        self.num_workers = min(num_workers, workers)   # 0 stays 0: one reader, in this process
         self.batches, self.cursors = 0, [None] * workers
 
     def state_dict(self):
         return {"world": self.world, "batches": self.batches, "readers": [c and dict(c) for c in self.cursors]}
 
     def load_state_dict(self, state):
+        # why not adapt: the reader count decides which shards each reader takes and where its cursor points;
+        # another count is another stream, which would repeat and skip samples instead of continuing this one
         if state["world"] != self.world or len(state["readers"]) != len(self.cursors):
-            raise ValueError(f"{self.source.name}: a tar stream resumes exactly only with the same world size and"
-                             f" worker count (saved {state['world']} x {len(state['readers'])} readers,"
-                             f" now {self.world} x {len(self.cursors)})")
+            raise UserError(f"{self.source.name}: the tar stream was saved with {state['world']} process(es) x "
+                            f"{len(state['readers'])} reader(s) each (now {self.world} x {len(self.cursors)}) and "
+                            f"continues exactly only with the same: resume with {state['world']} process(es) and "
+                            f"--num-workers {len(state['readers'])}")
         self.batches, self.cursors = int(state["batches"]), [c and dict(c) for c in state["readers"]]
 
     def __iter__(self):

@@ -1090,19 +1090,47 @@ def test_tar_ranks_and_workers_split_the_corpus_and_resume(tmp_path):
     for want, got in zip(expected, itertools.islice(resumed, 4)):
         assert want["caption"] == got["caption"]
         assert torch.equal(want["image"], got["image"]) and torch.equal(want["noise"], got["noise"])
-    with pytest.raises(ValueError, match="same world size and worker count"):
+    with pytest.raises(UserError, match=r"saved with 2 process\(es\) x 2 reader\(s\) each \(now 2 x 1\)"):
         data.make_loader(source, 4, rank=1, world=2, num_workers=1).load_state_dict(state)
 
 
 def test_tar_too_few_shards_and_dead_shards(tmp_path):
     spec = _write_shards(tmp_path, shards=3, per_shard=2)
-    with pytest.raises(ValueError, match="3 shards cannot feed 2 ranks x 2 workers"):
-        data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=2, num_workers=2)
+    with pytest.raises(UserError, match="3 shards for 4 ranks"):
+        data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=4, num_workers=2)
     _write_tar(tmp_path / "dead.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
     with pytest.raises(RuntimeError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
         next(iter(data.make_loader(data.build_dataset(f"tar:{tmp_path}/dead.tar", 32), 2, rank=0, world=1)))
     with pytest.raises(RuntimeError, match="no shard found"):
         data.build_dataset(f"tar:{tmp_path}/nothing-{{0..3}}.tar", 32)
+
+
+def test_tar_with_fewer_shards_than_ranks_x_workers_runs_with_fewer_workers(tmp_path):
+    """3 shards, 2 ranks x 2 workers: 1 worker per rank (a reader needs shards of its own), the whole corpus
+    still read once per epoch; fewer shards than ranks, or resuming with another count: one line saying what to pass."""
+    spec = _write_shards(tmp_path, shards=3, per_shard=2)
+    source = data.build_dataset(spec, 32)
+    loaders = [data.make_loader(source, 2, seed=1, rank=rank, world=2, num_workers=2) for rank in range(2)]
+    assert [loader.num_workers for loader in loaders] == [1, 1]
+    # per epoch, reader 0 takes 2 shards (4 samples, 2 batches) and reader 1 one shard (1 batch)
+    captions = [c for loader, n in zip(loaders, (2, 1)) for b in itertools.islice(loader, n) for c in b["caption"]]
+    assert sorted(captions) == sorted(f"sample {s} {i}" for s in range(3) for i in range(2))
+    assert data.make_loader(source, 2, rank=0, world=1, num_workers=0).num_workers == 0   # in-process stays so
+    with pytest.raises(UserError) as err:
+        data.make_loader(source, 2, rank=0, world=4, num_workers=0)
+    assert str(err.value) == (f"{spec}: 3 shards for 4 ranks (each reads shards of its own): use at most 3 "
+                              "processes, or split the data into more shards")
+    with pytest.raises(UserError, match="3 shards for 4 readers .*use at most 3 processes"):   # pretokenize's path
+        next(source.samples(0, 0, 4, dict(epoch=0, shard=0, offset=0, seen=0)))
+    # train.py: runs with 2 of --num-workers 4 and says so; a resume with 1 worker says what to pass
+    out = tmp_path / "run"
+    spec2 = spec.replace("{000..002}", "{000..001}")
+    run_train(*TOKENIZER_RUN, "--data", spec2, "--out", out, "--steps", 1, "--num-workers", 4)
+    assert "note: 2 shards feed 2 DataLoader workers per rank, not --num-workers 4" in (out / "log.txt").read_text()
+    with pytest.raises(UserError) as err:
+        run_train(*TOKENIZER_RUN, "--data", spec2, "--out", out, "--steps", 2, "--num-workers", 1, "--resume")
+    assert str(err.value) == (f"{spec2}: the tar stream was saved with 1 process(es) x 2 reader(s) each (now 1 x 1) "
+                              "and continues exactly only with the same: resume with 1 process(es) and --num-workers 2")
 
 
 # ----------------------------------------------------------------------------- the map-style loader

@@ -821,6 +821,9 @@ def describe(run, source, params):
                 "it does not understand them")
     if getattr(source, "skipped", None):
         run.say(f"skipped while indexing {args.data}: {data.format_skips(source.skipped)}")
+    if run.loader.num_workers < args.num_workers:    # a tar source with fewer shards than ranks x workers
+        run.say(f"note: {len(source.shards)} shards feed {run.loader.num_workers} DataLoader workers per rank, "
+                f"not --num-workers {args.num_workers} (each worker reads shards of its own)")
 
 
 def train_step(run, batches):
