@@ -1865,6 +1865,19 @@ def test_step_files_without_last_pt_are_an_existing_run(tmp_path):
         run_train(*TOKENIZER_RUN, "--out", out, "--steps", 4, "--resume")
 
 
+def test_resume_whose_last_pt_is_a_directory_is_a_one_line_error(tmp_path):
+    """A folder named last.pt stops the run at once, not at the first save (after training) or as a resume that
+    reads last.pt/last.pt."""
+    out = tmp_path / "run"
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 1)
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    for resume in (("--resume",), ()):
+        with pytest.raises(UserError) as err:
+            run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, *resume)
+        assert str(err.value) == f"{out}/last.pt is a folder: every checkpoint is written there; move it away"
+
+
 def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path):
     """Preemption as schedulers do it: SIGTERM to the whole group; the workers leave it to the trainer."""
     out = tmp_path / "run"

@@ -731,6 +731,9 @@ def check_output_folder(out, resume):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {out} is not writable ({e.strerror})") from None
+    last = os.path.join(out, "last.pt")
+    if os.path.isdir(last) and not os.path.islink(last):  # no file can replace it: say so now, not at the first save
+        raise UserError(f"{last} is a folder: every checkpoint is written there; move it away")
     if not resume and run_checkpoints(out):
         raise UserError(f"{out} already holds a run ({os.path.basename(run_checkpoints(out)[0])}): pass --resume to "
                         f"continue it, or another --out")
