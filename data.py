@@ -163,8 +163,8 @@ def format_skips(counts):
 
 
 def _no_samples(name, total, counts):
-    """The error for a source that gives nothing to train on."""
-    return RuntimeError(f"{name}: 0 usable samples out of {total} ({format_skips(counts)})")
+    """The error for a source that gives nothing to train on (the data's fault: a UserError, one line)."""
+    return UserError(f"{name}: 0 usable samples out of {total} ({format_skips(counts)})")
 
 
 class _Strings:
@@ -831,7 +831,11 @@ class _TarBatches(torch.utils.data.IterableDataset):
         while True:
             samples, skipped = [], collections.Counter()
             while len(samples) < self.batch_size:
-                sample, cursor = next(stream)
+                try:
+                    sample, cursor = next(stream)
+                except UserError as e:  # sent as data: raised in a worker, the DataLoader would wrap it in a traceback
+                    yield {"error": str(e)}
+                    return
                 if isinstance(sample, BadSample):
                     skipped[sample.reason] += 1
                     continue
@@ -886,6 +890,8 @@ class TarLoader:
                                              generator=_generator(self.seed, "workers"),
                                              worker_init_fn=_leave_signals_to_the_trainer)
         for batch in loader:
+            if "error" in batch:
+                raise UserError(batch["error"])
             self.cursors[batch.pop("reader")] = batch.pop("cursor")
             self.batches += 1
             yield batch

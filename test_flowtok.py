@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -931,7 +932,7 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
     lines = [{"image": f"gone{i}.jpg", "caption": f"c{i}"} for i in range(5)] + [{"image": "x.jpg", "caption": ""}] * 7
     (tmp_path / "y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     spec = f"jsonl:{tmp_path / 'y.jsonl'}"
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(UserError) as error:
         data.build_dataset(spec, 32)
     assert str(error.value) == f"{spec}: 0 usable samples out of 12 (empty caption: 7, missing file: 5)"
     # images that exist but never decode: found while loading, after one epoch of the stream
@@ -940,9 +941,9 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
         (tmp_path / "bad" / f"{i}.jpg").write_text("no")
         (tmp_path / "bad" / f"{i}.txt").write_text("fine caption")
     loader = data.Loader(data.build_dataset(f"folder:{tmp_path / 'bad'}", 32), 3, rank=0, world=1)
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
         next(iter(loader))
-    with pytest.raises(RuntimeError, match="0 usable samples out of 0"):
+    with pytest.raises(UserError, match="0 usable samples out of 0"):
         data.build_dataset(f"folder:{tmp_path / 'empty'}", 32)
 
 
@@ -1099,7 +1100,7 @@ def test_tar_too_few_shards_and_dead_shards(tmp_path):
     with pytest.raises(UserError, match="3 shards for 4 ranks"):
         data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=4, num_workers=2)
     _write_tar(tmp_path / "dead.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
         next(iter(data.make_loader(data.build_dataset(f"tar:{tmp_path}/dead.tar", 32), 2, rank=0, world=1)))
     with pytest.raises(RuntimeError, match="no shard found"):
         data.build_dataset(f"tar:{tmp_path}/nothing-{{0..3}}.tar", 32)
@@ -1131,6 +1132,22 @@ def test_tar_with_fewer_shards_than_ranks_x_workers_runs_with_fewer_workers(tmp_
         run_train(*TOKENIZER_RUN, "--data", spec2, "--out", out, "--steps", 2, "--num-workers", 1, "--resume")
     assert str(err.value) == (f"{spec2}: the tar stream was saved with 1 process(es) x 2 reader(s) each (now 1 x 1) "
                               "and continues exactly only with the same: resume with 1 process(es) and --num-workers 2")
+
+
+def test_data_whose_every_image_is_unreadable_stops_training_with_one_line(tmp_path):
+    """Found while training (the images decode only then): one line, also when a DataLoader worker finds it."""
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.jpg").write_text("no")
+        (tmp_path / "bad" / f"{i}.txt").write_text("fine caption")
+    _write_tar(tmp_path / "dead-0.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
+    _write_tar(tmp_path / "dead-1.tar", [("y.jpg", b"garbage"), ("y.txt", b"caption")])
+    for spec, workers, why in ((f"folder:{tmp_path / 'bad'}", 0, r"\(rank 0\): 0 usable samples out of 4"),
+                               (f"tar:{tmp_path}/dead-{{0..1}}.tar", 2, r"\(reader \d\): 0 usable samples out of 2")):
+        with pytest.raises(UserError) as err:        # tar: 2 workers, each reads its shard twice, then gives up
+            run_train(*TOKENIZER_RUN, "--data", spec, "--out", tmp_path / f"run{workers}", "--steps", 1,
+                      "--num-workers", workers)
+        assert re.fullmatch(re.escape(spec) + f" {why} " + r"\(unreadable image: \d\)", str(err.value))
 
 
 # ----------------------------------------------------------------------------- the map-style loader
@@ -1230,7 +1247,7 @@ def test_all_bad_batches_pass_their_skip_counts_to_the_next(workers):
     nxt = next(stream)
     assert nxt["position"].tolist() == [11] and nxt["skipped"] == {"unreadable image": 1}
     # a stream whose every sample is bad stops with an error after one epoch instead of spinning
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
         next(iter(data.Loader(Flaky(12, range(12)), 2, seed=7, rank=0, world=1, num_workers=workers)))
 
 
