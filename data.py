@@ -667,12 +667,18 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
         source = CacheSource(spec, path)
     else:
         if kind == "jsonl":
+            if "root" in options and not os.path.isdir(options["root"]):
+                raise UserError(f"{spec}: root={options['root']} is not a folder")
             records = _jsonl_records(spec, path, options.get("root", os.path.dirname(os.path.abspath(path))))
         elif kind == "coco":
             if "images" not in options:
                 raise ValueError(f"{spec}: coco needs images=DIR")
+            if not os.path.isdir(options["images"]):  # else every caption would count as a "missing file"
+                raise UserError(f"{spec}: images={options['images']} is not a folder")
             records = _coco_records(spec, path, options["images"])
         else:
+            if not os.path.isdir(path):  # os.walk of a missing folder is silently empty
+                raise UserError(f"{spec}: {path} is not a folder")
             records = _folder_records(path)
         source = ImageCaptions(spec, *records, **images)
     if len(source) == 0:
@@ -963,7 +969,10 @@ def pretokenize(args):
                                                                      ckpt["path"]))
     clip = None if args.no_clip else CLIPTextEncoder(args.clip_tower or clip_cfg["tower"],
                                                      args.clip_weights or clip_cfg["weights"]).to(device)
-    source = build_dataset(args.data, image_size=tok.image_size)
+    try:
+        source = build_dataset(args.data, image_size=tok.image_size)
+    except (ValueError, RuntimeError) as e:   # the spec's errors: an unknown kind, option or split
+        raise UserError(str(e)) from None
     part = os.path.join(args.out, f"part-{rank:05d}")
     done = len(np.load(os.path.join(part, "ids.npy"), mmap_mode="r")) if os.path.exists(
         os.path.join(part, "ids.npy")) else 0

@@ -943,6 +943,7 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
     loader = data.Loader(data.build_dataset(f"folder:{tmp_path / 'bad'}", 32), 3, rank=0, world=1)
     with pytest.raises(UserError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
         next(iter(loader))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="0 usable samples out of 0"):
         data.build_dataset(f"folder:{tmp_path / 'empty'}", 32)
 
@@ -1001,6 +1002,19 @@ def test_shapes_spec_with_a_bad_number_is_a_one_line_error(option, least):
         data.build_dataset(f"shapes:split=train,{option}", 32)
     assert str(err.value) == f"shapes:split=train,{option}: option {option} must be an integer >= {least}"
     assert len(data.build_dataset("shapes:n=3,seed=0", 32)) == 3
+
+
+def test_folder_coco_images_or_jsonl_root_that_is_not_a_folder_is_a_one_line_error(tmp_path):
+    """Said as such, not as '0 usable samples' (an empty walk) or every caption a 'missing file'."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "x.png", "caption": "x"}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": []}))
+    for spec, what in ((f"folder:{tmp_path}/nope", f"{tmp_path}/nope"),
+                       (f"folder:{tmp_path}/a.jsonl", f"{tmp_path}/a.jsonl"),
+                       (f"coco:{tmp_path}/c.json,images={tmp_path}/nope", f"images={tmp_path}/nope"),
+                       (f"jsonl:{tmp_path}/a.jsonl,root={tmp_path}/nope", f"root={tmp_path}/nope")):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value) == f"{spec}: {what} is not a folder"
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -2095,6 +2109,21 @@ def test_init_from_another_stage_or_model_size_is_a_one_line_error(tiny_tokenize
     with pytest.raises(UserError, match="a 'flow' checkpoint, not a tokenizer"):
         run_train(*TOKENIZER_RUN, "--out", tmp_path / "e", "--steps", 1, "--init", flow)
     assert run_train(*flow_args(tiny_tokenizer, tmp_path / "f", "--steps", 1, "--init", flow))["step"] == 1
+
+
+def test_bad_data_spec_in_text_ae_vocabulary_and_pretokenize_is_one_line(tiny_tokenizer, tmp_path, capsys):
+    """Every command that opens --data says a bad spec in one line: also --decoder-vocab data and data.py."""
+    with pytest.raises(UserError, match="unknown split 'nope'"):
+        run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
+                  "shapes:split=nope", "--out", tmp_path / "a", "--global-batch", 2, "--steps", 1,
+                  "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 32, "--decoder-vocab", "data")
+    for spec, why in (("csv:x", "csv:x: unknown source kind 'csv'"), ("shapes:split=nope", "unknown split 'nope'"),
+                      (f"jsonl:{tmp_path}/nope.jsonl", "nope.jsonl: cannot read")):
+        args = data.build_parser().parse_args(["pretokenize", "--data", spec, "--tokenizer", str(tiny_tokenizer),
+                                               "--out", str(tmp_path / "cache"), "--no-clip", "--num-workers", "0"])
+        assert projector.run_cli("data.py", data.pretokenize, args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("data.py: error: ") and why in err and err.count("\n") == 1, err
 
 
 def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_path):

@@ -246,9 +246,17 @@ def load_frozen_text_ae(path, device):
     return proj.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
 
 
+def open_data(args, **options):
+    """--data -> its source (data.build_dataset); a spec that cannot be used is one line, naming it."""
+    try:
+        return data.build_dataset(args.data, image_size=args.image_size, **options)
+    except (ValueError, RuntimeError) as e:   # data.py's spec errors: an unknown kind, option or split
+        raise UserError(str(e)) from None
+
+
 def caption_vocabulary(args):
     """The CLIP ids of every training caption of --data (for --decoder-vocab data)."""
-    source = data.build_dataset(args.data, image_size=args.image_size)
+    source = open_data(args)
     if isinstance(source, data.CacheSource):
         return sorted({int(i) for a in source._open() for i in np.unique(a["ids"])})
     if isinstance(source, data.ShapesSource):
@@ -777,11 +785,7 @@ def resume_checkpoint(args, say=print):
 
 def build_data(args, rank, world, device):
     """-> (source, loader) of --data for this rank."""
-    try:
-        source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
-                                    flip=args.flip)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(str(e)) from None
+    source = open_data(args, random_crop=args.random_crop, flip=args.flip)
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
                               noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
