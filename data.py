@@ -477,8 +477,16 @@ class CacheSource:
                     captions += [json.loads(line)["caption"] for line in f if line.strip()]
             except OSError as e:
                 raise RuntimeError(f"{name}: not a pre-tokenised cache ({e.strerror}: {e.filename})") from None
+            except (ValueError, KeyError, TypeError):  # a line that is not JSON, or not an object with "caption"
+                raise UserError(f"{name}: {part}/captions.jsonl has a line that is not {{\"caption\": ...}}; "
+                                f"not a pre-tokenised cache, or a damaged one") from None
         self.captions = _Strings(captions)
         self.keys = [k for k in ("posterior", "clip", "ids") if os.path.exists(os.path.join(self.parts[0], k + ".npy"))]
+        for part in self.parts:  # "clip" is optional, but then in no part; the others are in every part
+            lacking = sorted(f"{k}.npy" for k in {"posterior", "ids", *self.keys}
+                             if not os.path.isfile(os.path.join(part, k + ".npy")))
+            if lacking:
+                raise UserError(f"{name}: not a pre-tokenised cache ({part} has no {', '.join(lacking)})")
         self._arrays = None                     # each DataLoader worker maps the files itself
         rows = [len(a["ids"]) for a in self._open()]
         self.starts = np.cumsum([0] + rows)     # first global row of each part

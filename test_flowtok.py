@@ -1322,6 +1322,29 @@ def test_cache_write_append_and_read(tmp_path):
     assert sorted(batch["caption"]) == captions
 
 
+def test_cache_without_its_arrays_or_with_a_bad_captions_line_is_a_one_line_error(tmp_path):
+    """A folder that only looks like a cache: one line naming what is missing or damaged, not KeyError: 'ids'."""
+    rng = np.random.default_rng(0)
+    data.write_cache(tmp_path / "c" / "part-00000", rng.normal(size=(2, 77, 32)), None,
+                     rng.integers(0, 49408, (2, 77)), ["a", "b"])
+    data.write_cache(tmp_path / "c" / "part-00001", rng.normal(size=(1, 77, 32)), None,
+                     rng.integers(0, 49408, (1, 77)), ["c"])
+    assert len(data.build_dataset(f"cache:{tmp_path / 'c'}", 32)) == 3
+    (tmp_path / "c" / "part-00001" / "ids.npy").unlink()
+    with pytest.raises(UserError) as err:
+        data.build_dataset(f"cache:{tmp_path / 'c'}", 32)
+    assert str(err.value) == (f"cache:{tmp_path / 'c'}: not a pre-tokenised cache ({tmp_path}/c/part-00001 has no "
+                              "ids.npy)")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "captions.jsonl").write_text('{"caption": "x"}\n')
+    with pytest.raises(UserError, match=r"d has no ids.npy, posterior.npy\)$"):
+        data.build_dataset(f"cache:{tmp_path / 'd'}", 32)
+    for line in ("not json", '["x"]', '{"text": "x"}'):
+        (tmp_path / "d" / "captions.jsonl").write_text(line + "\n")
+        with pytest.raises(UserError, match='captions.jsonl has a line that is not {"caption": ...}'):
+            data.build_dataset(f"cache:{tmp_path / 'd'}", 32)
+
+
 # ----------------------------------------------------------------------------- shapes world
 
 def test_shapes_deterministic_and_splits():
