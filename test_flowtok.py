@@ -1932,6 +1932,16 @@ def test_resume_whose_last_pt_is_a_directory_is_a_one_line_error(tmp_path):
         assert str(err.value) == f"{out}/last.pt is a folder: every checkpoint is written there; move it away"
 
 
+def test_sample_prompts_file_that_is_missing_or_not_text_is_a_one_line_error(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    for name, why in (("nope.txt", "No such file or directory"), ("binary.txt", "invalid start byte"),
+                      (".", "Is a directory")):
+        with pytest.raises(UserError) as err:
+            run_train(*TOKENIZER_RUN, "--out", tmp_path / name.replace(".", "x"), "--steps", 1, "--sample-every", 1,
+                      "--sample-prompts", tmp_path / name)
+        assert str(err.value) == f"--sample-prompts {tmp_path / name}: {why}"
+
+
 def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path):
     """Preemption as schedulers do it: SIGTERM to the whole group; the workers leave it to the trainer."""
     out = tmp_path / "run"

@@ -1036,8 +1036,12 @@ def preview_inputs(source, args, device):
     """Fixed inputs for the periodic previews: the first 8 samples of the data (or the prompts file)."""
     prompts = None
     if args.sample_prompts:
-        with open(args.sample_prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.sample_prompts, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
+            raise UserError(f"--sample-prompts {args.sample_prompts}: {getattr(e, 'strerror', None) or e.reason}"
+                            ) from None
     # a generator of their own: the previews must not draw from the training RNG (exact resume)
     samples = [source.get(i, torch.Generator().manual_seed(i)) for i in range(min(8, len(source)))] \
         if hasattr(source, "get") else []
