@@ -1993,6 +1993,16 @@ def test_disc_width_that_is_not_a_multiple_of_32_is_a_parse_error(width, capsys)
     assert train.build_parser().parse_args(["--out", "x", "--disc-width", "96"]).disc_width == 96
 
 
+@pytest.mark.parametrize("value, message", [("abc", "'abc' is not a number"), ("0", "must be a finite number > 0"),
+                                            ("nan", "must be a finite number > 0")])
+def test_scale_factor_that_is_not_a_number_or_auto_is_a_parse_error(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args(["--out", "x", "--scale-factor", value])
+    assert exit_.value.code == 2 and f"--scale-factor: {message}" in capsys.readouterr().err
+    assert train.build_parser().parse_args(["--out", "x", "--scale-factor", "0.5"]).scale_factor == 0.5
+    assert train.build_parser().parse_args(["--out", "x"]).scale_factor == "auto"
+
+
 class NotAWeight:
     """An arbitrary Python object: a file holding one must never be unpickled."""
 

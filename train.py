@@ -1062,6 +1062,11 @@ def stage_defaults_text():
     return "\n".join(lines) + "\n  (--w-kl of the flow stage: per --kl form, official 0.01, standard 1e-4)"
 
 
+def scale_factor(text):
+    """--scale-factor's argparse type: 'auto', or a finite number > 0 (else one argparse line, exit 2)."""
+    return text if text == "auto" else positive_float(text)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, epilog=stage_defaults_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1081,7 +1086,7 @@ def build_parser():
     p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
                    help="tokenizer size (stage tokenizer)")
-    p.add_argument("--scale-factor", default="auto", help="tokenizer stage: the flow-space scale recorded in the "
+    p.add_argument("--scale-factor", type=scale_factor, default="auto", help="tokenizer stage: the flow-space scale recorded in the "
                    "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
