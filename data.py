@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
 from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, UserError, load_checkpoint, non_negative_int,
-                       positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256, write_json_atomic)
+                       one_line, positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256,
+                       write_json_atomic)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -163,8 +164,8 @@ def format_skips(counts):
 
 
 def _no_samples(name, total, counts):
-    """The error for a source that gives nothing to train on."""
-    return RuntimeError(f"{name}: 0 usable samples out of {total} ({format_skips(counts)})")
+    """The error for a source that gives nothing to train on (the data's fault: a UserError, one line)."""
+    return UserError(f"{name}: 0 usable samples out of {total} ({format_skips(counts)})")
 
 
 class _Strings:
@@ -191,10 +192,18 @@ class _Strings:
 # A map-style source has len(), .name, .skipped (a Counter of the records dropped when it was built) and
 # get(index, generator) -> sample dict (or raises BadSample). The tar source is a stream instead.
 
-def _jsonl_records(path, root):
+def _open_listing(spec, path, mode="rb"):
+    """Open the file a spec names (a jsonl or COCO json); a missing or unreadable one is a one-line UserError."""
+    try:
+        return open(path, mode)
+    except OSError as e:  # missing, a folder, no permission, a symlink loop: the spec is wrong, not the code
+        raise UserError(f"{spec}: cannot read {path} ({e.strerror})") from None
+
+
+def _jsonl_records(spec, path, root):
     """A jsonl file -> (image paths, captions, skip counts)."""
     paths, captions, skipped = [], [], collections.Counter()
-    with open(path, "rb") as f:
+    with _open_listing(spec, path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -222,20 +231,36 @@ def _jsonl_records(path, root):
     return paths, captions, skipped
 
 
-def _coco_records(path, images):
+def _coco_records(spec, path, images):
     """A COCO captions json (captions_train2014.json layout) -> (image paths, captions, skip counts)."""
-    with open(path, encoding="utf-8") as f:
-        coco = json.load(f)
-    file_names = {image["id"]: image["file_name"] for image in coco.get("images", [])}
+    with _open_listing(spec, path) as f:
+        try:
+            coco = json.load(f)
+        except (ValueError, OSError) as e:  # ValueError: not JSON or not UTF-8; OSError: a read that failed
+            raise UserError(f"{spec}: {path} is not a readable JSON file ({one_line(e)})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) \
+            or not isinstance(coco.get("images", []), list):
+        found = "an object without them" if isinstance(coco, dict) else "a list" if isinstance(coco, list) else \
+            "a single value"
+        raise UserError(f"{spec}: {path} is not a COCO captions file (expected an object with 'images' and "
+                        f"'annotations' lists, found {found})")
+    # an image record without an id or a file name is left out: its captions then count as "missing image"
+    file_names = {image["id"]: image["file_name"] for image in coco.get("images", [])
+                  if isinstance(image, dict) and isinstance(image.get("id"), (int, str))
+                  and isinstance(image.get("file_name"), str)}
     exists = {}
     paths, captions, skipped = [], [], collections.Counter()
-    for annotation in coco.get("annotations", []):
+    for annotation in coco["annotations"]:
+        if not isinstance(annotation, dict):
+            skipped["bad annotation"] += 1
+            continue
         try:
             caption = clean_caption(annotation.get("caption"))
         except BadSample as e:
             skipped[e.reason] += 1
             continue
-        name = file_names.get(annotation.get("image_id"))
+        image_id = annotation.get("image_id")
+        name = file_names.get(image_id) if isinstance(image_id, (int, str)) else None  # a list is no key
         if name is None:
             skipped["missing image"] += 1
             continue
@@ -264,6 +289,9 @@ def _folder_records(directory):
                     caption = clean_caption(f.read())
             except FileNotFoundError:
                 skipped["missing caption"] += 1
+                continue
+            except OSError:  # a folder, a symlink loop, no permission: one bad sample, skipped and counted like
+                skipped["unreadable caption"] += 1  # the other bad ones, never a reason to stop a run
                 continue
             except BadSample as e:
                 skipped[e.reason] += 1
@@ -330,7 +358,8 @@ class TarSource:
         exactly (the shard's first `offset` samples are read past, not decoded).
         """
         if readers > len(self.shards):
-            raise ValueError(f"{self.name}: {len(self.shards)} shards for {readers} readers")
+            raise UserError(f"{self.name}: {len(self.shards)} shards for {readers} readers (each reads shards of its "
+                            f"own): use at most {len(self.shards)} processes, or split the data into more shards")
         epoch, shard, offset, seen = cursor["epoch"], cursor["shard"], cursor["offset"], cursor["seen"]
         counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
         while True:
@@ -466,8 +495,16 @@ class CacheSource:
                     captions += [json.loads(line)["caption"] for line in f if line.strip()]
             except OSError as e:
                 raise RuntimeError(f"{name}: not a pre-tokenised cache ({e.strerror}: {e.filename})") from None
+            except (ValueError, KeyError, TypeError):  # a line that is not JSON, or not an object with "caption"
+                raise UserError(f"{name}: {part}/captions.jsonl has a line that is not {{\"caption\": ...}}; "
+                                f"not a pre-tokenised cache, or a damaged one") from None
         self.captions = _Strings(captions)
         self.keys = [k for k in ("posterior", "clip", "ids") if os.path.exists(os.path.join(self.parts[0], k + ".npy"))]
+        for part in self.parts:  # "clip" is optional, but then in no part; the others are in every part
+            lacking = sorted(f"{k}.npy" for k in {"posterior", "ids", *self.keys}
+                             if not os.path.isfile(os.path.join(part, k + ".npy")))
+            if lacking:
+                raise UserError(f"{name}: not a pre-tokenised cache ({part} has no {', '.join(lacking)})")
         self._arrays = None                     # each DataLoader worker maps the files itself
         rows = [len(a["ids"]) for a in self._open()]
         self.starts = np.cumsum([0] + rows)     # first global row of each part
@@ -626,6 +663,18 @@ _KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), 
           "cache": set()}  # kind -> its options
 
 
+def _int_option(spec, options, key, default, least):
+    """The integer option `key` of a spec (shapes:n=2000), at least `least`; a bad one is a UserError naming it."""
+    text = options.get(key, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:  # numpy seeds must be >= 0; n = 0 would be an empty source
+        raise UserError(f"{spec}: option {key}={text} must be an integer >= {least}")
+    return value
+
+
 def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False):
     """A data spec (README "Data") -> source; skips images with shorter side < min_size (default image_size // 2)."""
     kind, _, rest = spec.partition(":")
@@ -643,18 +692,24 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     if kind == "tar":
         return TarSource(spec, path, **images)  # checked as it streams
     if kind == "shapes":
-        source = ShapesSource(spec, options.get("split", "train"), int(options.get("n", 20000)),
-                              int(options.get("seed", 0)), image_size)
+        source = ShapesSource(spec, options.get("split", "train"), _int_option(spec, options, "n", 20000, 1),
+                              _int_option(spec, options, "seed", 0, 0), image_size)
     elif kind == "cache":
         source = CacheSource(spec, path)
     else:
         if kind == "jsonl":
-            records = _jsonl_records(path, options.get("root", os.path.dirname(os.path.abspath(path))))
+            if "root" in options and not os.path.isdir(options["root"]):
+                raise UserError(f"{spec}: root={options['root']} is not a folder")
+            records = _jsonl_records(spec, path, options.get("root", os.path.dirname(os.path.abspath(path))))
         elif kind == "coco":
             if "images" not in options:
                 raise ValueError(f"{spec}: coco needs images=DIR")
-            records = _coco_records(path, options["images"])
+            if not os.path.isdir(options["images"]):  # else every caption would count as a "missing file"
+                raise UserError(f"{spec}: images={options['images']} is not a folder")
+            records = _coco_records(spec, path, options["images"])
         else:
+            if not os.path.isdir(path):  # os.walk of a missing folder is silently empty
+                raise UserError(f"{spec}: {path} is not a folder")
             records = _folder_records(path)
         source = ImageCaptions(spec, *records, **images)
     if len(source) == 0:
@@ -813,7 +868,11 @@ class _TarBatches(torch.utils.data.IterableDataset):
         while True:
             samples, skipped = [], collections.Counter()
             while len(samples) < self.batch_size:
-                sample, cursor = next(stream)
+                try:
+                    sample, cursor = next(stream)
+                except UserError as e:  # sent as data: raised in a worker, the DataLoader would wrap it in a traceback
+                    yield {"error": str(e)}
+                    return
                 if isinstance(sample, BadSample):
                     skipped[sample.reason] += 1
                     continue
@@ -836,21 +895,28 @@ class TarLoader:
         self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
         self.rank, self.world = _rank_world(rank, world)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        workers = max(num_workers, 1)
-        if len(source.shards) < self.world * workers:
-            raise ValueError(f"{source.name}: {len(source.shards)} shards cannot feed {self.world} ranks x {workers}"
-                             f" workers = {self.world * workers} readers (each needs its own shards):"
-                             " use fewer workers or more shards")
+        if len(source.shards) < self.world:
+            raise UserError(f"{source.name}: {len(source.shards)} shards for {self.world} ranks (each reads shards of "
+                            f"its own): use at most {len(source.shards)} processes, or split the data into more shards")
+        # More workers than shards per rank: fewer workers, not an error. Each reader needs shards of its own (one
+        # without could only repeat another's samples), so workers beyond shards // ranks cannot help; fewer read
+        # the same stream, only with less decoding in parallel. The count depends on the shards, ranks and
+        # --num-workers alone, so the same command resumes the same stream.
+        workers = min(max(num_workers, 1), len(source.shards) // self.world)
+        self.num_workers = min(num_workers, workers)   # 0 stays 0: one reader, in this process
         self.batches, self.cursors = 0, [None] * workers
 
     def state_dict(self):
         return {"world": self.world, "batches": self.batches, "readers": [c and dict(c) for c in self.cursors]}
 
     def load_state_dict(self, state):
+        # why not adapt: the reader count decides which shards each reader takes and where its cursor points;
+        # another count is another stream, which would repeat and skip samples instead of continuing this one
         if state["world"] != self.world or len(state["readers"]) != len(self.cursors):
-            raise ValueError(f"{self.source.name}: a tar stream resumes exactly only with the same world size and"
-                             f" worker count (saved {state['world']} x {len(state['readers'])} readers,"
-                             f" now {self.world} x {len(self.cursors)})")
+            raise UserError(f"{self.source.name}: the tar stream was saved with {state['world']} process(es) x "
+                            f"{len(state['readers'])} reader(s) each (now {self.world} x {len(self.cursors)}) and "
+                            f"continues exactly only with the same: resume with {state['world']} process(es) and "
+                            f"--num-workers {len(state['readers'])}")
         self.batches, self.cursors = int(state["batches"]), [c and dict(c) for c in state["readers"]]
 
     def __iter__(self):
@@ -861,6 +927,8 @@ class TarLoader:
                                              generator=_generator(self.seed, "workers"),
                                              worker_init_fn=_leave_signals_to_the_trainer)
         for batch in loader:
+            if "error" in batch:
+                raise UserError(batch["error"])
             self.cursors[batch.pop("reader")] = batch.pop("cursor")
             self.batches += 1
             yield batch
@@ -964,7 +1032,10 @@ def pretokenize(args):
                                                                      ckpt["path"]))
     clip = None if args.no_clip else CLIPTextEncoder(args.clip_tower or clip_cfg["tower"],
                                                      args.clip_weights or clip_cfg["weights"]).to(device)
-    source = build_dataset(args.data, image_size=tok.image_size)
+    try:
+        source = build_dataset(args.data, image_size=tok.image_size)
+    except (ValueError, RuntimeError) as e:   # the spec's errors: an unknown kind, option or split
+        raise UserError(str(e)) from None
     part = os.path.join(args.out, f"part-{rank:05d}")
     done = len(np.load(os.path.join(part, "ids.npy"), mmap_mode="r")) if os.path.exists(
         os.path.join(part, "ids.npy")) else 0

@@ -566,6 +566,11 @@ non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a f
 fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "fraction")
 
 
+def multiple_of(n):
+    """An argparse type for widths split into n groups (GroupNorm(n, width)): n, 2n, 3n, ..."""
+    return _checked(int, lambda v: v >= n and v % n == 0, f"a multiple of {n}", f"multiple_of_{n}")
+
+
 def run_cli(prog, main, args):
     """Run a CLI's main -> the exit status: 0 done, 1 a user error (one line on stderr, no traceback),
     128 + N a run stopped by signal N after saving (main returns {"stopped": N}); argparse exits 2 on bad flags."""

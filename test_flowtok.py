@@ -8,6 +8,7 @@ import ast
 import collections
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import itertools
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -1010,7 +1012,7 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
     lines = [{"image": f"gone{i}.jpg", "caption": f"c{i}"} for i in range(5)] + [{"image": "x.jpg", "caption": ""}] * 7
     (tmp_path / "y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     spec = f"jsonl:{tmp_path / 'y.jsonl'}"
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(UserError) as error:
         data.build_dataset(spec, 32)
     assert str(error.value) == f"{spec}: 0 usable samples out of 12 (empty caption: 7, missing file: 5)"
     # images that exist but never decode: found while loading, after one epoch of the stream
@@ -1019,10 +1021,80 @@ def test_sources_with_no_usable_sample_stop_clearly(tmp_path):
         (tmp_path / "bad" / f"{i}.jpg").write_text("no")
         (tmp_path / "bad" / f"{i}.txt").write_text("fine caption")
     loader = data.Loader(data.build_dataset(f"folder:{tmp_path / 'bad'}", 32), 3, rank=0, world=1)
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 3 \(unreadable image: 3\)"):
         next(iter(loader))
-    with pytest.raises(RuntimeError, match="0 usable samples out of 0"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="0 usable samples out of 0"):
         data.build_dataset(f"folder:{tmp_path / 'empty'}", 32)
+
+
+def test_missing_jsonl_or_coco_file_is_a_one_line_error(tmp_path):
+    """--data naming a file that is not there (or is a folder): one line naming the spec and the path."""
+    for spec, path in ((f"jsonl:{tmp_path}/nope.jsonl", f"{tmp_path}/nope.jsonl"),
+                       (f"coco:{tmp_path}/nope.json,images={tmp_path}", f"{tmp_path}/nope.json"),
+                       (f"jsonl:{tmp_path}", str(tmp_path))):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value).startswith(f"{spec}: cannot read {path} (") and "\n" not in str(err.value)
+    r = train_cli(*TOKENIZER_RUN, "--data", f"coco:{tmp_path}/nope.json,images={tmp_path}", "--out", tmp_path / "run",
+                  "--steps", 1)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"train.py: error: coco:{tmp_path}/nope.json,images={tmp_path}: cannot "
+                                             f"read {tmp_path}/nope.json (No such file or directory)"]
+
+
+def test_coco_captions_json_that_is_a_list_is_a_one_line_error(tmp_path):
+    """A list, an object without annotations, not JSON: one line; malformed records inside a good file are skipped."""
+    for name, text, why in (("list.json", json.dumps([{"image_id": 1, "caption": "x"}]), "found a list"),
+                            ("noann.json", json.dumps({"images": []}), "found an object without them"),
+                            ("annstr.json", json.dumps({"annotations": "x"}), "found an object without them"),
+                            ("number.json", "7", "found a single value"),
+                            ("broken.json", "{not json", "is not a readable JSON file")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=why) as err:
+            data.build_dataset(f"coco:{tmp_path / name},images={tmp_path}", 32)
+        assert str(err.value).startswith(f"coco:{tmp_path / name},images={tmp_path}: {tmp_path / name} ")
+    _solid((40, 40), (0, 200, 0)).save(tmp_path / "ok.png")
+    coco = {"images": [{"id": 1, "file_name": "ok.png"}, {"id": 2}, "junk", {"id": [3], "file_name": "ok.png"}],
+            "annotations": [{"image_id": 1, "caption": "fine"}, "junk", 5, {"image_id": 2, "caption": "no name"},
+                            {"image_id": [1], "caption": "a list id"}]}
+    (tmp_path / "odd.json").write_text(json.dumps(coco))
+    source = data.build_dataset(f"coco:{tmp_path / 'odd.json'},images={tmp_path}", 32)
+    assert len(source) == 1 and source.skipped == {"bad annotation": 2, "missing image": 2}
+
+
+def test_folder_caption_that_is_a_folder_or_a_symlink_loop_is_skipped(tmp_path):
+    """A caption that cannot be read is one bad sample, counted, like a missing one: never a crash."""
+    for name in ("a", "b", "c"):
+        _solid((40, 40), (0, 0, 200)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").mkdir()
+    os.symlink("b.txt", tmp_path / "b.txt")                       # points at itself: ELOOP on open
+    (tmp_path / "c.txt").write_text("a readable caption")
+    source = data.build_dataset(f"folder:{tmp_path}", 32)
+    assert source.skipped == {"unreadable caption": 2} and [source.captions[0]] == ["a readable caption"]
+
+
+@pytest.mark.parametrize("option, least", [("n=abc", 1), ("n=1.5", 1), ("n=0", 1), ("n=-3", 1), ("seed=x", 0),
+                                           ("seed=-1", 0)])
+def test_shapes_spec_with_a_bad_number_is_a_one_line_error(option, least):
+    """shapes:n=abc names the option and what it must be, instead of int()'s message or a numpy traceback."""
+    with pytest.raises(UserError) as err:
+        data.build_dataset(f"shapes:split=train,{option}", 32)
+    assert str(err.value) == f"shapes:split=train,{option}: option {option} must be an integer >= {least}"
+    assert len(data.build_dataset("shapes:n=3,seed=0", 32)) == 3
+
+
+def test_folder_coco_images_or_jsonl_root_that_is_not_a_folder_is_a_one_line_error(tmp_path):
+    """Said as such, not as '0 usable samples' (an empty walk) or every caption a 'missing file'."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "x.png", "caption": "x"}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": []}))
+    for spec, what in ((f"folder:{tmp_path}/nope", f"{tmp_path}/nope"),
+                       (f"folder:{tmp_path}/a.jsonl", f"{tmp_path}/a.jsonl"),
+                       (f"coco:{tmp_path}/c.json,images={tmp_path}/nope", f"images={tmp_path}/nope"),
+                       (f"jsonl:{tmp_path}/a.jsonl,root={tmp_path}/nope", f"root={tmp_path}/nope")):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value) == f"{spec}: {what} is not a folder"
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -1113,19 +1185,63 @@ def test_tar_ranks_and_workers_split_the_corpus_and_resume(tmp_path):
     for want, got in zip(expected, itertools.islice(resumed, 4)):
         assert want["caption"] == got["caption"]
         assert torch.equal(want["image"], got["image"]) and torch.equal(want["noise"], got["noise"])
-    with pytest.raises(ValueError, match="same world size and worker count"):
+    with pytest.raises(UserError, match=r"saved with 2 process\(es\) x 2 reader\(s\) each \(now 2 x 1\)"):
         data.make_loader(source, 4, rank=1, world=2, num_workers=1).load_state_dict(state)
 
 
 def test_tar_too_few_shards_and_dead_shards(tmp_path):
     spec = _write_shards(tmp_path, shards=3, per_shard=2)
-    with pytest.raises(ValueError, match="3 shards cannot feed 2 ranks x 2 workers"):
-        data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=2, num_workers=2)
+    with pytest.raises(UserError, match="3 shards for 4 ranks"):
+        data.make_loader(data.build_dataset(spec, 32), 2, rank=0, world=4, num_workers=2)
     _write_tar(tmp_path / "dead.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 1 \(unreadable image: 1\)"):
         next(iter(data.make_loader(data.build_dataset(f"tar:{tmp_path}/dead.tar", 32), 2, rank=0, world=1)))
     with pytest.raises(RuntimeError, match="no shard found"):
         data.build_dataset(f"tar:{tmp_path}/nothing-{{0..3}}.tar", 32)
+
+
+def test_tar_with_fewer_shards_than_ranks_x_workers_runs_with_fewer_workers(tmp_path):
+    """3 shards, 2 ranks x 2 workers: 1 worker per rank (a reader needs shards of its own), the whole corpus
+    still read once per epoch; fewer shards than ranks, or resuming with another count: one line saying what to pass."""
+    spec = _write_shards(tmp_path, shards=3, per_shard=2)
+    source = data.build_dataset(spec, 32)
+    loaders = [data.make_loader(source, 2, seed=1, rank=rank, world=2, num_workers=2) for rank in range(2)]
+    assert [loader.num_workers for loader in loaders] == [1, 1]
+    # per epoch, reader 0 takes 2 shards (4 samples, 2 batches) and reader 1 one shard (1 batch)
+    captions = [c for loader, n in zip(loaders, (2, 1)) for b in itertools.islice(loader, n) for c in b["caption"]]
+    assert sorted(captions) == sorted(f"sample {s} {i}" for s in range(3) for i in range(2))
+    assert data.make_loader(source, 2, rank=0, world=1, num_workers=0).num_workers == 0   # in-process stays so
+    with pytest.raises(UserError) as err:
+        data.make_loader(source, 2, rank=0, world=4, num_workers=0)
+    assert str(err.value) == (f"{spec}: 3 shards for 4 ranks (each reads shards of its own): use at most 3 "
+                              "processes, or split the data into more shards")
+    with pytest.raises(UserError, match="3 shards for 4 readers .*use at most 3 processes"):   # pretokenize's path
+        next(source.samples(0, 0, 4, dict(epoch=0, shard=0, offset=0, seen=0)))
+    # train.py: runs with 2 of --num-workers 4 and says so; a resume with 1 worker says what to pass
+    out = tmp_path / "run"
+    spec2 = spec.replace("{000..002}", "{000..001}")
+    run_train(*TOKENIZER_RUN, "--data", spec2, "--out", out, "--steps", 1, "--num-workers", 4)
+    assert "note: 2 shards feed 2 DataLoader workers per rank, not --num-workers 4" in (out / "log.txt").read_text()
+    with pytest.raises(UserError) as err:
+        run_train(*TOKENIZER_RUN, "--data", spec2, "--out", out, "--steps", 2, "--num-workers", 1, "--resume")
+    assert str(err.value) == (f"{spec2}: the tar stream was saved with 1 process(es) x 2 reader(s) each (now 1 x 1) "
+                              "and continues exactly only with the same: resume with 1 process(es) and --num-workers 2")
+
+
+def test_data_whose_every_image_is_unreadable_stops_training_with_one_line(tmp_path):
+    """Found while training (the images decode only then): one line, also when a DataLoader worker finds it."""
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.jpg").write_text("no")
+        (tmp_path / "bad" / f"{i}.txt").write_text("fine caption")
+    _write_tar(tmp_path / "dead-0.tar", [("x.jpg", b"garbage"), ("x.txt", b"caption")])
+    _write_tar(tmp_path / "dead-1.tar", [("y.jpg", b"garbage"), ("y.txt", b"caption")])
+    for spec, workers, why in ((f"folder:{tmp_path / 'bad'}", 0, r"\(rank 0\): 0 usable samples out of 4"),
+                               (f"tar:{tmp_path}/dead-{{0..1}}.tar", 2, r"\(reader \d\): 0 usable samples out of 2")):
+        with pytest.raises(UserError) as err:        # tar: 2 workers, each reads its shard twice, then gives up
+            run_train(*TOKENIZER_RUN, "--data", spec, "--out", tmp_path / f"run{workers}", "--steps", 1,
+                      "--num-workers", workers)
+        assert re.fullmatch(re.escape(spec) + f" {why} " + r"\(unreadable image: \d\)", str(err.value))
 
 
 # ----------------------------------------------------------------------------- the map-style loader
@@ -1225,7 +1341,7 @@ def test_all_bad_batches_pass_their_skip_counts_to_the_next(workers):
     nxt = next(stream)
     assert nxt["position"].tolist() == [11] and nxt["skipped"] == {"unreadable image": 1}
     # a stream whose every sample is bad stops with an error after one epoch instead of spinning
-    with pytest.raises(RuntimeError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
+    with pytest.raises(UserError, match=r"0 usable samples out of 12 \(unreadable image: 12\)"):
         next(iter(data.Loader(Flaky(12, range(12)), 2, seed=7, rank=0, world=1, num_workers=workers)))
 
 
@@ -1284,6 +1400,29 @@ def test_cache_write_append_and_read(tmp_path):
     assert batch["posterior"].shape == (5, 77, 32) and batch["posterior"].dtype == torch.float32
     assert batch["clip"].shape == (5, 77, 8) and "image" not in batch and batch["ids"].shape == (5, 77)
     assert sorted(batch["caption"]) == captions
+
+
+def test_cache_without_its_arrays_or_with_a_bad_captions_line_is_a_one_line_error(tmp_path):
+    """A folder that only looks like a cache: one line naming what is missing or damaged, not KeyError: 'ids'."""
+    rng = np.random.default_rng(0)
+    data.write_cache(tmp_path / "c" / "part-00000", rng.normal(size=(2, 77, 32)), None,
+                     rng.integers(0, 49408, (2, 77)), ["a", "b"])
+    data.write_cache(tmp_path / "c" / "part-00001", rng.normal(size=(1, 77, 32)), None,
+                     rng.integers(0, 49408, (1, 77)), ["c"])
+    assert len(data.build_dataset(f"cache:{tmp_path / 'c'}", 32)) == 3
+    (tmp_path / "c" / "part-00001" / "ids.npy").unlink()
+    with pytest.raises(UserError) as err:
+        data.build_dataset(f"cache:{tmp_path / 'c'}", 32)
+    assert str(err.value) == (f"cache:{tmp_path / 'c'}: not a pre-tokenised cache ({tmp_path}/c/part-00001 has no "
+                              "ids.npy)")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "captions.jsonl").write_text('{"caption": "x"}\n')
+    with pytest.raises(UserError, match=r"d has no ids.npy, posterior.npy\)$"):
+        data.build_dataset(f"cache:{tmp_path / 'd'}", 32)
+    for line in ("not json", '["x"]', '{"text": "x"}'):
+        (tmp_path / "d" / "captions.jsonl").write_text(line + "\n")
+        with pytest.raises(UserError, match='captions.jsonl has a line that is not {"caption": ...}'):
+            data.build_dataset(f"cache:{tmp_path / 'd'}", 32)
 
 
 # ----------------------------------------------------------------------------- shapes world
@@ -1726,9 +1865,7 @@ def test_caption_metrics_reject_mismatched_ids():
 # train.py: every stage, checkpoints, exact resume, DDP, bad input
 # ==========================================================================================================
 
-import re  # noqa: E402  (kept with the section that needs it)
-import shutil  # noqa: E402
-import signal  # noqa: E402
+import signal  # noqa: E402  (kept with the section that needs it)
 import socket  # noqa: E402
 import time  # noqa: E402
 
@@ -1924,7 +2061,7 @@ def test_metrics_jsonl_and_tensorboard_scalars(tiny_tokenizer, tmp_path, monkeyp
     assert [r["step"] for r in records] == [2, 4]
     assert {"loss", "diff", "contrastive", "kl", "grad_norm", "lr", "samples_per_s", "skipped"} <= set(records[0])
     log = (out / "log.txt").read_text()
-    assert f"step 4/4 | " in log and f"loss {records[1]['loss']:.4g}" in log
+    assert "step 4/4 | " in log and f"loss {records[1]['loss']:.4g}" in log
     assert scalars[0] == ("open", str(out / "tensorboard"), 1) and scalars[-1] == ("close",)
     assert ("loss", records[1]["loss"], 4) in scalars and ("lr", records[0]["lr"], 2) in scalars
     monkeypatch.setattr(train, "SummaryWriter", None)
@@ -1961,6 +2098,29 @@ def test_step_files_without_last_pt_are_an_existing_run(tmp_path):
         f.write_bytes(b"junk")
     with pytest.raises(UserError, match="--resume: no readable checkpoint in .*last.pt .*step_0000003.pt"):
         run_train(*TOKENIZER_RUN, "--out", out, "--steps", 4, "--resume")
+
+
+def test_resume_whose_last_pt_is_a_directory_is_a_one_line_error(tmp_path):
+    """A folder named last.pt stops the run at once, not at the first save (after training) or as a resume that
+    reads last.pt/last.pt."""
+    out = tmp_path / "run"
+    run_train(*TOKENIZER_RUN, "--out", out, "--steps", 1)
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    for resume in (("--resume",), ()):
+        with pytest.raises(UserError) as err:
+            run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, *resume)
+        assert str(err.value) == f"{out}/last.pt is a folder: every checkpoint is written there; move it away"
+
+
+def test_sample_prompts_file_that_is_missing_or_not_text_is_a_one_line_error(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    for name, why in (("nope.txt", "No such file or directory"), ("binary.txt", "invalid start byte"),
+                      (".", "Is a directory")):
+        with pytest.raises(UserError) as err:
+            run_train(*TOKENIZER_RUN, "--out", tmp_path / name.replace(".", "x"), "--steps", 1, "--sample-every", 1,
+                      "--sample-prompts", tmp_path / name)
+        assert str(err.value) == f"--sample-prompts {tmp_path / name}: {why}"
 
 
 def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path):
@@ -2154,6 +2314,27 @@ def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("width", ["8", "16", "48", "0", "-32"])
+def test_disc_width_that_is_not_a_multiple_of_32_is_a_parse_error(width, capsys):
+    """The PatchGAN's GroupNorm splits its channels into 32 groups: another width stops argparse, not GroupNorm."""
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args(["--out", "x", "--disc-width", width])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--disc-width: must be a multiple of 32, got {width}" in err
+    assert "Traceback" not in err
+    assert train.build_parser().parse_args(["--out", "x", "--disc-width", "96"]).disc_width == 96
+
+
+@pytest.mark.parametrize("value, message", [("abc", "'abc' is not a number"), ("0", "must be a finite number > 0"),
+                                            ("nan", "must be a finite number > 0")])
+def test_scale_factor_that_is_not_a_number_or_auto_is_a_parse_error(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args(["--out", "x", "--scale-factor", value])
+    assert exit_.value.code == 2 and f"--scale-factor: {message}" in capsys.readouterr().err
+    assert train.build_parser().parse_args(["--out", "x", "--scale-factor", "0.5"]).scale_factor == 0.5
+    assert train.build_parser().parse_args(["--out", "x"]).scale_factor == "auto"
+
+
 class NotAWeight:
     """An arbitrary Python object: a file holding one must never be unpickled."""
 
@@ -2176,14 +2357,19 @@ def test_corrupt_or_unsafe_weight_files_are_one_line_errors(tmp_path):
     assert torch.equal(projector.read_weights(str(good))["w"], torch.ones(2))
 
 
+def _write_part(f, payload):
+    """What a torch.save cut short leaves: a few bytes in f (a path or an open file, as torch.save takes)."""
+    with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as fh:
+        fh.write(payload)
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)
     real_save = torch.save
 
     def dies_half_way(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a checkpoint")
+        _write_part(f, b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt                        # the process dies here
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
@@ -2194,6 +2380,30 @@ def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     assert not (tmp_path / "step_0000002.pt").exists()
     train.check_output_folder(str(tmp_path), resume=True)      # a resume clears the partial file
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disk_full_while_saving_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """ENOSPC mid-write: one line (exit 1) saying the disk is full; the previous files intact, the partial removed."""
+    out, real_save = tmp_path / "run", torch.save
+
+    def fills_the_disk(obj, f, *a, **k):
+        if obj["step"] < 2:
+            return real_save(obj, f, *a, **k)
+        _write_part(f, b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    args = train_args(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--ckpt-every", 1)
+    assert projector.run_cli("train.py", train.main, args) == 1
+    assert capsys.readouterr().err == (f"train.py: error: the disk is full at {out}: cannot write the checkpoint "
+                                       f"{out}/step_0000002.pt (No space left on device); the previous checkpoints "
+                                       "are intact: free space, then continue with --resume\n")
+    assert sorted(p.name for p in out.glob("*.pt*")) == ["last.pt", "step_0000001.pt"]      # no .tmp left
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    if os.path.exists("/dev/full"):   # a real full disk: the write through a Python file says ENOSPC
+        monkeypatch.setattr(torch, "save", real_save)
+        with pytest.raises(OSError) as err:
+            train._write_synced({"w": torch.ones(1000)}, "/dev/full")
+        assert err.value.errno == errno.ENOSPC
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, tmp_path, monkeypatch):
@@ -2249,6 +2459,46 @@ def test_clear_errors(tiny_tokenizer, tmp_path):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "g", "--steps", 1), "--data", f"jsonl:{tmp_path}/empty.jsonl")
     r = train_cli(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1))       # the CLI: one line, exit 1
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("train.py: error: ")
+
+
+def test_init_from_another_stage_or_model_size_is_a_one_line_error(tiny_tokenizer, tmp_path):
+    """--init names what the file is (stage, parts, sizes) and what this run needs, instead of a KeyError or
+    load_state_dict's size-mismatch traceback."""
+    flow = tmp_path / "flow"
+    run_train(*flow_args(tiny_tokenizer, flow, "--steps", 1))
+    with pytest.raises(UserError) as err:
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "a", "--steps", 1, "--init", tiny_tokenizer))
+    assert str(err.value) == (f"--init {tiny_tokenizer} is a 'tokenizer' checkpoint (parts: tokenizer): it has no "
+                              "dit, projector, which --stage flow trains")
+    with pytest.raises(UserError, match=r"\(a 'flow' run\) does not fit this 'flow' run: --model tiny there, demo "
+                                        r"here; its dit: .* \(\d+ keys in all\)$"):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "b", "--steps", 1, "--init", flow), "--model", "demo")
+    with pytest.raises(UserError, match="has no text_decoder, which --stage text-ae trains"):
+        run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--out",
+                  tmp_path / "c", "--global-batch", 2, "--steps", 1, "--decoder-width", 32, "--decoder-depth", 1,
+                  "--decoder-ff", 32, "--init", flow)
+    with pytest.raises(UserError, match=r"\(encoder 64 x 2, decoder 64 x 2\) does not fit --tokenizer-preset demo "
+                                        r"\(encoder 128 x 2, decoder 128 x 3\)"):
+        run_train(*TOKENIZER_RUN, "--tokenizer-preset", "demo", "--out", tmp_path / "d", "--steps", 1,
+                  "--init", tiny_tokenizer)
+    with pytest.raises(UserError, match="a 'flow' checkpoint, not a tokenizer"):
+        run_train(*TOKENIZER_RUN, "--out", tmp_path / "e", "--steps", 1, "--init", flow)
+    assert run_train(*flow_args(tiny_tokenizer, tmp_path / "f", "--steps", 1, "--init", flow))["step"] == 1
+
+
+def test_bad_data_spec_in_text_ae_vocabulary_and_pretokenize_is_one_line(tiny_tokenizer, tmp_path, capsys):
+    """Every command that opens --data says a bad spec in one line: also --decoder-vocab data and data.py."""
+    with pytest.raises(UserError, match="unknown split 'nope'"):
+        run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
+                  "shapes:split=nope", "--out", tmp_path / "a", "--global-batch", 2, "--steps", 1,
+                  "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 32, "--decoder-vocab", "data")
+    for spec, why in (("csv:x", "csv:x: unknown source kind 'csv'"), ("shapes:split=nope", "unknown split 'nope'"),
+                      (f"jsonl:{tmp_path}/nope.jsonl", "nope.jsonl: cannot read")):
+        args = data.build_parser().parse_args(["pretokenize", "--data", spec, "--tokenizer", str(tiny_tokenizer),
+                                               "--out", str(tmp_path / "cache"), "--no-clip", "--num-workers", "0"])
+        assert projector.run_cli("data.py", data.pretokenize, args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("data.py: error: ") and why in err and err.count("\n") == 1, err
 
 
 def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_path):

@@ -531,6 +531,9 @@ class BlurDown(nn.Module):
         return F.conv2d(x, self.kernel.expand(x.shape[1], -1, -1, -1), stride=2, groups=x.shape[1])
 
 
+DISC_GROUPS = 32   # the PatchGAN's GroupNorm groups: its width must be a multiple of this
+
+
 class PatchDiscriminator(nn.Module):
     """TA-TiTok's NLayer PatchGAN: conv5 -> 3 x [conv3, blur down 2x, GroupNorm(32), LeakyReLU 0.1] -> adaptive
     max-pool to 16x16 -> conv1, LeakyReLU, conv5 -> logits (B, 1, 16, 16). Holds the LeCAM EMAs as a buffer."""
@@ -543,7 +546,7 @@ class PatchDiscriminator(nn.Module):
         chans = [width] + [width * 2 ** i for i in range(stages)]                 # 128, 128, 256, 512
         self.block_in = nn.Sequential(nn.Conv2d(3, width, 5, padding=2), act())
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), BlurDown(), nn.GroupNorm(32, c_out), act())
+            nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), BlurDown(), nn.GroupNorm(DISC_GROUPS, c_out), act())
             for c_in, c_out in zip(chans[:-1], chans[1:]))
         self.pool = nn.AdaptiveMaxPool2d((16, 16))
         self.to_logits = nn.Sequential(nn.Conv2d(chans[-1], chans[-1], 1), act(), nn.Conv2d(chans[-1], 1, 5, padding=2))

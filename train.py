@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import errno
 import glob
 import json
 import math
@@ -120,19 +121,45 @@ def caption_groups(ids):
     return (ids.long() * weights).sum(1) % (2 ** 61 - 1)
 
 
-def save_checkpoint(state, out, step, keep):
-    """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files."""
-    path = os.path.join(out, f"step_{step:07d}.pt")
-    tmp = f"{path}.{os.getpid()}.tmp"          # per process: a stray second writer never shares a partial file
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
+def _write_synced(state, path):
+    """torch.save into path through a Python file, on disk when it returns (fsync).
+
+    Through a file object a full disk raises OSError(ENOSPC); torch.save(state, path) would give an opaque
+    RuntimeError from its C++ writer ("unexpected pos ...") that cannot be told from a bug.
+    """
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)                      # a kill before this line leaves the previous files intact
-    try:                                       # last.pt: a hard link to the step file (no second copy)
-        os.link(path, f"{path}.{os.getpid()}.last")
-    except OSError:
-        torch.save(state, f"{path}.{os.getpid()}.last")
-    os.replace(f"{path}.{os.getpid()}.last", os.path.join(out, "last.pt"))
+
+
+def save_checkpoint(state, out, step, keep):
+    """Atomically write out/step_XXXXXXX.pt and point out/last.pt at it; keep the newest `keep` step files.
+
+    A write that fails (full disk, quota, a folder in the way) removes its partial files, leaves the previous
+    checkpoints as they were and is a UserError: the run stops with one line and continues with --resume.
+    """
+    path = os.path.join(out, f"step_{step:07d}.pt")
+    # per process: a stray second writer never shares a partial file
+    tmp, link = f"{path}.{os.getpid()}.tmp", f"{path}.{os.getpid()}.last"
+    try:
+        _write_synced(state, tmp)
+        os.replace(tmp, path)                  # a kill before this line leaves the previous files intact
+        try:                                   # last.pt: a hard link to the step file (no second copy)
+            os.link(path, link)
+        except OSError:
+            _write_synced(state, link)
+        os.replace(link, os.path.join(out, "last.pt"))
+    except OSError as e:
+        for partial in (tmp, link):
+            if os.path.isfile(partial):
+                os.remove(partial)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a failed write() names no file: name the checkpoint
+            raise UserError(f"the disk is full at {out}: cannot write the checkpoint {path} ({e.strerror}); the "
+                            f"previous checkpoints are intact: free space, then continue with --resume") from None
+        where = e.filename2 or e.filename       # os.replace onto a folder names the folder second
+        raise UserError(f"cannot write the checkpoint {path} ({e.strerror}{f': {where}' if where else ''}); the "
+                        f"previous checkpoints in {out} are intact") from None
     for old in sorted(glob.glob(os.path.join(out, "step_*.pt")))[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
@@ -248,9 +275,17 @@ def load_frozen_text_ae(path, device):
     return proj.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
 
 
+def open_data(args, **options):
+    """--data -> its source (data.build_dataset); a spec that cannot be used is one line, naming it."""
+    try:
+        return data.build_dataset(args.data, image_size=args.image_size, **options)
+    except (ValueError, RuntimeError) as e:   # data.py's spec errors: an unknown kind, option or split
+        raise UserError(str(e)) from None
+
+
 def caption_vocabulary(args):
     """The CLIP ids of every training caption of --data (for --decoder-vocab data)."""
-    source = data.build_dataset(args.data, image_size=args.image_size)
+    source = open_data(args)
     if isinstance(source, data.CacheSource):
         return sorted({int(i) for a in source._open() for i in np.unique(a["ids"])})
     if isinstance(source, data.ShapesSource):
@@ -536,25 +571,61 @@ def build_perceptual(args, device, rank, world, say):
     return net
 
 
+# the flags that shape the trained parts: an --init file that does not fit is told by those that differ
+SHAPE_FLAGS = ("model", "dit_patch_size", "clip_tower", "projector_depth", "projector_heads", "projector_ff",
+               "projector_patch_size", "align_hidden", "w_con", "decoder_width", "decoder_depth", "decoder_ff",
+               "decoder_vocab")
+
+
+def _misfit(own, src):
+    """The keys of two state dicts that do not match -> up to 3 described, and the count, or '' when they fit."""
+    wrong = [f"{k} missing" for k in own if k not in src] + [f"{k} unexpected" for k in src if k not in own]
+    wrong += [f"{k} {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in src and src[k].shape != own[k].shape]
+    return ", ".join(wrong[:3]) + (f" ({len(wrong)} keys in all)" if len(wrong) > 3 else "")
+
+
+def init_from_run(parts, args):
+    """--init for the DiT / projector / decoder stages: the same parts of another run (any stage that has them)."""
+    init = load_checkpoint(args.init)
+    weights, saved = init.get("ema" if args.init_from_ema else "model") or {}, init.get("args") or {}
+    absent = [name for name in parts if name not in weights]
+    if absent:
+        raise UserError(f"--init {args.init} is a '{init['stage']}' checkpoint (parts: {', '.join(weights)}): it "
+                        f"has no {', '.join(absent)}, which --stage {args.stage} trains")
+    for name, m in parts.items():
+        misfit = _misfit(m.state_dict(), weights[name])
+        if misfit:
+            flags = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here" for k in SHAPE_FLAGS
+                     if k in saved and saved[k] != getattr(args, k)]
+            raise UserError(f"--init {args.init} (a '{init['stage']}' run) does not fit this '{args.stage}' run"
+                            f"{': ' + '; '.join(flags) if flags else ''}; its {name}: {misfit}")
+        m.load_state_dict(weights[name])
+
+
+def _tokenizer_size(config):
+    """A tokenizer's size in words: 'encoder 768 x 12, decoder 1024 x 24' (width x depth)."""
+    return (f"encoder {config['enc_width']} x {config['enc_depth']}, "
+            f"decoder {config['dec_width']} x {config['dec_depth']}")
+
+
 def init_weights(parts, args):
     """--init: the trained parts from another run; for the tokenizer stage also any tokenizer checkpoint,
     the official FlowTiTok_256/512.bin included (fine-tuning; RoPE tables follow this run's image size)."""
     if args.stage != "tokenizer":
-        init = load_checkpoint(args.init)
-        for name, m in parts.items():
-            m.load_state_dict(init["ema" if args.init_from_ema else "model"][name])
-        return
+        return init_from_run(parts, args)
     try:
-        src = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema).state_dict()
+        tok = tokenizer_lib.load_tokenizer(args.init, ema=args.init_from_ema)
     except (ValueError, OSError, RuntimeError) as e:
         raise UserError(f"--init {args.init}: {e}") from None
-    own = parts["tokenizer"].state_dict()
+    src, own = tok.state_dict(), parts["tokenizer"].state_dict()
     keys = [k for k in own if "rope_" not in k]
     wrong = [k for k in keys if k not in src or src[k].shape != own[k].shape]
     if wrong:
-        raise UserError(f"--init {args.init} does not fit --tokenizer-preset {args.tokenizer_preset}: "
-                         + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
-                                     f"{tuple(own[k].shape)}" for k in wrong[:5]))
+        raise UserError(f"--init {args.init} ({_tokenizer_size(tok.config)}) does not fit --tokenizer-preset "
+                        f"{args.tokenizer_preset} ({_tokenizer_size(parts['tokenizer'].config)}): "
+                        + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
+                                    f"{tuple(own[k].shape)}" for k in wrong[:5]))
     parts["tokenizer"].load_state_dict({k: src[k] for k in keys}, strict=False)
 
 
@@ -734,6 +805,9 @@ def check_output_folder(out, resume):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {out} is not writable ({e.strerror})") from None
+    last = os.path.join(out, "last.pt")
+    if os.path.isdir(last) and not os.path.islink(last):  # no file can replace it: say so now, not at the first save
+        raise UserError(f"{last} is a folder: every checkpoint is written there; move it away")
     if not resume and run_checkpoints(out):
         raise UserError(f"{out} already holds a run ({os.path.basename(run_checkpoints(out)[0])}): pass --resume to "
                         f"continue it, or another --out")
@@ -919,11 +993,7 @@ def applied_changes(ckpt, args):
 
 def build_data(args, rank, world, device):
     """-> (source, loader) of --data for this rank."""
-    try:
-        source = data.build_dataset(args.data, image_size=args.image_size, random_crop=args.random_crop,
-                                    flip=args.flip)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(str(e)) from None
+    source = open_data(args, random_crop=args.random_crop, flip=args.flip)
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
                               noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
@@ -994,6 +1064,9 @@ def describe(run, source, params):
                 "it does not understand them")
     if getattr(source, "skipped", None):
         run.say(f"skipped while indexing {args.data}: {data.format_skips(source.skipped)}")
+    if run.loader.num_workers < args.num_workers:    # a tar source with fewer shards than ranks x workers
+        run.say(f"note: {len(source.shards)} shards feed {run.loader.num_workers} DataLoader workers per rank, "
+                f"not --num-workers {args.num_workers} (each worker reads shards of its own)")
 
 
 def train_step(run, batches):
@@ -1221,8 +1294,12 @@ def preview_inputs(source, args, device):
     """Fixed inputs for the periodic previews: the first 8 samples of the data (or the prompts file)."""
     prompts = None
     if args.sample_prompts:
-        with open(args.sample_prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.sample_prompts, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
+            raise UserError(f"--sample-prompts {args.sample_prompts}: {getattr(e, 'strerror', None) or e.reason}"
+                            ) from None
     # a generator of their own: the previews must not draw from the training RNG (exact resume)
     samples = [source.get(i, torch.Generator().manual_seed(i)) for i in range(min(8, len(source)))] \
         if hasattr(source, "get") else []
@@ -1241,6 +1318,11 @@ def stage_defaults_text():
         flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in stage.defaults.items() if v is not None)
         lines.append(textwrap.fill(flags, 116, initial_indent=f"  {name:<10}", subsequent_indent=" " * 12))
     return "\n".join(lines) + "\n  (--w-kl of the flow stage: per --kl form, official 0.01, standard 1e-4)"
+
+
+def scale_factor(text):
+    """--scale-factor's argparse type: 'auto', or a finite number > 0 (else one argparse line, exit 2)."""
+    return text if text == "auto" else positive_float(text)
 
 
 def build_parser():
@@ -1262,7 +1344,7 @@ def build_parser():
     p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
                    help="tokenizer size (stage tokenizer)")
-    p.add_argument("--scale-factor", default="auto", help="tokenizer stage: the flow-space scale recorded in the "
+    p.add_argument("--scale-factor", type=scale_factor, default="auto", help="tokenizer stage: the flow-space scale recorded in the "
                    "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
@@ -1302,7 +1384,8 @@ def build_parser():
     p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
     p.add_argument("--w-lecam", type=non_negative_float, default=0.001, help="LeCAM regularisation weight")
     p.add_argument("--lecam-decay", type=fraction, default=0.999, help="EMA decay of LeCAM's mean logits")
-    p.add_argument("--disc-width", type=positive_int, default=128, help="PatchGAN base channels")
+    p.add_argument("--disc-width", type=projector.multiple_of(tokenizer_lib.DISC_GROUPS), default=128,
+                   help=f"PatchGAN base channels, a multiple of {tokenizer_lib.DISC_GROUPS} (its GroupNorm groups)")
     p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
     p.add_argument("--steps", type=positive_int, help="optimisation steps")
