@@ -33,15 +33,20 @@ from scipy import linalg
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+try:
+    import resource          # Unix only: peak memory on CPU
+except ImportError:
+    resource = None
+
 import data
 import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
 from data import IMAGE_EXTENSIONS
-from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextProjector, UserError, barrier,
-                       check_writable, file_sha256, finite_float, fused_if_available, load_checkpoint,
-                       non_negative_int, one_line, pick_device, positive_int, ranks, read_weights, resolve_path,
-                       run_cli, tokenize, user_errors)
+from projector import (AMP_DTYPES, CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextProjector,
+                       UserError, amp, barrier, check_writable, default_precision, file_sha256, finite_float,
+                       fused_if_available, load_checkpoint, non_negative_int, one_line, pick_device, positive_int,
+                       ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -911,6 +916,8 @@ def _sync(device):
     """Wait for the device's queued work (timings on GPU are meaningless without it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _timed(fn, device):
@@ -940,11 +947,18 @@ def matmul_peak(device, dtype, n):
 
 
 def peak_memory(device):
-    """(bytes, what): CUDA max_memory_allocated, or the process's max RSS on CPU."""
+    """(bytes or None, what): CUDA max_memory_allocated, else the process's max RSS (not on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    import resource   # Unix only: imported where it is used
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"  # Linux: KiB
+    if resource is None:
+        return None, "not measured (Windows has no getrusage)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process max RSS"   # macOS: bytes; Linux, BSD: KiB
+
+
+def gib(nbytes):
+    """Bytes -> '1.23 GiB'; None (not measured) -> 'n/a'."""
+    return "n/a" if nbytes is None else f"{nbytes / 2 ** 30:.2f} GiB"
 
 
 def _params(*modules):
@@ -1140,7 +1154,7 @@ def run_protocol(args):
     samples_dir = os.path.join(args.out, "samples")
     with ranks() as (rank, world, local):
         device = pick_device(args.device, local)
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        precision = args.precision or default_precision(device)
         check_writable(samples_dir, rank)
         settings = dict(protocol=args.command, seed=args.seed, steps=args.steps, cfg=args.cfg, precision=precision,
                         decode_precision=args.decode_precision,
@@ -1228,7 +1242,7 @@ def run_captions(args):
         raise UserError(f"{source}: image {bare['id']} ({bare['file']}) has no reference caption")
     locate_images(items, args.images)                # before the model is loaded
     device = pick_device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or default_precision(device)
     check_writable(args.out)
     pipe = sample.load_pipeline(args.ckpt, device, not args.no_ema, precision, args.clip_weights, args.tokenizer)
     if pipe.i2t_dit is None or pipe.text_decoder is None:
@@ -1353,7 +1367,7 @@ def measure(stages, device, repeats, count_flops=True):
 def speed_setup(args, device):
     """-> (autocast factory, timed passes, matmul size, the setup line shared by both reports)."""
     def autocast(precision=None):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision or args.precision) == "bf16")
+        return amp(device, precision or args.precision)
 
     repeats = args.repeats or (3 if device.type == "cuda" else 1)
     size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
@@ -1380,7 +1394,7 @@ def run_speed(args):
             stages, models, _ = speed_sampling(args, device, autocast, out)
         seconds, flops, memory = measure(stages, device, repeats, count_flops=not args.compile)
     memory_kind = peak_memory(device)[1]
-    peak = matmul_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, size)
+    peak = matmul_peak(device, AMP_DTYPES.get(args.precision, torch.float32), size)
 
     total = sum(seconds.values())
     what = "one flow training step" if args.train else "text-to-image sampling"
@@ -1405,7 +1419,7 @@ def run_speed(args):
     lines += ["", f"samples/s    {batch_size / total:.3f} end to end (" +
               ("forward + backward + optimizer" if args.train else "prompts to PNG files, stages in sequence")
               + ")",
-              f"peak memory  {memory / 2 ** 30:.2f} GiB ({memory_kind})",
+              f"peak memory  {gib(memory)} ({memory_kind})",
               f"matmul peak  {peak / 1e12:.3f} TFLOP/s ({size}x{size} {args.precision} matmul timed in this run)",
               "FLOPs        torch FlopCounterMode (matmul, convolution, attention; elementwise work not counted)"]
     print("\n".join(lines))
@@ -1424,7 +1438,7 @@ def suite_row(case, batch_size, seconds, flops, memory, peak):
     row = dict(case=case, samples_per_s=batch_size / total, seconds=seconds, flops_per_s=rate, memory=memory)
     tflops = f"{rate / 1e12:.1f}" if rate >= 1e13 else f"{rate / 1e12:.3g}"
     return row, (f"| {case} | {batch_size / total:.1f} | {shares} | {tflops} | {100 * rate / peak:.0f}% | "
-                 f"{memory / 2 ** 30:.1f} GiB |")
+                 f"{gib(memory)} |")
 
 
 def loop_row(args, pipe, device, batches):
@@ -1447,7 +1461,7 @@ def run_speed_suite(args, device):
     Prints one markdown table (README's GPU table) and returns its rows.
     """
     autocast, repeats, size, setup = speed_setup(args, device)
-    peak = matmul_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, size)
+    peak = matmul_peak(device, AMP_DTYPES.get(args.precision, torch.float32), size)
     lines = [f"FlowTok speed suite `{args.suite}`: {setup}, random weights, mean of {repeats} timed pass(es) after a "
              f"warm-up; {args.steps} Euler steps with cfg {args.cfg}, decoder {args.tokenizer_preset}; matmul peak "
              f"{peak / 1e12:.1f} TFLOP/s ({size}^3)", "",
@@ -1535,7 +1549,8 @@ def add_captions_parser(sub):
     cap.add_argument("--seed", type=int, default=0, help="seed of the per-image noise (default: %(default)s)")
     cap.add_argument("--batch-size", type=positive_int, default=64, help="images per batch "
                      "(default: %(default)s)")
-    cap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    cap.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on GPUs that compute it natively, "
+                     "fp16 on older ones, fp32 on CPU and MPS")
     cap.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
 
 
@@ -1546,14 +1561,14 @@ def add_speed_parser(sub):
     speed.add_argument("--depth", type=positive_int, help="override the DiT depth (quick runs)")
     speed.add_argument("--batch-size", type=positive_int, help="prompts (or training samples) per pass "
                        "(default: 64; the suite: 64 to sample, 128 to train)")
-    speed.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                       help="bf16 autocast or full fp32 (default: %(default)s)")
+    speed.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                       help="bf16 or fp16 autocast, or full fp32 (default: %(default)s)")
     speed.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
     speed.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                        help="Euler steps (default: %(default)s)")
     speed.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                        help="guidance scale (1: no unconditional branch) (default: %(default)s)")
-    speed.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32",
+    speed.add_argument("--decode-precision", choices=PRECISIONS, default="fp32",
                        help="of the image decoder, as sample.py's flag (default: %(default)s)")
     speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
     speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "

@@ -479,18 +479,42 @@ def find_runs(path):
 
 
 def pick_device(name, local_rank=0):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun, auto / cuda mean the local rank's GPU."""
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; auto: CUDA, then MPS, then CPU; under torchrun,
+    auto / cuda mean the local rank's GPU."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return use_cuda(torch.device("cuda", local_rank))
-    if name == "auto":
-        return torch.device("cpu")
+    if name == "auto":                                   # then Apple's GPU, then the CPU
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple's MPS is not available here")
     return use_cuda(device) if device.type == "cuda" else device
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # --precision choices besides fp32
+PRECISIONS = ["bf16", "fp16", "fp32"]
+
+
+def default_precision(device):
+    """bf16 where the GPU computes it natively (Ampere and later), fp16 on older CUDA GPUs (V100, T4), fp32 on CPU
+    and Apple's MPS."""
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:                        # older torch: no emulation to exclude
+        native = torch.cuda.is_bf16_supported()
+    return "bf16" if native else "fp16"
+
+
+def amp(device, precision):
+    """Autocast to `precision` (bf16 | fp16) on `device`; fp32: a disabled context."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision, torch.bfloat16), enabled=precision in AMP_DTYPES)
 
 
 def use_cuda(device):

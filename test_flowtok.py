@@ -2032,6 +2032,52 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
         assert [r[key] for r in killed_log] == [r[key] for r in whole_log], key
 
 
+def test_fp16_training_scales_the_loss_and_resumes_exactly(tiny_tokenizer, tmp_path):
+    """--precision fp16 (GPUs without native bf16) trains through a GradScaler whose state is checkpointed:
+    3 + 3 resumed steps equal 6 uninterrupted ones bitwise, the scaler's state included."""
+    steps = ("--precision", "fp16", "--ckpt-every", 3)
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "whole", "--steps", 6, *steps))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "split", "--steps", 3, *steps))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "split", "--steps", 6, *steps, "--resume"))
+    a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("whole", "split"))
+    assert a["grad_scaler"]["scale"] > 0 and a["grad_scaler"] == b["grad_scaler"]
+    ta, tb = all_tensors(a), all_tensors(b)
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    records = metrics_records(tmp_path / "whole")
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
+
+
+def test_platform_facts_signals_memory_devices_precision(monkeypatch, tiny_tokenizer, tmp_path):
+    """Windows has no SIGUSR1 and no getrusage, macOS reports max RSS in bytes, auto prefers CUDA, then MPS, then
+    the CPU, and bf16 is the default only where the GPU computes it natively (fp16 on V100 / T4)."""
+    monkeypatch.delattr(signal, "SIGUSR1")
+    assert train.stop_signals() == [signal.SIGTERM, signal.SIGINT]
+    assert run_train(*flow_args(tiny_tokenizer, tmp_path / "run", "--steps", 2))["step"] == 2
+    usage = argparse.Namespace(ru_maxrss=1000)
+    monkeypatch.setattr(evaluate, "resource", argparse.Namespace(getrusage=lambda who: usage, RUSAGE_SELF=0))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert evaluate.peak_memory(cpu)[0] == 1000
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert evaluate.peak_memory(cpu)[0] == 1000 * 1024
+    monkeypatch.setattr(evaluate, "resource", None)
+    assert evaluate.peak_memory(cpu)[0] is None and evaluate.gib(None) == "n/a"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert projector.pick_device("auto") == torch.device("mps") and projector.pick_device("cpu") == cpu
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert projector.pick_device("auto") == cpu
+    with pytest.raises(UserError, match="--device mps: Apple's MPS is not available"):
+        projector.pick_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(projector, "use_cuda", lambda device: device)
+    assert projector.pick_device("auto", 3) == torch.device("cuda", 3)
+    for native, want in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert projector.default_precision(torch.device("cuda")) == want
+    assert projector.default_precision(cpu) == projector.default_precision(torch.device("mps")) == "fp32"
+
+
 def metrics_records(out):
     """OUT/metrics.jsonl -> list of dicts."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

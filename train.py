@@ -44,11 +44,13 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
 import textwrap
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -65,10 +67,10 @@ import projector
 import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
-from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
-                       finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
-                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, short_hash,
-                       use_cuda, weights_sha256)
+from projector import (CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextDecoder, TextProjector,
+                       UserError, amp, default_precision, finite_float, fraction, fused_if_available, load_checkpoint,
+                       non_negative_float, non_negative_int, one_line, positive_float, positive_int, reparameterize,
+                       run_cli, short_hash, use_cuda, weights_sha256)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 try:
@@ -630,8 +632,8 @@ def init_weights(parts, args):
 
 
 def autocast(args, device):
-    """bf16 autocast on GPU when --precision bf16; float32 otherwise (CPU bf16 is slow and not needed)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    """Autocast to --precision (bf16 | fp16); fp32: none."""
+    return amp(device, args.precision)
 
 
 def lr_factor(step, args, steps=None):
@@ -763,6 +765,11 @@ class MetricsLog:
             self.writer.close()
 
 
+def stop_signals():
+    """The signals that checkpoint and stop a run: SIGTERM, SIGINT and, where the platform has it, SIGUSR1."""
+    return [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)]
+
+
 def setup_distributed():
     """(rank, world, local_rank, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -775,7 +782,7 @@ def setup_distributed():
     return rank, world, local, device
 
 
-def fill_defaults(args, world):
+def fill_defaults(args, world, device=torch.device("cpu")):
     """Stage defaults for unset flags, and the batch arithmetic: global = per-GPU x GPUs x accumulation."""
     for k, v in STAGES[args.stage].defaults.items():
         if getattr(args, k) is None:
@@ -793,7 +800,7 @@ def fill_defaults(args, world):
                         f"x {world} processes")
     args.accum = args.global_batch // (args.batch_size * world)
     if args.precision is None:
-        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+        args.precision = default_precision(device)
 
 
 def check_output_folder(out, resume):
@@ -1032,6 +1039,8 @@ def restore(run, ckpt):
     load_optimizer(run.optimizer, run.scheduler, ckpt["optimizer"], ckpt["scheduler"])
     if run.disc is not None and "discriminator" in ckpt:
         run.disc.load_state_dict(ckpt["discriminator"])
+    if run.scaler.is_enabled() and "grad_scaler" in ckpt:
+        run.scaler.load_state_dict(ckpt["grad_scaler"])
     run.step = ckpt["step"]
     mine = min(run.rank, len(ckpt["rng"]) - 1)     # a tar stream insists on the same world size (data.py)
     try:
@@ -1087,16 +1096,20 @@ def train_step(run, batches):
         recon = out.pop("recon", None)
         if gan_on:
             fakes.append((inputs["images"], recon))
-        (out["loss"] / args.accum).backward()
+        run.scaler.scale(out["loss"] / args.accum).backward()    # fp16: scaled; otherwise as is
         run.seen += len(batch["ids"])
         for k, v in out.items():
             run.sums[k] += v.detach().float() / args.accum
+    run.scaler.unscale_(run.optimizer)         # fp16: true gradients before clipping (a no-op otherwise)
     gnorm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    overflow = run.scaler.is_enabled() and torch.isfinite(out["loss"].detach())
     if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
-        run.optimizer.step()
+        run.scaler.step(run.optimizer)
         update_ema(run.ema, run.objective.parts, args.ema)
         run.sums["grad_norm"] += gnorm.float()
         run.bad_in_a_row = 0
+    elif overflow:                             # fp16 gradients overflowed at this scale: the scaler lowers it
+        run.skips["fp16 overflow"] += 1
     else:                                      # a NaN/inf loss or gradient: skip the update, count it
         run.skips["non-finite step"] += 1
         run.bad_in_a_row += 1
@@ -1105,6 +1118,7 @@ def train_step(run, batches):
         if run.bad_in_a_row >= args.max_bad_steps:
             raise UserError(f"{run.bad_in_a_row} non-finite steps in a row at step {run.step}: stopping; the last "
                             f"checkpoint is clean (lower --lr, check the data, or try --precision fp32)")
+    run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     if fakes:
@@ -1156,6 +1170,8 @@ def checkpoint(run):
                  "stats": {"skips": all_skips}}
         if run.disc is not None:
             state["discriminator"] = run.disc.state_dict()
+        if run.scaler.is_enabled():
+            state["grad_scaler"] = run.scaler.state_dict()
         run.say(f"saved {save_checkpoint(state, args.out, run.step, args.keep)}")
 
 
@@ -1178,7 +1194,7 @@ def main(args):
         raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard); OUT/metrics.jsonl "
                         "holds the same numbers without it")
     rank, world, local, device = setup_distributed()
-    fill_defaults(args, world)
+    fill_defaults(args, world, device)
     with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
         return run_training(args, rank, world, local, device, lock)
 
@@ -1214,6 +1230,9 @@ def run_training(args, rank, world, local, device, lock):
     run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
                                       weight_decay=args.weight_decay, **fused_if_available(device))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, args))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")   # fp16's loss scaling
+    if run.scaler.is_enabled():     # the scaler skips the updates whose gradients overflow: no schedule mistake
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     run.disc = None
     if args.stage == "tokenizer":                  # perceptual first: construction order keeps the RNG stream
         run.objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, run.say)
@@ -1234,8 +1253,7 @@ def run_training(args, rank, world, local, device, lock):
         run.metrics = MetricsLog(args.out, run.step, args.tensorboard)
 
     # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
-    stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                          for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in stop_signals()}
     try:
         fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
         batches, run.t_log = iter(run.loader), time.time()
@@ -1344,8 +1362,9 @@ def build_parser():
     p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
                    help="tokenizer size (stage tokenizer)")
-    p.add_argument("--scale-factor", type=scale_factor, default="auto", help="tokenizer stage: the flow-space scale recorded in the "
-                   "checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each checkpoint)")
+    p.add_argument("--scale-factor", type=scale_factor, default="auto", help="tokenizer stage: the flow-space scale "
+                   "recorded in the checkpoint, a number or 'auto' (1 / std of posterior samples, re-estimated at each "
+                   "checkpoint)")
     p.add_argument("--tokenizer", help="trained tokenizer for the flow stages: our run/checkpoint or FlowTiTok_*.bin")
     p.add_argument("--text-ae", help="trained text autoencoder (stage text-ae) for stage flow-i2t")
     p.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
@@ -1404,7 +1423,8 @@ def build_parser():
     p.add_argument("--max-bad-steps", type=positive_int, default=5,
                    help="stop after this many non-finite steps in a row")
     # system
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (default: bf16 on GPUs that compute it "
+                   "natively, fp16 with a gradient scaler on older ones, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes per GPU")
