@@ -1007,8 +1007,8 @@ def speed_sampling(args, device, autocast, out):
 
     def write(steps):                   # as sample.py writes them: uint8 on the host, zlib on a thread pool
         with sample.PNGWriter() as writer:
-            writer.submit(sample.to_uint8(state["images"]), [os.path.join(out, f"{i:05d}.png")
-                                                             for i in range(args.batch_size)])
+            writer.submit(sample.uint8_images(state["images"]), [os.path.join(out, f"{i:05d}.png")
+                                                                 for i in range(args.batch_size)])
 
     models = (f"{dit_name} | text projector {_params(proj):.1f}M | CLIP {args.clip_tower} text tower "
               f"{_params(clip):.1f}M | tokenizer decoder {args.tokenizer_preset} {_params(tok):.1f}M")

@@ -44,9 +44,14 @@ OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": 
 # Images and noise
 # ----------------------------------------------------------------------------------------------------------
 
+def uint8_images(images):
+    """(B, 3, H, W) float, ~[0, 1] -> (B, H, W, 3) uint8 on the same device, rounding as the official PNG writer."""
+    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_uint8(images):
-    """(B, 3, H, W) float, ~[0, 1] -> (B, H, W, 3) uint8 numpy, rounding as the official PNG writer."""
-    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) float, ~[0, 1] -> (B, H, W, 3) uint8 numpy."""
+    return uint8_images(images).cpu().numpy()
 
 
 def save_grid(images, path, nrow=8, pad=2):
@@ -105,6 +110,13 @@ def save_png(image, path, record=None, compress_level=PNG_COMPRESSION):
     os.replace(tmp, path)
 
 
+def _write_when_ready(ready, image, path, record):
+    """save_png once the device-to-host copy behind `ready` (a CUDA event, or None) has finished."""
+    if ready is not None:
+        ready.synchronize()
+    save_png(image, path, record)
+
+
 class PNGWriter:
     """Writes PNGs on a thread pool while the caller computes the next batch (zlib runs outside the GIL).
 
@@ -117,11 +129,25 @@ class PNGWriter:
         self.pending, self.backlog = [], backlog
 
     def submit(self, images, paths, records=None):
-        """(B, H, W, 3) uint8 numpy + B paths (+ B sample records) -> queued writes."""
+        """(B, H, W, 3) uint8 (numpy, or a tensor on any device) + B paths (+ B sample records) -> queued writes.
+
+        A CUDA tensor is copied into pinned memory without blocking: the caller goes on to queue the next batch
+        while the copy runs, and each write waits for the copy's event first.
+        """
         while len(self.pending) + len(paths) > self.backlog and self.pending:
             self.pending.pop(0).result()
+        ready = None
+        if torch.is_tensor(images) and images.is_cuda:
+            host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(images, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            images = host.numpy()
+        elif torch.is_tensor(images):
+            images = images.cpu().numpy()
         records = records or [None] * len(paths)
-        self.pending += [self.pool.submit(save_png, img, path, rec) for img, path, rec in zip(images, paths, records)]
+        self.pending += [self.pool.submit(_write_when_ready, ready, img, path, rec)
+                         for img, path, rec in zip(images, paths, records)]
 
     def wait(self):
         """Block until every queued PNG is on disk."""
@@ -432,7 +458,7 @@ def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_ST
             eps = torch.stack([sample_noise(i, j, seed) for i, j in padded])                 # (B, 77, 16)
             images = pipe.generate([prompts[i] for i, _ in padded], steps, cfg, eps=eps)    # (B, 3, S, S)
             images = images[:len(chunk)]
-            writer.submit(to_uint8(images), [sample_path(out, i, j) for i, j in chunk],      # written while the
+            writer.submit(uint8_images(images), [sample_path(out, i, j) for i, j in chunk],  # written while the
                           [record[job] for job in chunk])                                     # next batch runs
             bar.update(len(chunk))
     return len(todo), len(jobs) - len(todo), replaced

@@ -3514,6 +3514,23 @@ def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
     assert 1.2 < fl[1] / fl[0] < 1.45
 
 
+def test_thread_pool_png_writer_writes_the_same_files(tmp_path):
+    """PNGWriter (the sampler's background writer) gives byte-identical files to save_png one by one, records
+    included, and raises a write error in the caller's thread."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "one").mkdir(), (tmp_path / "pool").mkdir()
+    for k, img in enumerate(images):
+        sample.save_png(img, str(tmp_path / "one" / f"{k}.png"), record=f"r{k}")
+    with sample.PNGWriter(threads=3, backlog=2) as writer:
+        writer.submit(images, [str(tmp_path / "pool" / f"{k}.png") for k in range(6)], [f"r{k}" for k in range(6)])
+    for k in range(6):
+        assert (tmp_path / "one" / f"{k}.png").read_bytes() == (tmp_path / "pool" / f"{k}.png").read_bytes()
+        assert sample.read_record(str(tmp_path / "pool" / f"{k}.png")) == f"r{k}"
+    with pytest.raises(OSError):
+        with sample.PNGWriter() as writer:
+            writer.submit(images[:1], [str(tmp_path / "missing" / "0.png")])
+
+
 def test_compiled_sampling_equals_eager(tmp_path):
     """sample.py --compile: generate_folder pads the last batch to one shape; PNGs equal eager's within rounding."""
     torch.manual_seed(0)
