@@ -1016,7 +1016,7 @@ def speed_sampling(args, device, autocast, out):
               (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1), ("PNG writing", write, 1)]
     pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision,
                                   decode_precision=args.decode_precision)
-    pipe.compiled = args.compile
+    pipe.compiled, pipe._identity = args.compile, "random weights"    # no sample records: skip hashing the weights
     return stages, models + (" (torch.compile)" if args.compile else ""), pipe
 
 
@@ -1474,30 +1474,34 @@ def run_speed_suite(args, device):
         rows.append(row_line[0])
         print(row_line[1], flush=True)    # row by row: a crash in a later case keeps the earlier numbers
 
+    depth, eager_flops = (f" depth {args.depth}" if args.depth else ""), {}
+
+    def sampling(model, compiled):
+        case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 64,
+                                     "compile": compiled})
+        with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
+            stages, _, pipe = speed_sampling(case, device, autocast, out)
+            seconds, flops, memory = measure(stages, device, repeats, count_flops=not compiled)
+            eager_flops.setdefault(model, flops)                          # the same math: eager's count applies
+            add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}"
+                          f"{', torch.compile' if compiled else ''}", case.batch_size, seconds, eager_flops[model],
+                          memory, peak))
+        add(loop_row(case, pipe, device, args.loop_batches))
+
     for model in SPEED_SUITES[args.suite]:
-        depth, eager_flops = (f" depth {args.depth}" if args.depth else ""), None
-        for compiled in (False, True) if args.compile else (False,):
-            case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 64,
-                                         "compile": compiled})
-            with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
-                stages, _, pipe = speed_sampling(case, device, autocast, out)
-                seconds, flops, memory = measure(stages, device, repeats, count_flops=not compiled)
-                eager_flops = eager_flops if compiled else flops      # the same math: eager's count applies
-                add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}"
-                              f"{', torch.compile' if compiled else ''}", case.batch_size, seconds, eager_flops,
-                              memory, peak))
-            add(loop_row(case, pipe, device, args.loop_batches))
-            del stages, pipe
+        sampling(model, compiled=False)
     for model in SPEED_SUITES[args.suite]:
         case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 128,
                                      "grad_checkpointing": False})
         stages, _, dit = speed_training(case, device, autocast)
         for checkpointing in (False, True):
             dit.grad_checkpointing = checkpointing
-            name = (f"{model}{f' depth {args.depth}' if args.depth else ''} training step, micro-batch "
-                    f"{case.batch_size}{', gradient checkpointing' if checkpointing else ''}")
+            name = (f"{model}{depth} training step, micro-batch {case.batch_size}"
+                    f"{', gradient checkpointing' if checkpointing else ''}")
             add(suite_row(name, case.batch_size, *measure(stages, device, repeats), peak))
         del stages, dit
+    for model in SPEED_SUITES[args.suite] if args.compile else ():     # last: compiling takes the longest
+        sampling(model, compiled=True)
     print(f"\nTFLOP/s: FLOPs counted by torch's FlopCounterMode (matmuls and attention; with gradient "
           f"checkpointing the recomputed forward counts too) over the whole time. Memory: "
           f"{peak_memory(device)[1]}.")
