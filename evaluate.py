@@ -739,7 +739,8 @@ def check_settings(out, settings):
     path = os.path.join(out, "protocol.json")
     if os.path.isfile(path):
         old = _read_json(path, "the record")
-        changed = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in SAMPLE_SETTINGS if old.get(k) != settings[k]]
+        changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in SAMPLE_SETTINGS
+                   if old.get(k) != settings.get(k)]          # captions have no decoder: its precision is None
         if changed:
             raise UserError(f"{out} holds samples made with other settings ({', '.join(changed)}): use another "
                             f"--out, or delete {out}")

@@ -2078,6 +2078,44 @@ def test_platform_facts_signals_memory_devices_precision(monkeypatch, tiny_token
     assert projector.default_precision(cpu) == projector.default_precision(torch.device("mps")) == "fp32"
 
 
+def test_fid_during_training_from_the_ema_weights(tiny_tokenizer, corpus, frechet_spy, tmp_path):
+    """--eval-every: FID (and CLIP score) of the EMA weights every N steps and at the end, in eval.jsonl and
+    metrics.jsonl; the training itself is untouched (bitwise), and a resume evaluates each step once."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a shape number {i}\n" for i in range(5)))
+    net = evaluate.load_inception(str(corpus / "inception.pth"))
+    ref_images = sorted((corpus / "val2014").glob("*.jpg"))
+    evaluate.save_stats(tmp_path / "ref.npz", evaluate.files_stats(ref_images, net))
+    tiny_open_clip(tmp_path)
+    evals = ("--eval-every", 2, "--eval-prompts", prompts, "--eval-ref", tmp_path / "ref.npz", "--eval-samples", 4,
+             "--eval-steps", 2, "--eval-inception", corpus / "inception.pth", "--eval-clip-model",
+             tmp_path / "tinyclip.json", "--eval-clip-weights", tmp_path / "tinyclip.pt")
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "plain", "--steps", 3))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "eval", "--steps", 3, *evals))
+    a, b = (all_tensors(torch.load(tmp_path / n / "last.pt", weights_only=True)) for n in ("plain", "eval"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []          # no draw from the training RNG
+    history = metrics_records(tmp_path / "eval")                       # metrics.jsonl: the eval records too
+    evals_logged = [r for r in history if "fid" in r]
+    assert [r["step"] for r in evals_logged] == [2, 3]
+    eval_jsonl = [json.loads(line) for line in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in eval_jsonl] == [2, 3] and all(r["eval_samples"] == 4 for r in eval_jsonl)
+    assert all(math.isfinite(r["fid"]) and r["clip_score"] >= 0 for r in eval_jsonl)
+    # the last FID is the distance between the reference and the statistics of the 4 samples written last
+    files = [tmp_path / "eval" / "eval" / "samples" / f"{i:05d}_00.png" for i in range(4)]
+    mine = evaluate.files_stats(files, net)
+    np.testing.assert_allclose(frechet_spy[-1][2], mine.mu, rtol=1e-5, atol=1e-6)
+    assert f"eval at step 3: FID {eval_jsonl[-1]['fid']:.3f}" in (tmp_path / "eval" / "log.txt").read_text()
+    # a resume from step 2 evaluates step 3 (the end) once, step 2 is not repeated
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "split", "--steps", 2, *evals))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "split", "--steps", 3, *evals, "--resume"))
+    split = [json.loads(line) for line in (tmp_path / "split" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in split] == [2, 3]
+    assert [r["fid"] for r in split] == [r["fid"] for r in eval_jsonl]
+    with pytest.raises(UserError, match="--eval-every needs --eval-ref"):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "none", "--steps", 2, "--eval-every", 1,
+                             "--eval-prompts", prompts))
+
+
 def metrics_records(out):
     """OUT/metrics.jsonl -> list of dicts."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -3418,7 +3456,8 @@ def test_clip_scores_known_answers(tmp_path):
     torch.testing.assert_close(scores, torch.tensor([60.0, 0.0, 100.0]))     # cos 0.6, -1 -> 0, 1
 
 
-def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
+def tiny_open_clip(tmp_path):
+    """A tiny random open_clip CLIP: tmp_path/tinyclip.json (its config) and tinyclip.pt -> the model."""
     import open_clip
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                            "head_width": 16},
@@ -3430,6 +3469,12 @@ def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
     torch.save(net.state_dict(), tmp_path / "tinyclip.pt")
+    return net
+
+
+def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
+    import open_clip
+    net = tiny_open_clip(tmp_path)
     folder = sample_runs[0] / "b1"      # 3 prompts x 2 samples, grid.png and prompts.txt are skipped
     score, stdout, _ = in_process(["clipscore", folder, "--prompts", folder / "prompts.txt", "--clip-model",
                                    tmp_path / "tinyclip.json", "--clip-weights", tmp_path / "tinyclip.pt",

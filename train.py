@@ -62,6 +62,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import evaluate
 import flow_dit
 import projector
 import sample
@@ -100,7 +101,8 @@ RESUME_KEPT = ("init", "init_from_ema")
 # free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
 RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
                "max_bad_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
-               "sample_prompts", "no_progress", "tensorboard")
+               "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref",
+               "eval_samples", "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model", "eval_clip_weights")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,8 +734,8 @@ class MetricsLog:
     save): they are logged again, so every step appears once across resumes.
     """
 
-    def __init__(self, out, step, tensorboard):
-        self.path = os.path.join(out, "metrics.jsonl")
+    def __init__(self, out, step, tensorboard, name="metrics.jsonl"):
+        self.path = os.path.join(out, name)
         kept = []
         if os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -1195,6 +1197,7 @@ def main(args):
                         "holds the same numbers without it")
     rank, world, local, device = setup_distributed()
     fill_defaults(args, world, device)
+    check_eval_args(args)
     with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
         return run_training(args, rank, world, local, device, lock)
 
@@ -1251,6 +1254,7 @@ def run_training(args, rank, world, local, device, lock):
     describe(run, source, run.params)
     if rank == 0:
         run.metrics = MetricsLog(args.out, run.step, args.tensorboard)
+    evaluation = TrainingEval(args, rank, world, device, run.step) if args.eval_every else None
 
     # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
     stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in stop_signals()}
@@ -1267,6 +1271,8 @@ def run_training(args, rank, world, local, device, lock):
                 log_metrics(run)
             if fixed is not None and run.step % args.sample_every == 0:
                 run.say(f"preview: {write_samples(run.ema, run.frozen, fixed, args, run.step, device)}")
+            if evaluation is not None and (run.step % args.eval_every == 0 or run.step == args.steps):
+                evaluation(run)
             interrupted = any_rank(bool(stop), run)
             # save: every --ckpt-every steps, at the end, and when a signal arrived
             if run.step % args.ckpt_every == 0 or run.step == args.steps or interrupted:
@@ -1286,6 +1292,94 @@ def run_training(args, rank, world, local, device, lock):
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID during training (--eval-every, as the official trainer): the EMA weights through sample.py's generation,
+# evaluate.py's FID; every rank generates its share, rank 0 measures. No draw from the training RNG.
+# ----------------------------------------------------------------------------------------------------------
+
+class TrainingEval:
+    """--eval-every N: FID (and CLIP score with --eval-clip-weights) of the EMA weights every N steps."""
+
+    def __init__(self, args, rank, world, device, step):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.prompts = read_eval_prompts(args)
+        self.folder = os.path.join(args.out, "eval", "samples")
+        self.history = MetricsLog(args.out, step, False, name="eval.jsonl") if rank == 0 else None
+        self.ref = evaluate.load_stats(args.eval_ref) if rank == 0 else None
+        self.net = self.scorer = None                       # loaded at the first evaluation (rank 0)
+
+    def __call__(self, run):
+        """Evaluate with the RNG states saved and restored around it: building Inception or CLIP draws random
+        initial weights, which would otherwise shift dropout and break the exact resume."""
+        state = rng_state()
+        try:
+            return self.evaluate(run)
+        finally:
+            set_rng_state(state)
+
+    def evaluate(self, run):
+        """Generate OUT/eval/samples from the EMA weights, then (rank 0) FID and CLIP score -> the record or None."""
+        args, t0 = self.args, time.time()
+        pipe = sample.FlowTokPipeline(run.frozen["clip"], run.ema["projector"], run.ema["dit"],
+                                      run.frozen["tokenizer"], precision=args.precision)
+        pipe._identity = f"step {run.step}"                 # records name the step; hashing the weights is not needed
+        os.makedirs(self.folder, exist_ok=True)
+        sample.generate_folder(pipe, self.prompts, self.folder, 1, args.seed, args.eval_steps, args.eval_cfg,
+                               args.batch_size, self.rank, self.world)
+        if self.world > 1:
+            dist.barrier()                                  # every rank's images are on disk
+        record = None
+        if self.rank == 0:
+            files = [sample.sample_path(self.folder, i, 0) for i in range(len(self.prompts))]
+            if self.net is None:
+                self.net = evaluate.load_inception(args.eval_inception).to(self.device)
+            stats = evaluate.files_stats(files, self.net, device=self.device, name=f"eval at step {run.step}")
+            record = {"step": run.step, "fid": evaluate.frechet_distance(self.ref.mu, self.ref.sigma, stats.mu,
+                                                                          stats.sigma), "eval_samples": len(files)}
+            if args.eval_clip_weights:
+                if self.scorer is None:
+                    self.scorer = evaluate.load_clip_scorer(args.eval_clip_model, weights=args.eval_clip_weights,
+                                                            device=self.device)
+                record["clip_score"] = float(evaluate.clip_scores(files, self.prompts, self.scorer,
+                                                                  self.device).mean())
+            record["eval_seconds"] = time.time() - t0
+            self.history.write(record)
+            if run.metrics is not None:
+                run.metrics.write(record)
+            clip = f", CLIP score {record['clip_score']:.2f}" if "clip_score" in record else ""
+            run.say(f"eval at step {run.step}: FID {record['fid']:.3f}{clip} ({len(files)} samples vs "
+                    f"{self.ref.n or '?'} reference images, {record['eval_seconds']:.0f} s)")
+        if self.world > 1:
+            dist.barrier()
+        return record
+
+
+def read_eval_prompts(args):
+    """The first --eval-samples prompts of --eval-prompts (one per line, blank lines skipped)."""
+    try:
+        with open(args.eval_prompts, encoding="utf-8") as f:
+            prompts = [" ".join(line.split()) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--eval-prompts {args.eval_prompts}: {one_line(e)}") from None
+    return prompts[:args.eval_samples] if args.eval_samples else prompts
+
+
+def check_eval_args(args):
+    """--eval-every needs the flow stage, a prompt file and reference statistics: checked before any training."""
+    if not args.eval_every:
+        return
+    if args.stage != "flow":
+        raise UserError(f"--eval-every: FID during training needs --stage flow (text to image), not {args.stage}")
+    missing = [flag for flag, value in (("--eval-prompts", args.eval_prompts), ("--eval-ref", args.eval_ref))
+               if not value]
+    if missing:
+        raise UserError(f"--eval-every needs {' and '.join(missing)} (reference statistics: evaluate.py fid "
+                        f"REFERENCE_IMAGES --save-stats ref.npz)")
+    if not read_eval_prompts(args):
+        raise UserError(f"--eval-prompts {args.eval_prompts}: no prompts")
+    evaluate.load_stats(args.eval_ref)                          # a missing or broken file stops here, not later
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1438,6 +1532,23 @@ def build_parser():
     p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="guidance scale of the previews")
     p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
+    p.add_argument("--eval-every", type=non_negative_int, default=0, help="flow stage: FID of the EMA weights every "
+                   "N steps and at the end, as the official trainer (0: off; default: %(default)s)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="prompts of the FID samples, one per line")
+    p.add_argument("--eval-ref", metavar="STATS.npz", help="reference statistics of images at the training size, "
+                   "bilinear to 299 (evaluate.py fid IMAGES --save-stats STATS.npz)")
+    p.add_argument("--eval-samples", type=non_negative_int, default=0, help="use the first N prompts (0: all; "
+                   "default: %(default)s)")
+    p.add_argument("--eval-steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-cfg", type=finite_float, default=DEFAULT_CFG, help="guidance of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-inception", metavar="FILE", help="local pt_inception-2015-12-05 weights (default: the "
+                   "torch hub cache, else a download)")
+    p.add_argument("--eval-clip-model", default="ViT-B-32", help="CLIP of the CLIP score: an open_clip name or "
+                   "model-config .json (default: %(default)s)")
+    p.add_argument("--eval-clip-weights", metavar="FILE", help="its weights; given, every evaluation also reports "
+                   "the CLIP score")
     p.add_argument("--tensorboard", action="store_true", help="also write the logged metrics as TensorBoard scalars "
                    "to OUT/tensorboard (needs `pip install tensorboard`; OUT/metrics.jsonl is always written)")
     return p
