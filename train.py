@@ -1437,6 +1437,27 @@ def scale_factor(text):
     return text if text == "auto" else positive_float(text)
 
 
+def add_eval_args(p):
+    """The flags of FID during training (TrainingEval)."""
+    p.add_argument("--eval-every", type=non_negative_int, default=0, help="flow stage: FID of the EMA weights every "
+                   "N steps and at the end, as the official trainer (0: off; default: %(default)s)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="prompts of the FID samples, one per line")
+    p.add_argument("--eval-ref", metavar="STATS.npz", help="reference statistics of images at the training size, "
+                   "bilinear to 299 (evaluate.py fid IMAGES --save-stats STATS.npz)")
+    p.add_argument("--eval-samples", type=non_negative_int, default=0, help="use the first N prompts (0: all; "
+                   "default: %(default)s)")
+    p.add_argument("--eval-steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-cfg", type=finite_float, default=DEFAULT_CFG, help="guidance of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-inception", metavar="FILE", help="local pt_inception-2015-12-05 weights (default: the "
+                   "torch hub cache, else a download)")
+    p.add_argument("--eval-clip-model", default="ViT-B-32", help="CLIP of the CLIP score: an open_clip name or "
+                   "model-config .json (default: %(default)s)")
+    p.add_argument("--eval-clip-weights", metavar="FILE", help="its weights; given, every evaluation also reports "
+                   "the CLIP score")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, epilog=stage_defaults_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1532,23 +1553,7 @@ def build_parser():
     p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="guidance scale of the previews")
     p.add_argument("--sample-prompts", help="a text file of preview prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
-    p.add_argument("--eval-every", type=non_negative_int, default=0, help="flow stage: FID of the EMA weights every "
-                   "N steps and at the end, as the official trainer (0: off; default: %(default)s)")
-    p.add_argument("--eval-prompts", metavar="FILE", help="prompts of the FID samples, one per line")
-    p.add_argument("--eval-ref", metavar="STATS.npz", help="reference statistics of images at the training size, "
-                   "bilinear to 299 (evaluate.py fid IMAGES --save-stats STATS.npz)")
-    p.add_argument("--eval-samples", type=non_negative_int, default=0, help="use the first N prompts (0: all; "
-                   "default: %(default)s)")
-    p.add_argument("--eval-steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps of the FID samples "
-                   "(default: %(default)s)")
-    p.add_argument("--eval-cfg", type=finite_float, default=DEFAULT_CFG, help="guidance of the FID samples "
-                   "(default: %(default)s)")
-    p.add_argument("--eval-inception", metavar="FILE", help="local pt_inception-2015-12-05 weights (default: the "
-                   "torch hub cache, else a download)")
-    p.add_argument("--eval-clip-model", default="ViT-B-32", help="CLIP of the CLIP score: an open_clip name or "
-                   "model-config .json (default: %(default)s)")
-    p.add_argument("--eval-clip-weights", metavar="FILE", help="its weights; given, every evaluation also reports "
-                   "the CLIP score")
+    add_eval_args(p)
     p.add_argument("--tensorboard", action="store_true", help="also write the logged metrics as TensorBoard scalars "
                    "to OUT/tensorboard (needs `pip install tensorboard`; OUT/metrics.jsonl is always written)")
     return p
