@@ -100,21 +100,59 @@ def _to_rgb(image):
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, F, RGB
 
 
+def _text(x):
+    """Caption bytes (a .txt member) -> str, utf-8 tolerating a byte-order mark; anything else as it is."""
+    if isinstance(x, (bytes, bytearray)):
+        try:
+            return bytes(x).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise BadSample("non-UTF-8 caption") from None
+    return x
+
+
 def clean_caption(x):
     """A caption (str, or bytes read from a .txt) -> whitespace-normalised str; raises BadSample."""
     if x is None:
         raise BadSample("missing caption")
-    if isinstance(x, (bytes, bytearray)):
-        try:
-            x = bytes(x).decode("utf-8-sig")  # utf-8, tolerating a byte-order mark
-        except UnicodeDecodeError:
-            raise BadSample("non-UTF-8 caption") from None
+    x = _text(x)
     if not isinstance(x, str):
         raise BadSample("non-string caption")
     x = " ".join(x.split())
     if not x:
         raise BadSample("empty caption")
     return x
+
+
+# Recaptions, as the official webdataset reader uses them (data/webdataset_reader.py:57-76, applied by
+# PretokenizedWebDataset, :319-320 and :342, which train_t2i.py:54-65 builds with these defaults): a sample with
+# a `recap_txt` takes it with probability 0.95 instead of its `txt`, stripped of a listed opener.
+RECAPTION_PROBABILITY = 0.95                                        # webdataset_reader.py:320, recap_prob=0.95
+RECAPTION_OPENERS = tuple("The image " + verb for verb in ("depicts", "displays", "showcases", "features", "shows"))
+CAPTION_MODES = ("official", "original", "recaption")   # official: 0.95 recaption; original / recaption: always
+
+
+def strip_opener(text):
+    """A recaption without its opener ("The image depicts ..."), first letter upper-cased, as the official reader."""
+    # webdataset_reader.py:63-71: strip, remove the first listed opener the text starts with (case-sensitive, no
+    # word boundary), strip again, upper-case the first character; a text without an opener is only stripped
+    text = text.strip()
+    for opener in RECAPTION_OPENERS:
+        if text.startswith(opener):
+            text = text[len(opener):].strip()
+            return text[:1].upper() + text[1:]
+    return text
+
+
+def choose_caption(original, recaption, mode, generator=None):
+    """This draw's caption by `mode`: the original, or the opener-stripped recaption (None: there is none)."""
+    # official: the recaption with probability 0.95, one draw from `generator`, made only when there is a
+    # recaption (webdataset_reader.py:59-60); recaption: always; original: never. Without a recaption the sample
+    # keeps its original in every mode (webdataset_reader.py:59: no recap_txt, the txt stays)
+    if recaption is None or mode == "original":
+        return original
+    if mode == "official" and not float(torch.rand((), generator=generator)) < RECAPTION_PROBABILITY:
+        return original
+    return strip_opener(_text(recaption))
 
 
 def transform(image, size, random_crop=False, flip=False, generator=None):
@@ -200,9 +238,9 @@ def _open_listing(spec, path, mode="rb"):
         raise UserError(f"{spec}: cannot read {path} ({e.strerror})") from None
 
 
-def _jsonl_records(spec, path, root):
-    """A jsonl file -> (image paths, captions, skip counts)."""
-    paths, captions, skipped = [], [], collections.Counter()
+def _jsonl_records(spec, path, root, recaption=None):
+    """A jsonl file -> (image paths, captions, skip counts, recaptions: the `recaption` field's str or None each)."""
+    paths, captions, skipped, recaptions = [], [], collections.Counter(), []
     with _open_listing(spec, path) as f:
         for line in f:
             if not line.strip():
@@ -228,7 +266,9 @@ def _jsonl_records(spec, path, root):
             else:
                 paths.append(os.path.join(root, image))
                 captions.append(caption)
-    return paths, captions, skipped
+                recap = record.get(recaption) if recaption else None
+                recaptions.append(recap if isinstance(recap, str) else None)  # not a string: as if it were absent
+    return paths, captions, skipped, recaptions
 
 
 def _coco_records(spec, path, images):
@@ -302,12 +342,19 @@ def _folder_records(directory):
 
 
 class ImageCaptions:
-    """Map-style source of (image file, caption) records: get(i, generator) -> {"image", "caption"}."""
+    """Map-style source of (image file, caption[, recaption]) records: get(i, generator) -> {"image", "caption"}."""
+    # recaptions (optional, one str or None per record) and captions_mode (CAPTION_MODES) choose, per draw,
+    # between a record's caption and its recaption, as choose_caption says
 
-    def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False):
+    def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False,
+                 recaptions=None, captions_mode="original"):
         self.name, self.skipped = name, skipped
         self.paths, self.captions = _Strings(paths), _Strings(captions)
         self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+        self.captions_mode, self.recaptions, self.has_recaption = captions_mode, None, None
+        if recaptions is not None and any(r is not None for r in recaptions):
+            self.recaptions = _Strings([r or "" for r in recaptions])
+            self.has_recaption = np.array([r is not None for r in recaptions], dtype=bool)
 
     def __len__(self):
         return len(self.paths)
@@ -316,7 +363,24 @@ class ImageCaptions:
         """Decode and transform sample `index`; raises BadSample."""
         image = load_image(self.paths[index], self.min_size)
         pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
-        return {"image": pixels, "caption": self.captions[index]}
+        return {"image": pixels, "caption": self.caption(index, generator)}
+
+    def caption(self, index, generator=None):
+        """Record `index`'s caption for this draw; raises BadSample (an empty recaption)."""
+        # get() draws it after the crop and flip, from the same per-sample generator: they stay what they were
+        # without recaptions, and the pick, like them, depends on the seed and stream position only
+        if self.recaptions is None or not self.has_recaption[index]:
+            return self.captions[index]
+        return clean_caption(choose_caption(self.captions[index], self.recaptions[index], self.captions_mode,
+                                            generator))
+
+    def texts(self):
+        """Every caption a draw can give (for a vocabulary): the captions, then the stripped recaptions."""
+        texts = [self.captions[i] for i in range(len(self))]
+        if self.recaptions is not None and self.captions_mode != "original":
+            texts += [" ".join(strip_opener(self.recaptions[i]).split()) for i in range(len(self))
+                      if self.has_recaption[i]]
+        return [t for t in texts if t]
 
 
 def _tar_groups(path):
@@ -340,8 +404,9 @@ def _tar_groups(path):
 class TarSource:
     """Webdataset-layout tar shards, streamed: samples(...) yields one reader's endless share of them."""
 
-    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False):
+    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False, captions_mode="official"):
         paths = expand_braces(pattern)
+        self.captions_mode = captions_mode
         self.name, self.shards = name, [p for p in paths if os.path.isfile(p)]
         self.skipped = collections.Counter()
         if len(paths) > len(self.shards):
@@ -357,6 +422,9 @@ class TarSource:
         of that epoch, samples read from that shard, samples read in all; starting from a cursor continues
         exactly (the shard's first `offset` samples are read past, not decoded).
         """
+        # crop and flip are seeded by (seed, reader, seen); the caption pick by (seed, epoch, shard, sample in the
+        # shard), which names the same read of the same sample for any number of readers: the worker count does
+        # not change it
         if readers > len(self.shards):
             raise UserError(f"{self.name}: {len(self.shards)} shards for {readers} readers (each reads shards of its "
                             f"own): use at most {len(self.shards)} processes, or split the data into more shards")
@@ -364,16 +432,17 @@ class TarSource:
         counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
         while True:
             order = torch.randperm(len(self.shards), generator=_generator(seed, "shards", epoch)).tolist()
-            share = [self.shards[i] for i in order[reader::readers]]
+            share = order[reader::readers]  # indices into self.shards
             while shard < len(share):
                 usable = False
                 try:
-                    for k, (_, files) in enumerate(_tar_groups(share[shard])):
+                    for k, (_, files) in enumerate(_tar_groups(self.shards[share[shard]])):
                         if k < offset:
                             continue
                         seen += 1
                         try:
-                            sample = self.decode(files, _generator(seed, "augment", reader, seen))
+                            sample = self.decode(files, _generator(seed, "augment", reader, seen),
+                                                 _generator(seed, "caption", epoch, share[shard], k))
                             usable = True
                         except BadSample as e:
                             sample = e
@@ -388,8 +457,9 @@ class TarSource:
                 shard, offset = shard + 1, 0
             epoch, shard = epoch + 1, 0
 
-    def decode(self, files, generator=None):
-        """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample."""
+    def decode(self, files, generator=None, pick=None):
+        """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample; `pick` draws the caption."""
+        # generator: crop and flip; pick (default: generator): txt or recap_txt, as choose_caption
         if "txt" in files:
             caption = files["txt"]
         elif "json" in files:
@@ -400,12 +470,18 @@ class TarSource:
             caption = meta.get("caption", meta.get("txt")) if isinstance(meta, dict) else None
         else:
             caption = None
+        # the original is needed in every mode: the official reader renames txt -> text before it looks at
+        # recap_txt (webdataset_reader.py:337-342), and drops a sample without one
         caption = clean_caption(caption)
         encoded = next((files[e] for e in TAR_IMAGE_EXTENSIONS if e in files), None)
         if encoded is None:
             raise BadSample("missing image")
         image = load_image(encoded, self.min_size)
-        return {"image": transform(image, self.image_size, self.random_crop, self.flip, generator), "caption": caption}
+        pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
+        if "recap_txt" in files:  # drawn after the crop and flip: with pick=None they stay what they were
+            caption = clean_caption(choose_caption(caption, files["recap_txt"], self.captions_mode,
+                                                   generator if pick is None else pick))
+        return {"image": pixels, "caption": caption}
 
 
 def _numpy(x):
@@ -659,8 +735,20 @@ class ShapesSource:
 
 # ----------------------------------------------------------------------------- loader
 
-_KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), "shapes": {"split", "n", "seed"},
-          "cache": set()}  # kind -> its options
+_KINDS = {"jsonl": {"root", "recaption", "captions"}, "coco": {"images"}, "tar": {"captions"}, "folder": set(),
+          "shapes": {"split", "n", "seed"}, "cache": set()}  # kind -> its options
+
+
+def _captions_option(spec, options):
+    """The captions=MODE option (CAPTION_MODES, default official: what the official run did); UserError if bad."""
+    mode = options.get("captions", "official")
+    if mode not in CAPTION_MODES:
+        raise UserError(f"{spec}: option captions={mode} must be one of {', '.join(CAPTION_MODES)}")
+    if mode == "recaption" and "recaption" not in options and not spec.startswith("tar:"):
+        raise UserError(f"{spec}: captions=recaption needs recaption=FIELD, the json field that holds them")
+    if options.get("recaption") == "":
+        raise UserError(f"{spec}: option recaption= needs a field name")
+    return mode
 
 
 def _int_option(spec, options, key, default, least):
@@ -690,7 +778,7 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     images = dict(image_size=image_size, min_size=image_size // 2 if min_size is None else min_size,
                   random_crop=random_crop, flip=flip)
     if kind == "tar":
-        return TarSource(spec, path, **images)  # checked as it streams
+        return TarSource(spec, path, **images, captions_mode=_captions_option(spec, options))  # checked as it streams
     if kind == "shapes":
         source = ShapesSource(spec, options.get("split", "train"), _int_option(spec, options, "n", 20000, 1),
                               _int_option(spec, options, "seed", 0, 0), image_size)
@@ -700,7 +788,9 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
         if kind == "jsonl":
             if "root" in options and not os.path.isdir(options["root"]):
                 raise UserError(f"{spec}: root={options['root']} is not a folder")
-            records = _jsonl_records(spec, path, options.get("root", os.path.dirname(os.path.abspath(path))))
+            mode, root = _captions_option(spec, options), options.get("root", os.path.dirname(os.path.abspath(path)))
+            *records, recaptions = _jsonl_records(spec, path, root, options.get("recaption"))
+            images.update(recaptions=recaptions, captions_mode=mode)
         elif kind == "coco":
             if "images" not in options:
                 raise ValueError(f"{spec}: coco needs images=DIR")
@@ -977,8 +1067,8 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index):
-        try:
-            return self.source.get(index)
+        try:  # a generator per index: a caption drawn per sample (recaptions, Karpathy) is the same on every run
+            return self.source.get(index, _generator("pretokenize", index))
         except BadSample as e:
             return e
 
