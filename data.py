@@ -315,6 +315,65 @@ def _coco_records(spec, path, images):
     return paths, captions, skipped
 
 
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def karpathy_images(listing, splits, what):
+    """Karpathy's dataset_*.json, parsed -> the images of `splits` [{id, file, split, references}], in file order."""
+    # id: cocoid (dataset_coco.json), else imgid (the Flickr8k/30k files); file: filepath/filename (COCO's filepath
+    # is train2014 or val2014; the Flickr files have none); references: the `raw` sentences, whitespace collapsed,
+    # empty ones left out. `what` begins the one-line errors (a flag and path, or a data spec)
+    if not isinstance(listing, dict) or not isinstance(listing.get("images", []), list):
+        raise UserError(f"{what}: not a Karpathy split file (expected an object with an 'images' list)")
+    try:
+        items = [dict(id=im["cocoid"] if "cocoid" in im else im["imgid"], split=im["split"],
+                      file=os.path.join(im.get("filepath", ""), im["filename"]),
+                      references=[r for r in (" ".join(str(s["raw"]).split()) for s in im["sentences"]) if r])
+                 for im in listing["images"] if im["split"] in splits]
+    except KeyError as err:
+        raise UserError(f"{what}: not a Karpathy split file (missing {err})") from None
+    except TypeError as err:   # a record that is not an object, sentences that are not a list, ...
+        raise UserError(f"{what}: not a Karpathy split file (a malformed image record: {err})") from None
+    if not items:
+        found = sorted({str(im["split"]) for im in listing["images"]})
+        raise UserError(f"{what}: no image in split {' + '.join(map(repr, splits))} (its splits: "
+                        f"{', '.join(found) or 'none'})")
+    return items
+
+
+def _karpathy_records(spec, path, images, splits):
+    """Karpathy's split file -> (image paths, [its sentences] per image, skip counts) of the images of `splits`."""
+    with _open_listing(spec, path) as f:
+        try:
+            listing = json.load(f)
+        except (ValueError, OSError) as e:  # ValueError: not JSON or not UTF-8; OSError: a read that failed
+            raise UserError(f"{spec}: {path} is not a readable JSON file ({one_line(e)})") from None
+    paths, sentences, skipped = [], [], collections.Counter()
+    for item in karpathy_images(listing, splits, spec):
+        # IMAGES/filepath/filename (images=/coco holding train2014/ and val2014/), else IMAGES/filename (one
+        # folder of them all), as evaluate.py's captions protocol looks for them
+        tries = (os.path.join(images, item["file"]), os.path.join(images, os.path.basename(item["file"])))
+        image = next((t for t in tries if os.path.isfile(t)), None)
+        if image is None:
+            skipped["missing file"] += 1
+        elif not item["references"]:
+            skipped["empty caption"] += 1
+        else:
+            paths.append(image)
+            sentences.append(item["references"])
+    return paths, sentences, skipped
+
+
+def _karpathy_splits(spec, options):
+    """The splits=A+B option of a karpathy spec (default train+restval, the paper's 113,287 training images)."""
+    splits = tuple(options.get("splits", "train+restval").split("+"))
+    unknown = [s for s in splits if s not in KARPATHY_SPLITS]
+    if unknown:
+        raise UserError(f"{spec}: unknown split {unknown[0]!r} in splits={options['splits']} (splits: "
+                        f"{', '.join(KARPATHY_SPLITS)}, joined by +)")
+    return splits
+
+
 def _folder_records(directory):
     """Images under `directory` (recursively, sorted) captioned by a same-name .txt beside each."""
     paths, captions, skipped = [], [], collections.Counter()
@@ -381,6 +440,26 @@ class ImageCaptions:
             texts += [" ".join(strip_opener(self.recaptions[i]).split()) for i in range(len(self))
                       if self.has_recaption[i]]
         return [t for t in texts if t]
+
+
+class KarpathySource(ImageCaptions):
+    """Map-style source of images with all their sentences (Karpathy's splits): each draw takes one of them."""
+
+    def __init__(self, name, paths, sentences, skipped, **images):
+        super().__init__(name, paths, [s for group in sentences for s in group], skipped, **images)
+        # image i's sentences are captions[ends[i - 1]:ends[i]]: numpy, not lists, for the forked workers' sake
+        self.ends = np.cumsum([len(group) for group in sentences], dtype=np.int64)
+
+    def caption(self, index, generator=None):
+        """One of image `index`'s sentences, drawn by the sample's generator (after its crop and flip)."""
+        # one random caption per draw, as the official COCO dataset: k = random.randint(0, n_captions - 1) in each
+        # __getitem__ (data/datasets.py:150 and :160); ours comes from the per-sample generator (exact resume)
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return self.captions[start + int(torch.randint(0, int(self.ends[index]) - start, (), generator=generator))]
+
+    def texts(self):
+        """Every sentence of every image (for a vocabulary)."""
+        return [self.captions[i] for i in range(len(self.captions))]
 
 
 def _tar_groups(path):
@@ -735,8 +814,8 @@ class ShapesSource:
 
 # ----------------------------------------------------------------------------- loader
 
-_KINDS = {"jsonl": {"root", "recaption", "captions"}, "coco": {"images"}, "tar": {"captions"}, "folder": set(),
-          "shapes": {"split", "n", "seed"}, "cache": set()}  # kind -> its options
+_KINDS = {"jsonl": {"root", "recaption", "captions"}, "coco": {"images"}, "karpathy": {"images", "splits"},
+          "tar": {"captions"}, "folder": set(), "shapes": {"split", "n", "seed"}, "cache": set()}  # kind -> options
 
 
 def _captions_option(spec, options):
@@ -791,17 +870,20 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
             mode, root = _captions_option(spec, options), options.get("root", os.path.dirname(os.path.abspath(path)))
             *records, recaptions = _jsonl_records(spec, path, root, options.get("recaption"))
             images.update(recaptions=recaptions, captions_mode=mode)
-        elif kind == "coco":
+        elif kind in ("coco", "karpathy"):
             if "images" not in options:
-                raise ValueError(f"{spec}: coco needs images=DIR")
+                raise ValueError(f"{spec}: {kind} needs images=DIR")
             if not os.path.isdir(options["images"]):  # else every caption would count as a "missing file"
                 raise UserError(f"{spec}: images={options['images']} is not a folder")
-            records = _coco_records(spec, path, options["images"])
+            if kind == "karpathy":
+                records = _karpathy_records(spec, path, options["images"], _karpathy_splits(spec, options))
+            else:
+                records = _coco_records(spec, path, options["images"])
         else:
             if not os.path.isdir(path):  # os.walk of a missing folder is silently empty
                 raise UserError(f"{spec}: {path} is not a folder")
             records = _folder_records(path)
-        source = ImageCaptions(spec, *records, **images)
+        source = (KarpathySource if kind == "karpathy" else ImageCaptions)(spec, *records, **images)
     if len(source) == 0:
         raise _no_samples(spec, sum(source.skipped.values()), source.skipped)
     return source
@@ -900,7 +982,7 @@ class _MapBatches(torch.utils.data.Dataset):
 # rank or worker: 2 ranks reproduce 1 rank, the worker count changes no bit, and one integer resumes the stream
 # (also with another world or batch size: nothing is repeated or lost, batches regroup).
 class Loader:
-    """Infinite, resumable batches of a map-style source (jsonl, coco, folder, shapes, cache).
+    """Infinite, resumable batches of a map-style source (jsonl, coco, karpathy, folder, shapes, cache).
 
     Iterate it once per run: each iter() starts its own DataLoader (and workers) at self.position.
     state_dict() -> {"position": p}, the stream position of the next global batch.

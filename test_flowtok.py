@@ -1392,6 +1392,95 @@ def test_jsonl_recaption_field_is_drawn_per_stream_position(tmp_path):
             data.build_dataset(f"jsonl:{tmp_path / 'r.jsonl'}{bad}", 32)
 
 
+# ----------------------------------------------------------------------------- the Karpathy source (issue 13 item 4)
+
+def _fake_karpathy(root):
+    """A dataset_coco.json of 5 images (train x2, restval, val, test), raw sentences with messy whitespace."""
+    entries = []
+    for k, split in enumerate(["train", "restval", "train", "val", "test"]):
+        folder = "train2014" if split == "train" else "val2014"
+        name = f"COCO_{folder}_{k:012d}.png"
+        where = root if k == 1 else root / folder        # the restval image only at IMAGES/filename
+        where.mkdir(parents=True, exist_ok=True)
+        _solid((40, 36), (50 * k, 20, 200 - 40 * k)).save(where / name)
+        raws = [f"  A {split}  image\n number {k}. ", f"Picture {k} of the {split} split", f"Sentence {k}c"]
+        raws = raws[:2 + k % 2]
+        entries.append({"filepath": folder, "filename": name, "imgid": k, "split": split, "cocoid": 900 + k,
+                        "sentids": list(range(10 * k, 10 * k + len(raws))),
+                        "sentences": [{"raw": r, "tokens": r.lower().split()[:2], "imgid": k, "sentid": 10 * k + j}
+                                      for j, r in enumerate(raws)]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return [[" ".join(s["raw"].split()) for s in e["sentences"]] for e in entries]
+
+
+def test_karpathy_source_splits_and_one_raw_sentence_per_draw(tmp_path):
+    sentences = _fake_karpathy(tmp_path)
+    assert sentences[0] == ["A train image number 0.", "Picture 0 of the train split"]
+    spec = f"karpathy:{tmp_path / 'dataset_coco.json'},images={tmp_path}"
+    source = data.build_dataset(spec, 32)             # default splits: train+restval, in the file's order
+    assert isinstance(source, data.KarpathySource) and len(source) == 3 and source.skipped == {}
+    assert [source.paths[i] for i in range(3)] == [str(tmp_path / "train2014" / "COCO_train2014_000000000000.png"),
+                                                   str(tmp_path / "COCO_val2014_000000000001.png"),
+                                                   str(tmp_path / "train2014" / "COCO_train2014_000000000002.png")]
+    assert source.texts() == sentences[0] + sentences[1] + sentences[2]
+    # each draw: one raw sentence of the image, the (seed, position) generator's first number picks it
+    batches = list(itertools.islice(data.Loader(source, 3, seed=4, rank=0, world=1), 6))
+    for batch in batches:
+        for caption, index, position in zip(batch["caption"], batch["index"].tolist(), batch["position"].tolist()):
+            group = sentences[index]   # train, restval, train: the first three
+            k = int(torch.randint(0, len(group), (), generator=data._generator(4, "augment", position)))
+            assert caption == group[k], (index, position)
+    for i, group in enumerate(sentences[:3]):
+        assert {source.caption(i, torch.Generator().manual_seed(g)) for g in range(60)} == set(group)
+    for splits, want in (("val", [3]), ("test+val", [3, 4]), ("train", [0, 2]),
+                         ("restval+train+test", [0, 1, 2, 4])):
+        other = data.build_dataset(f"{spec},splits={splits}", 32)
+        assert sorted(other.texts()) == sorted(s for k in want for s in sentences[k]), splits
+    # a missing image and an image without a non-empty sentence are skipped and counted
+    listing = json.loads((tmp_path / "dataset_coco.json").read_text())
+    listing["images"] += [dict(listing["images"][0], filename="gone.png", cocoid=1),
+                          dict(listing["images"][2], cocoid=2, sentences=[{"raw": " \n "}])]
+    (tmp_path / "more.json").write_text(json.dumps(listing))
+    more = data.build_dataset(f"karpathy:{tmp_path / 'more.json'},images={tmp_path}", 32)
+    assert len(more) == 3 and more.skipped == {"missing file": 1, "empty caption": 1}
+
+
+def test_karpathy_spec_errors_are_one_line(tmp_path):
+    _fake_karpathy(tmp_path)
+    path = tmp_path / "dataset_coco.json"
+    with pytest.raises(ValueError, match="karpathy needs images=DIR"):
+        data.build_dataset(f"karpathy:{path}", 32)
+    for spec, why in ((f"karpathy:{tmp_path}/nope.json,images={tmp_path}",
+                       f"cannot read {tmp_path}/nope.json (No such file or directory)"),
+                      (f"karpathy:{path},images={tmp_path}/nope", f"images={tmp_path}/nope is not a folder"),
+                      (f"karpathy:{path},images={tmp_path},splits=train+rest",
+                       "unknown split 'rest' in splits=train+rest (splits: train, restval, val, test, joined by +)")):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value) == f"{spec}: {why}"
+    for name, text, why in (("coco.json", json.dumps({"images": [{"id": 1, "file_name": "x.png"}], "annotations": []}),
+                             "not a Karpathy split file (missing 'split')"),
+                            ("list.json", "[]", "not a Karpathy split file (expected an object with an 'images' list)"),
+                            ("junk.json", json.dumps({"images": ["x"]}), "not a Karpathy split file (a malformed "),
+                            ("broken.json", "{not json", f"{tmp_path / 'broken.json'} is not a readable JSON file"),
+                            ("test.json", json.dumps({"images": json.loads(path.read_text())["images"][4:]}),
+                             "no image in split 'train' + 'restval' (its splits: test)")):
+        (tmp_path / name).write_text(text)
+        spec = f"karpathy:{tmp_path / name},images={tmp_path}"
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value).startswith(f"{spec}: {why}") and "\n" not in str(err.value)
+    listing = json.loads(path.read_text())
+    (tmp_path / "gone.json").write_text(json.dumps({"images": [dict(e, filename="gone.png") for e in
+                                                              listing["images"]]}))
+    with pytest.raises(UserError, match=r"0 usable samples out of 3 \(missing file: 3\)"):
+        data.build_dataset(f"karpathy:{tmp_path / 'gone.json'},images={tmp_path}", 32)
+    # evaluate.py's captions protocol reads the same file through the same parser
+    assert [it["id"] for it in evaluate.karpathy_items(path, "test")] == [904]
+    with pytest.raises(UserError, match=r"--karpathy-split .*list\.json: not a Karpathy split file"):
+        evaluate.karpathy_items(tmp_path / "list.json", "test")
+
+
 # ----------------------------------------------------------------------------- the map-style loader
 
 @pytest.fixture
