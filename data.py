@@ -100,21 +100,59 @@ def _to_rgb(image):
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, F, RGB
 
 
+def _text(x):
+    """Caption bytes (a .txt member) -> str, utf-8 tolerating a byte-order mark; anything else as it is."""
+    if isinstance(x, (bytes, bytearray)):
+        try:
+            return bytes(x).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise BadSample("non-UTF-8 caption") from None
+    return x
+
+
 def clean_caption(x):
     """A caption (str, or bytes read from a .txt) -> whitespace-normalised str; raises BadSample."""
     if x is None:
         raise BadSample("missing caption")
-    if isinstance(x, (bytes, bytearray)):
-        try:
-            x = bytes(x).decode("utf-8-sig")  # utf-8, tolerating a byte-order mark
-        except UnicodeDecodeError:
-            raise BadSample("non-UTF-8 caption") from None
+    x = _text(x)
     if not isinstance(x, str):
         raise BadSample("non-string caption")
     x = " ".join(x.split())
     if not x:
         raise BadSample("empty caption")
     return x
+
+
+# Recaptions, as the official webdataset reader uses them (data/webdataset_reader.py:57-76, applied by
+# PretokenizedWebDataset, :319-320 and :342, which train_t2i.py:54-65 builds with these defaults): a sample with
+# a `recap_txt` takes it with probability 0.95 instead of its `txt`, stripped of a listed opener.
+RECAPTION_PROBABILITY = 0.95                                        # webdataset_reader.py:320, recap_prob=0.95
+RECAPTION_OPENERS = tuple("The image " + verb for verb in ("depicts", "displays", "showcases", "features", "shows"))
+CAPTION_MODES = ("official", "original", "recaption")   # official: 0.95 recaption; original / recaption: always
+
+
+def strip_opener(text):
+    """A recaption without its opener ("The image depicts ..."), first letter upper-cased, as the official reader."""
+    # webdataset_reader.py:63-71: strip, remove the first listed opener the text starts with (case-sensitive, no
+    # word boundary), strip again, upper-case the first character; a text without an opener is only stripped
+    text = text.strip()
+    for opener in RECAPTION_OPENERS:
+        if text.startswith(opener):
+            text = text[len(opener):].strip()
+            return text[:1].upper() + text[1:]
+    return text
+
+
+def choose_caption(original, recaption, mode, generator=None):
+    """This draw's caption by `mode`: the original, or the opener-stripped recaption (None: there is none)."""
+    # official: the recaption with probability 0.95, one draw from `generator`, made only when there is a
+    # recaption (webdataset_reader.py:59-60); recaption: always; original: never. Without a recaption the sample
+    # keeps its original in every mode (webdataset_reader.py:59: no recap_txt, the txt stays)
+    if recaption is None or mode == "original":
+        return original
+    if mode == "official" and not float(torch.rand((), generator=generator)) < RECAPTION_PROBABILITY:
+        return original
+    return strip_opener(_text(recaption))
 
 
 def transform(image, size, random_crop=False, flip=False, generator=None):
@@ -200,9 +238,9 @@ def _open_listing(spec, path, mode="rb"):
         raise UserError(f"{spec}: cannot read {path} ({e.strerror})") from None
 
 
-def _jsonl_records(spec, path, root):
-    """A jsonl file -> (image paths, captions, skip counts)."""
-    paths, captions, skipped = [], [], collections.Counter()
+def _jsonl_records(spec, path, root, recaption=None):
+    """A jsonl file -> (image paths, captions, skip counts, recaptions: the `recaption` field's str or None each)."""
+    paths, captions, skipped, recaptions = [], [], collections.Counter(), []
     with _open_listing(spec, path) as f:
         for line in f:
             if not line.strip():
@@ -228,7 +266,9 @@ def _jsonl_records(spec, path, root):
             else:
                 paths.append(os.path.join(root, image))
                 captions.append(caption)
-    return paths, captions, skipped
+                recap = record.get(recaption) if recaption else None
+                recaptions.append(recap if isinstance(recap, str) else None)  # not a string: as if it were absent
+    return paths, captions, skipped, recaptions
 
 
 def _coco_records(spec, path, images):
@@ -275,6 +315,65 @@ def _coco_records(spec, path, images):
     return paths, captions, skipped
 
 
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def karpathy_images(listing, splits, what):
+    """Karpathy's dataset_*.json, parsed -> the images of `splits` [{id, file, split, references}], in file order."""
+    # id: cocoid (dataset_coco.json), else imgid (the Flickr8k/30k files); file: filepath/filename (COCO's filepath
+    # is train2014 or val2014; the Flickr files have none); references: the `raw` sentences, whitespace collapsed,
+    # empty ones left out. `what` begins the one-line errors (a flag and path, or a data spec)
+    if not isinstance(listing, dict) or not isinstance(listing.get("images", []), list):
+        raise UserError(f"{what}: not a Karpathy split file (expected an object with an 'images' list)")
+    try:
+        items = [dict(id=im["cocoid"] if "cocoid" in im else im["imgid"], split=im["split"],
+                      file=os.path.join(im.get("filepath", ""), im["filename"]),
+                      references=[r for r in (" ".join(str(s["raw"]).split()) for s in im["sentences"]) if r])
+                 for im in listing["images"] if im["split"] in splits]
+    except KeyError as err:
+        raise UserError(f"{what}: not a Karpathy split file (missing {err})") from None
+    except TypeError as err:   # a record that is not an object, sentences that are not a list, ...
+        raise UserError(f"{what}: not a Karpathy split file (a malformed image record: {err})") from None
+    if not items:
+        found = sorted({str(im["split"]) for im in listing["images"]})
+        raise UserError(f"{what}: no image in split {' + '.join(map(repr, splits))} (its splits: "
+                        f"{', '.join(found) or 'none'})")
+    return items
+
+
+def _karpathy_records(spec, path, images, splits):
+    """Karpathy's split file -> (image paths, [its sentences] per image, skip counts) of the images of `splits`."""
+    with _open_listing(spec, path) as f:
+        try:
+            listing = json.load(f)
+        except (ValueError, OSError) as e:  # ValueError: not JSON or not UTF-8; OSError: a read that failed
+            raise UserError(f"{spec}: {path} is not a readable JSON file ({one_line(e)})") from None
+    paths, sentences, skipped = [], [], collections.Counter()
+    for item in karpathy_images(listing, splits, spec):
+        # IMAGES/filepath/filename (images=/coco holding train2014/ and val2014/), else IMAGES/filename (one
+        # folder of them all), as evaluate.py's captions protocol looks for them
+        tries = (os.path.join(images, item["file"]), os.path.join(images, os.path.basename(item["file"])))
+        image = next((t for t in tries if os.path.isfile(t)), None)
+        if image is None:
+            skipped["missing file"] += 1
+        elif not item["references"]:
+            skipped["empty caption"] += 1
+        else:
+            paths.append(image)
+            sentences.append(item["references"])
+    return paths, sentences, skipped
+
+
+def _karpathy_splits(spec, options):
+    """The splits=A+B option of a karpathy spec (default train+restval, the paper's 113,287 training images)."""
+    splits = tuple(options.get("splits", "train+restval").split("+"))
+    unknown = [s for s in splits if s not in KARPATHY_SPLITS]
+    if unknown:
+        raise UserError(f"{spec}: unknown split {unknown[0]!r} in splits={options['splits']} (splits: "
+                        f"{', '.join(KARPATHY_SPLITS)}, joined by +)")
+    return splits
+
+
 def _folder_records(directory):
     """Images under `directory` (recursively, sorted) captioned by a same-name .txt beside each."""
     paths, captions, skipped = [], [], collections.Counter()
@@ -302,12 +401,19 @@ def _folder_records(directory):
 
 
 class ImageCaptions:
-    """Map-style source of (image file, caption) records: get(i, generator) -> {"image", "caption"}."""
+    """Map-style source of (image file, caption[, recaption]) records: get(i, generator) -> {"image", "caption"}."""
+    # recaptions (optional, one str or None per record) and captions_mode (CAPTION_MODES) choose, per draw,
+    # between a record's caption and its recaption, as choose_caption says
 
-    def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False):
+    def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False,
+                 recaptions=None, captions_mode="original"):
         self.name, self.skipped = name, skipped
         self.paths, self.captions = _Strings(paths), _Strings(captions)
         self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+        self.captions_mode, self.recaptions, self.has_recaption = captions_mode, None, None
+        if recaptions is not None and any(r is not None for r in recaptions):
+            self.recaptions = _Strings([r or "" for r in recaptions])
+            self.has_recaption = np.array([r is not None for r in recaptions], dtype=bool)
 
     def __len__(self):
         return len(self.paths)
@@ -316,7 +422,44 @@ class ImageCaptions:
         """Decode and transform sample `index`; raises BadSample."""
         image = load_image(self.paths[index], self.min_size)
         pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
-        return {"image": pixels, "caption": self.captions[index]}
+        return {"image": pixels, "caption": self.caption(index, generator)}
+
+    def caption(self, index, generator=None):
+        """Record `index`'s caption for this draw; raises BadSample (an empty recaption)."""
+        # get() draws it after the crop and flip, from the same per-sample generator: they stay what they were
+        # without recaptions, and the pick, like them, depends on the seed and stream position only
+        if self.recaptions is None or not self.has_recaption[index]:
+            return self.captions[index]
+        return clean_caption(choose_caption(self.captions[index], self.recaptions[index], self.captions_mode,
+                                            generator))
+
+    def texts(self):
+        """Every caption a draw can give (for a vocabulary): the captions, then the stripped recaptions."""
+        texts = [self.captions[i] for i in range(len(self))]
+        if self.recaptions is not None and self.captions_mode != "original":
+            texts += [" ".join(strip_opener(self.recaptions[i]).split()) for i in range(len(self))
+                      if self.has_recaption[i]]
+        return [t for t in texts if t]
+
+
+class KarpathySource(ImageCaptions):
+    """Map-style source of images with all their sentences (Karpathy's splits): each draw takes one of them."""
+
+    def __init__(self, name, paths, sentences, skipped, **images):
+        super().__init__(name, paths, [s for group in sentences for s in group], skipped, **images)
+        # image i's sentences are captions[ends[i - 1]:ends[i]]: numpy, not lists, for the forked workers' sake
+        self.ends = np.cumsum([len(group) for group in sentences], dtype=np.int64)
+
+    def caption(self, index, generator=None):
+        """One of image `index`'s sentences, drawn by the sample's generator (after its crop and flip)."""
+        # one random caption per draw, as the official COCO dataset: k = random.randint(0, n_captions - 1) in each
+        # __getitem__ (data/datasets.py:150 and :160); ours comes from the per-sample generator (exact resume)
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return self.captions[start + int(torch.randint(0, int(self.ends[index]) - start, (), generator=generator))]
+
+    def texts(self):
+        """Every sentence of every image (for a vocabulary)."""
+        return [self.captions[i] for i in range(len(self.captions))]
 
 
 def _tar_groups(path):
@@ -340,8 +483,9 @@ def _tar_groups(path):
 class TarSource:
     """Webdataset-layout tar shards, streamed: samples(...) yields one reader's endless share of them."""
 
-    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False):
+    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False, captions_mode="official"):
         paths = expand_braces(pattern)
+        self.captions_mode = captions_mode
         self.name, self.shards = name, [p for p in paths if os.path.isfile(p)]
         self.skipped = collections.Counter()
         if len(paths) > len(self.shards):
@@ -357,6 +501,9 @@ class TarSource:
         of that epoch, samples read from that shard, samples read in all; starting from a cursor continues
         exactly (the shard's first `offset` samples are read past, not decoded).
         """
+        # crop and flip are seeded by (seed, reader, seen); the caption pick by (seed, epoch, shard, sample in the
+        # shard), which names the same read of the same sample for any number of readers: the worker count does
+        # not change it
         if readers > len(self.shards):
             raise UserError(f"{self.name}: {len(self.shards)} shards for {readers} readers (each reads shards of its "
                             f"own): use at most {len(self.shards)} processes, or split the data into more shards")
@@ -364,16 +511,17 @@ class TarSource:
         counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
         while True:
             order = torch.randperm(len(self.shards), generator=_generator(seed, "shards", epoch)).tolist()
-            share = [self.shards[i] for i in order[reader::readers]]
+            share = order[reader::readers]  # indices into self.shards
             while shard < len(share):
                 usable = False
                 try:
-                    for k, (_, files) in enumerate(_tar_groups(share[shard])):
+                    for k, (_, files) in enumerate(_tar_groups(self.shards[share[shard]])):
                         if k < offset:
                             continue
                         seen += 1
                         try:
-                            sample = self.decode(files, _generator(seed, "augment", reader, seen))
+                            sample = self.decode(files, _generator(seed, "augment", reader, seen),
+                                                 _generator(seed, "caption", epoch, share[shard], k))
                             usable = True
                         except BadSample as e:
                             sample = e
@@ -388,8 +536,9 @@ class TarSource:
                 shard, offset = shard + 1, 0
             epoch, shard = epoch + 1, 0
 
-    def decode(self, files, generator=None):
-        """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample."""
+    def decode(self, files, generator=None, pick=None):
+        """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample; `pick` draws the caption."""
+        # generator: crop and flip; pick (default: generator): txt or recap_txt, as choose_caption
         if "txt" in files:
             caption = files["txt"]
         elif "json" in files:
@@ -400,12 +549,18 @@ class TarSource:
             caption = meta.get("caption", meta.get("txt")) if isinstance(meta, dict) else None
         else:
             caption = None
+        # the original is needed in every mode: the official reader renames txt -> text before it looks at
+        # recap_txt (webdataset_reader.py:337-342), and drops a sample without one
         caption = clean_caption(caption)
         encoded = next((files[e] for e in TAR_IMAGE_EXTENSIONS if e in files), None)
         if encoded is None:
             raise BadSample("missing image")
         image = load_image(encoded, self.min_size)
-        return {"image": transform(image, self.image_size, self.random_crop, self.flip, generator), "caption": caption}
+        pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
+        if "recap_txt" in files:  # drawn after the crop and flip: with pick=None they stay what they were
+            caption = clean_caption(choose_caption(caption, files["recap_txt"], self.captions_mode,
+                                                   generator if pick is None else pick))
+        return {"image": pixels, "caption": caption}
 
 
 def _numpy(x):
@@ -659,8 +814,20 @@ class ShapesSource:
 
 # ----------------------------------------------------------------------------- loader
 
-_KINDS = {"jsonl": {"root"}, "coco": {"images"}, "tar": set(), "folder": set(), "shapes": {"split", "n", "seed"},
-          "cache": set()}  # kind -> its options
+_KINDS = {"jsonl": {"root", "recaption", "captions"}, "coco": {"images"}, "karpathy": {"images", "splits"},
+          "tar": {"captions"}, "folder": set(), "shapes": {"split", "n", "seed"}, "cache": set()}  # kind -> options
+
+
+def _captions_option(spec, options):
+    """The captions=MODE option (CAPTION_MODES, default official: what the official run did); UserError if bad."""
+    mode = options.get("captions", "official")
+    if mode not in CAPTION_MODES:
+        raise UserError(f"{spec}: option captions={mode} must be one of {', '.join(CAPTION_MODES)}")
+    if mode == "recaption" and "recaption" not in options and not spec.startswith("tar:"):
+        raise UserError(f"{spec}: captions=recaption needs recaption=FIELD, the json field that holds them")
+    if options.get("recaption") == "":
+        raise UserError(f"{spec}: option recaption= needs a field name")
+    return mode
 
 
 def _int_option(spec, options, key, default, least):
@@ -690,7 +857,7 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     images = dict(image_size=image_size, min_size=image_size // 2 if min_size is None else min_size,
                   random_crop=random_crop, flip=flip)
     if kind == "tar":
-        return TarSource(spec, path, **images)  # checked as it streams
+        return TarSource(spec, path, **images, captions_mode=_captions_option(spec, options))  # checked as it streams
     if kind == "shapes":
         source = ShapesSource(spec, options.get("split", "train"), _int_option(spec, options, "n", 20000, 1),
                               _int_option(spec, options, "seed", 0, 0), image_size)
@@ -700,18 +867,23 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
         if kind == "jsonl":
             if "root" in options and not os.path.isdir(options["root"]):
                 raise UserError(f"{spec}: root={options['root']} is not a folder")
-            records = _jsonl_records(spec, path, options.get("root", os.path.dirname(os.path.abspath(path))))
-        elif kind == "coco":
+            mode, root = _captions_option(spec, options), options.get("root", os.path.dirname(os.path.abspath(path)))
+            *records, recaptions = _jsonl_records(spec, path, root, options.get("recaption"))
+            images.update(recaptions=recaptions, captions_mode=mode)
+        elif kind in ("coco", "karpathy"):
             if "images" not in options:
-                raise ValueError(f"{spec}: coco needs images=DIR")
+                raise ValueError(f"{spec}: {kind} needs images=DIR")
             if not os.path.isdir(options["images"]):  # else every caption would count as a "missing file"
                 raise UserError(f"{spec}: images={options['images']} is not a folder")
-            records = _coco_records(spec, path, options["images"])
+            if kind == "karpathy":
+                records = _karpathy_records(spec, path, options["images"], _karpathy_splits(spec, options))
+            else:
+                records = _coco_records(spec, path, options["images"])
         else:
             if not os.path.isdir(path):  # os.walk of a missing folder is silently empty
                 raise UserError(f"{spec}: {path} is not a folder")
             records = _folder_records(path)
-        source = ImageCaptions(spec, *records, **images)
+        source = (KarpathySource if kind == "karpathy" else ImageCaptions)(spec, *records, **images)
     if len(source) == 0:
         raise _no_samples(spec, sum(source.skipped.values()), source.skipped)
     return source
@@ -810,7 +982,7 @@ class _MapBatches(torch.utils.data.Dataset):
 # rank or worker: 2 ranks reproduce 1 rank, the worker count changes no bit, and one integer resumes the stream
 # (also with another world or batch size: nothing is repeated or lost, batches regroup).
 class Loader:
-    """Infinite, resumable batches of a map-style source (jsonl, coco, folder, shapes, cache).
+    """Infinite, resumable batches of a map-style source (jsonl, coco, karpathy, folder, shapes, cache).
 
     Iterate it once per run: each iter() starts its own DataLoader (and workers) at self.position.
     state_dict() -> {"position": p}, the stream position of the next global batch.
@@ -977,8 +1149,8 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index):
-        try:
-            return self.source.get(index)
+        try:  # a generator per index: a caption drawn per sample (recaptions, Karpathy) is the same on every run
+            return self.source.get(index, _generator("pretokenize", index))
         except BadSample as e:
             return e
 

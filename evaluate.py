@@ -787,7 +787,7 @@ def protocol_block(spec, args, settings, n, ref, resize, size, pipe, world):
 # Captions: a Karpathy split (or a COCO captions file) -> captions by sample.py's code -> BLEU-4 and CIDEr-D
 # ----------------------------------------------------------------------------------------------------------------
 
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
+KARPATHY_SPLITS = data.KARPATHY_SPLITS
 
 
 def _one_line_text(text):
@@ -796,24 +796,11 @@ def _one_line_text(text):
 
 
 def karpathy_items(split_json, split):
-    """Karpathy's dataset_*.json -> the images of one split [{id, file, references}], in the file's order.
-
-    id: cocoid (dataset_coco.json), else imgid (the Flickr8k/30k files); file: filepath/filename (COCO's
-    filepath is train2014 or val2014; the Flickr files have none); references: the `raw` sentences.
-    """
-    data = _read_json(split_json, "--karpathy-split")
-    try:
-        items = [dict(id=im["cocoid"] if "cocoid" in im else im["imgid"],
-                      file=os.path.join(im.get("filepath", ""), im["filename"]),
-                      references=[r for r in (_one_line_text(s["raw"]) for s in im["sentences"]) if r])
-                 for im in data["images"] if im["split"] == split]
-    except (KeyError, TypeError) as err:
-        raise UserError(f"--karpathy-split {split_json}: not a Karpathy split file (missing {err})") from None
-    if not items:
-        found = sorted({str(im["split"]) for im in data["images"]})
-        raise UserError(f"--karpathy-split {split_json}: no image in split {split!r} (its splits: "
-                        f"{', '.join(found) or 'none'})")
-    return items
+    """Karpathy's dataset_*.json -> the images of one split [{id, file, references}], in the file's order."""
+    # the parsing is data.karpathy_images, shared with the `karpathy:` training source: id is cocoid (else imgid),
+    # file filepath/filename, references the `raw` sentences
+    items = data.karpathy_images(_read_json(split_json, "--karpathy-split"), (split,), f"--karpathy-split {split_json}")
+    return [dict(id=it["id"], file=it["file"], references=it["references"]) for it in items]
 
 
 def coco_caption_items(captions_json):

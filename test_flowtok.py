@@ -1244,6 +1244,243 @@ def test_data_whose_every_image_is_unreadable_stops_training_with_one_line(tmp_p
         assert re.fullmatch(re.escape(spec) + f" {why} " + r"\(unreadable image: \d\)", str(err.value))
 
 
+# ----------------------------------------------------------------------------- recaptions (issue 13 item 2)
+
+def test_recaption_openers_are_stripped_like_the_official_reader():
+    """Known answers of webdataset_reader.py:61-71: strip, drop the first listed opener, strip, upper-case."""
+    assert data.RECAPTION_OPENERS == ("The image depicts", "The image displays", "The image showcases",
+                                      "The image features", "The image shows")
+    assert data.RECAPTION_PROBABILITY == 0.95
+    for text, want in [("The image depicts a cat on a mat.", "A cat on a mat."),
+                       ("  The image shows  two dogs \n", "Two dogs"),
+                       ("The image displays a chart", "A chart"),
+                       ("The image showcases a red car", "A red car"),      # not "cases a red car"
+                       ("The image features an old tree.", "An old tree."),
+                       ("The image displays: a chart", ": a chart"),        # only whitespace goes
+                       ("The image features", ""),
+                       ("The image depicts the image shows", "The image shows"),   # one opener, once
+                       ("The image showsmanship", "Manship"),               # no word boundary, as the official
+                       ("the image depicts a cat", "the image depicts a cat"),     # case-sensitive
+                       ("The picture depicts a cat ", "The picture depicts a cat"),
+                       ("A plain recaption.", "A plain recaption.")]:
+        assert data.strip_opener(text) == want, text
+    assert data.choose_caption("orig", None, "recaption") == "orig"       # no recaption: the original, any mode
+    assert data.choose_caption("orig", b"The image shows x", "recaption") == "X"
+    assert data.choose_caption("orig", "The image shows x", "original") == "orig"
+
+
+def _recap_shard(path):
+    """One shard: 3 samples with txt and recap_txt, a 4th with txt only -> {txt: stripped recaption or None}."""
+    recaps = {"a cat": "The image depicts a black cat on a mat.", "a dog": "  The image shows  two dogs playing \n",
+              "a car": "A red car parked outside.", "a tree": None}
+    files = []
+    for k, (txt, recap) in enumerate(recaps.items()):
+        files += [(f"s{k}.jpg", _jpeg_bytes(_noise_image(36, 36, k))), (f"s{k}.txt", txt.encode())]
+        files += [(f"s{k}.recap_txt", recap.encode())] if recap else []
+    _write_tar(path, files)
+    return {"a cat": "A black cat on a mat.", "a dog": "Two dogs playing", "a car": "A red car parked outside.",
+            "a tree": None}
+
+
+def test_tar_recaptions_official_frequency_and_the_original_and_recaption_modes(tmp_path):
+    want = _recap_shard(tmp_path / "r.tar")
+    recap_of = {v: k for k, v in want.items() if v}
+
+    def first_epoch(mode, seed):
+        source = data.build_dataset(f"tar:{tmp_path}/r.tar" + (f",captions={mode}" if mode else ""), 32)
+        stream = source.samples(seed, 0, 1, dict(epoch=0, shard=0, offset=0, seen=0))
+        return [s["caption"] for s, _ in itertools.islice(stream, 4)]
+
+    picks, seeds = collections.Counter(), range(700)
+    for seed in seeds:                                 # the default is official
+        captions = first_epoch(None, seed)
+        assert captions[3] == "a tree"                 # no recap_txt: its txt, and no draw
+        for k, caption in enumerate(captions[:3]):
+            # known answer: the (seed, epoch, shard, sample in shard) generator's first number against 0.95
+            u = torch.rand((), generator=data._generator(seed, "caption", 0, 0, k))
+            assert caption == (want[list(want)[k]] if u < 0.95 else list(want)[k]), (seed, k, caption)
+            picks[caption in recap_of] += 1
+    n = 3 * len(seeds)                                  # 2100 draws: mean 1995, sd 10.0
+    assert abs(picks[True] - 0.95 * n) < 4 * math.sqrt(n * 0.95 * 0.05), picks
+    assert first_epoch("official", 3) == first_epoch(None, 3)
+    for seed in range(5):
+        assert first_epoch("original", seed) == ["a cat", "a dog", "a car", "a tree"]
+        assert first_epoch("recaption", seed) == [want["a cat"], want["a dog"], want["a car"], "a tree"]
+    with pytest.raises(UserError, match=r"option captions=recap must be one of official, original, recaption"):
+        data.build_dataset(f"tar:{tmp_path}/r.tar,captions=recap", 32)
+    with pytest.raises(ValueError, match="key=value options among"):
+        data.build_dataset(f"tar:{tmp_path}/r.tar,recaption=recap_txt", 32)
+
+
+def test_tar_caption_pick_is_the_same_for_any_worker_count_and_after_resume(tmp_path):
+    for s in range(4):
+        files = []
+        for i in range(3):
+            files += [(f"{s}{i}.jpg", _jpeg_bytes(_noise_image(36, 36, 10 * s + i))),
+                      (f"{s}{i}.txt", f"sample {s} {i}".encode()),
+                      (f"{s}{i}.recap_txt", f"The image depicts sample {s} {i} again".encode())]
+        _write_tar(tmp_path / f"shard-{s}.tar", files)
+    source = data.build_dataset(f"tar:{tmp_path}/shard-{{0..3}}.tar", 32)
+
+    def recap(seed, epoch, s, i):
+        return bool(torch.rand((), generator=data._generator(seed, "caption", epoch, s, i)) < 0.95)
+    # a seed whose 2 epochs keep a few originals, so that another seeding would show
+    seed = next(x for x in range(500) if sum(not recap(x, e, s, i) for e in range(2) for s in range(4)
+                                             for i in range(3)) >= 3)
+    runs = {}
+    for workers in (0, 2):                # 1 reader (4 shards an epoch) or 2 readers (2 shards each)
+        batches = list(itertools.islice(data.make_loader(source, 3, seed, rank=0, world=1, num_workers=workers), 8))
+        runs[workers] = [c for b in batches for c in b["caption"]]
+        for j, batch in enumerate(batches):   # batches 0-3 are epoch 0 in both layouts, 4-7 epoch 1
+            for caption in batch["caption"]:
+                s, i = map(int, re.search(r"ample (\d) (\d)", caption).groups())
+                assert caption == (f"Sample {s} {i} again" if recap(seed, j // 4, s, i) else f"sample {s} {i}")
+    assert sorted(runs[0][:12]) == sorted(runs[2][:12]) and sorted(runs[0][12:]) == sorted(runs[2][12:])
+    loader = data.make_loader(source, 3, seed, rank=0, world=1, num_workers=2)
+    stream = iter(loader)
+    for _ in range(3):
+        next(stream)
+    resumed = data.make_loader(source, 3, seed, rank=0, world=1, num_workers=2)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(loader.state_dict())))
+    assert [b["caption"] for b in itertools.islice(resumed, 4)] == [next(stream)["caption"] for _ in range(4)]
+
+
+def test_jsonl_recaption_field_is_drawn_per_stream_position(tmp_path):
+    for k in range(4):
+        _noise_image(44, 36, k).save(tmp_path / f"{k}.png")
+    records = [{"image": "0.png", "caption": "zero", "recap": "The image features zero things."},
+               {"image": "1.png", "caption": "one", "recap": "The image displays one thing"},
+               {"image": "2.png", "caption": "two"},                      # no recaption
+               {"image": "3.png", "caption": "three", "recap": None}]     # not a string: as if absent
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = f"jsonl:{tmp_path / 'r.jsonl'},recaption=recap"
+    recaps = {"zero": "Zero things.", "one": "One thing"}
+
+    def recap(seed, position):   # no crop or flip: the caption's draw is the generator's first number
+        return bool(torch.rand((), generator=data._generator(seed, "augment", position)) < 0.95)
+    seed = next(x for x in range(500) if sum(not recap(x, p) for p in range(16) if p % 4 < 2) >= 2)
+    source = data.build_dataset(spec, 32)                      # default captions=official
+    assert sorted(source.texts()) == sorted(["zero", "one", "two", "three", "Zero things.", "One thing"])
+    runs = {}
+    for workers in (0, 2):
+        batches = list(itertools.islice(data.Loader(source, 2, seed, rank=0, world=1, num_workers=workers), 8))
+        runs[workers] = [b["caption"] for b in batches]
+        for batch in batches:
+            for caption, index, position in zip(batch["caption"], batch["index"].tolist(),
+                                                batch["position"].tolist()):
+                original = records[index]["caption"]
+                assert caption == (recaps[original] if original in recaps and recap(seed, position) else original)
+    assert runs[0] == runs[2]
+    loader = data.Loader(source, 2, seed, rank=0, world=1)
+    stream = iter(loader)
+    for _ in range(3):
+        next(stream)
+    resumed = data.Loader(source, 2, seed, rank=0, world=1)
+    resumed.load_state_dict(loader.state_dict())
+    assert [b["caption"] for b in itertools.islice(resumed, 4)] == [next(stream)["caption"] for _ in range(4)]
+    for mode, want in (("original", lambda c: c), ("recaption", lambda c: recaps.get(c, c))):
+        batch = next(iter(data.Loader(data.build_dataset(f"{spec},captions={mode}", 32), 8, seed, rank=0, world=1)))
+        assert batch["caption"] == [want(records[i]["caption"]) for i in batch["index"].tolist()]
+    # the draw comes after the crop and flip: the images are those of the same run without recaptions
+    crops = [next(iter(data.Loader(data.build_dataset(s, 32, random_crop=True, flip=True), 4, seed, rank=0,
+                                   world=1)))["image"] for s in (spec, f"jsonl:{tmp_path / 'r.jsonl'}")]
+    assert torch.equal(*crops)
+    for bad, why in ((",captions=recaption", "captions=recaption needs recaption=FIELD"),
+                     (",recaption=,captions=official", "option recaption= needs a field name"),
+                     (",captions=both", "option captions=both must be one of official, original, recaption")):
+        with pytest.raises(UserError, match=why):
+            data.build_dataset(f"jsonl:{tmp_path / 'r.jsonl'}{bad}", 32)
+
+
+# ----------------------------------------------------------------------------- the Karpathy source (issue 13 item 4)
+
+def _fake_karpathy(root):
+    """A dataset_coco.json of 5 images (train x2, restval, val, test), raw sentences with messy whitespace."""
+    entries = []
+    for k, split in enumerate(["train", "restval", "train", "val", "test"]):
+        folder = "train2014" if split == "train" else "val2014"
+        name = f"COCO_{folder}_{k:012d}.png"
+        where = root if k == 1 else root / folder        # the restval image only at IMAGES/filename
+        where.mkdir(parents=True, exist_ok=True)
+        _solid((40, 36), (50 * k, 20, 200 - 40 * k)).save(where / name)
+        raws = [f"  A {split}  image\n number {k}. ", f"Picture {k} of the {split} split", f"Sentence {k}c"]
+        raws = raws[:2 + k % 2]
+        entries.append({"filepath": folder, "filename": name, "imgid": k, "split": split, "cocoid": 900 + k,
+                        "sentids": list(range(10 * k, 10 * k + len(raws))),
+                        "sentences": [{"raw": r, "tokens": r.lower().split()[:2], "imgid": k, "sentid": 10 * k + j}
+                                      for j, r in enumerate(raws)]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return [[" ".join(s["raw"].split()) for s in e["sentences"]] for e in entries]
+
+
+def test_karpathy_source_splits_and_one_raw_sentence_per_draw(tmp_path):
+    sentences = _fake_karpathy(tmp_path)
+    assert sentences[0] == ["A train image number 0.", "Picture 0 of the train split"]
+    spec = f"karpathy:{tmp_path / 'dataset_coco.json'},images={tmp_path}"
+    source = data.build_dataset(spec, 32)             # default splits: train+restval, in the file's order
+    assert isinstance(source, data.KarpathySource) and len(source) == 3 and source.skipped == {}
+    assert [source.paths[i] for i in range(3)] == [str(tmp_path / "train2014" / "COCO_train2014_000000000000.png"),
+                                                   str(tmp_path / "COCO_val2014_000000000001.png"),
+                                                   str(tmp_path / "train2014" / "COCO_train2014_000000000002.png")]
+    assert source.texts() == sentences[0] + sentences[1] + sentences[2]
+    # each draw: one raw sentence of the image, the (seed, position) generator's first number picks it
+    batches = list(itertools.islice(data.Loader(source, 3, seed=4, rank=0, world=1), 6))
+    for batch in batches:
+        for caption, index, position in zip(batch["caption"], batch["index"].tolist(), batch["position"].tolist()):
+            group = sentences[index]   # train, restval, train: the first three
+            k = int(torch.randint(0, len(group), (), generator=data._generator(4, "augment", position)))
+            assert caption == group[k], (index, position)
+    for i, group in enumerate(sentences[:3]):
+        assert {source.caption(i, torch.Generator().manual_seed(g)) for g in range(60)} == set(group)
+    for splits, want in (("val", [3]), ("test+val", [3, 4]), ("train", [0, 2]),
+                         ("restval+train+test", [0, 1, 2, 4])):
+        other = data.build_dataset(f"{spec},splits={splits}", 32)
+        assert sorted(other.texts()) == sorted(s for k in want for s in sentences[k]), splits
+    # a missing image and an image without a non-empty sentence are skipped and counted
+    listing = json.loads((tmp_path / "dataset_coco.json").read_text())
+    listing["images"] += [dict(listing["images"][0], filename="gone.png", cocoid=1),
+                          dict(listing["images"][2], cocoid=2, sentences=[{"raw": " \n "}])]
+    (tmp_path / "more.json").write_text(json.dumps(listing))
+    more = data.build_dataset(f"karpathy:{tmp_path / 'more.json'},images={tmp_path}", 32)
+    assert len(more) == 3 and more.skipped == {"missing file": 1, "empty caption": 1}
+
+
+def test_karpathy_spec_errors_are_one_line(tmp_path):
+    _fake_karpathy(tmp_path)
+    path = tmp_path / "dataset_coco.json"
+    with pytest.raises(ValueError, match="karpathy needs images=DIR"):
+        data.build_dataset(f"karpathy:{path}", 32)
+    for spec, why in ((f"karpathy:{tmp_path}/nope.json,images={tmp_path}",
+                       f"cannot read {tmp_path}/nope.json (No such file or directory)"),
+                      (f"karpathy:{path},images={tmp_path}/nope", f"images={tmp_path}/nope is not a folder"),
+                      (f"karpathy:{path},images={tmp_path},splits=train+rest",
+                       "unknown split 'rest' in splits=train+rest (splits: train, restval, val, test, joined by +)")):
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value) == f"{spec}: {why}"
+    for name, text, why in (("coco.json", json.dumps({"images": [{"id": 1, "file_name": "x.png"}], "annotations": []}),
+                             "not a Karpathy split file (missing 'split')"),
+                            ("list.json", "[]", "not a Karpathy split file (expected an object with an 'images' list)"),
+                            ("junk.json", json.dumps({"images": ["x"]}), "not a Karpathy split file (a malformed "),
+                            ("broken.json", "{not json", f"{tmp_path / 'broken.json'} is not a readable JSON file"),
+                            ("test.json", json.dumps({"images": json.loads(path.read_text())["images"][4:]}),
+                             "no image in split 'train' + 'restval' (its splits: test)")):
+        (tmp_path / name).write_text(text)
+        spec = f"karpathy:{tmp_path / name},images={tmp_path}"
+        with pytest.raises(UserError) as err:
+            data.build_dataset(spec, 32)
+        assert str(err.value).startswith(f"{spec}: {why}") and "\n" not in str(err.value)
+    listing = json.loads(path.read_text())
+    (tmp_path / "gone.json").write_text(json.dumps({"images": [dict(e, filename="gone.png") for e in
+                                                              listing["images"]]}))
+    with pytest.raises(UserError, match=r"0 usable samples out of 3 \(missing file: 3\)"):
+        data.build_dataset(f"karpathy:{tmp_path / 'gone.json'},images={tmp_path}", 32)
+    # evaluate.py's captions protocol reads the same file through the same parser
+    assert [it["id"] for it in evaluate.karpathy_items(path, "test")] == [904]
+    with pytest.raises(UserError, match=r"--karpathy-split .*list\.json: not a Karpathy split file"):
+        evaluate.karpathy_items(tmp_path / "list.json", "test")
+
+
 # ----------------------------------------------------------------------------- the map-style loader
 
 @pytest.fixture

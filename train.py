@@ -294,8 +294,8 @@ def caption_vocabulary(args):
         return sorted({int(i) for a in source._open() for i in np.unique(a["ids"])})
     if isinstance(source, data.ShapesSource):
         captions = data.shapes_prompts(source.split)
-    elif hasattr(source, "captions"):
-        captions = [source.captions[i] for i in range(len(source))]
+    elif hasattr(source, "texts"):   # every caption a draw can give: recaptions and all sentences included
+        captions = source.texts()
     else:
         raise UserError(f"--decoder-vocab data needs a map-style source, not {args.data}")
     ids = torch.cat([projector.tokenize(captions[i:i + 4096])[0] for i in range(0, len(captions), 4096)])
