@@ -1796,8 +1796,25 @@ def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch
 # ----------------------------------------------------------------------------------------------- caption metrics
 
 def test_ptb_tokenize():
+    # the toolkit writes brackets as -lrb- -rrb- (lower case: its punctuation filter, upper case, keeps them)
     assert evaluate.ptb_tokenize('A dog\'s toy, (red) "ball"... isn\'t it? 3.5 kg - 12:30.') == \
-        ["a", "dog", "'s", "toy", "red", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
+        ["a", "dog", "'s", "toy", "-lrb-", "red", "-rrb-", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
+
+
+def ptb_toolkit_cases():
+    """testdata/ptb_toolkit.txt as (caption, the toolkit's space-joined tokens) pairs."""
+    lines = [line for line in (TESTDATA / "ptb_toolkit.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) % 2 == 0 and all(line.startswith("=> ") for line in lines[1::2])
+    return [(caption, tokens[3:]) for caption, tokens in zip(lines[::2], lines[1::2])]
+
+
+def test_ptb_tokenize_equals_the_toolkit_outputs():
+    # 166 captions (COCO-style ones and hard cases: abbreviations, brackets, quotes, clitics, symbols, numbers)
+    # with the toolkit's Java PTBTokenizer output; known differences, left out: us$5 (us$ 5), a#b (a #b),
+    # 1.99/lb (1.99 / lb), emoticons (:-rrb-)
+    cases = ptb_toolkit_cases()
+    assert len(cases) == 166
+    assert [(c, " ".join(evaluate.ptb_tokenize(c))) for c, _ in cases] == cases
 
 
 def test_bleu4_identical_is_one_and_disjoint_is_zero():
@@ -4214,6 +4231,23 @@ CAPTION_REFERENCES = {
     9: ["A tall clock tower in the middle of a city.", "The clock on the tower reads 12:30.",
          "A statue in front of a clock tower."],
 }
+
+
+def test_ptb_tokenize_equals_the_toolkit_tokenizer(tmp_path):
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("no java: the toolkit's PTBTokenizer is Stanford CoreNLP's (Java)")
+    cases = ptb_toolkit_cases()
+    (tmp_path / "captions.txt").write_text("\n".join(c for c, _ in cases))
+    # ptbtokenizer.py's command and punctuation filter (it writes its input file into site-packages; this does not)
+    out = subprocess.run([java, "-cp", str(Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR),
+                          "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+                          str(tmp_path / "captions.txt")], capture_output=True, text=True, check=True, timeout=120)
+    lines = out.stdout.split("\n")[:len(cases)]
+    toolkit = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines]
+    assert list(zip([c for c, _ in cases], toolkit)) == cases            # testdata/ptb_toolkit.txt is the toolkit's
+    assert [" ".join(evaluate.ptb_tokenize(c)) for c, _ in cases] == toolkit
 
 
 def test_bleu4_and_cider_d_equal_pycocoevalcap():
