@@ -521,19 +521,49 @@ def psnr(x, y):
 # Caption metrics (COCO caption evaluation toolkit: BLEU-4 and CIDEr-D)
 # ----------------------------------------------------------------------------------------------------------------
 
-# tokens the toolkit drops after PTB tokenisation (brackets are -LRB- etc. there; we drop them before)
+# tokens the toolkit drops after PTB tokenisation. Its list spells the brackets -LRB- etc., but its tokenizer runs
+# with -lowerCase and writes -lrb- etc.: brackets stay in the scored text as -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-
 PTB_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
+                   "gimme": ["gim", "me"], "lemme": ["lem", "me"], "'tis": ["'t", "is"], "'twas": ["'t", "was"]}
+# words that keep their final period (as do single letters and letter-period runs: a. u.s. e.g.; "no." before digits)
+PTB_ABBREVIATIONS = set("mr mrs ms dr st jr sr prof gen capt mt ft sq ave co inc ltd corp vs etc "
+                        "jan feb mar apr jun jul aug sep sept oct nov dec".split())
+_PTB_END = r"[.,;:?!]*(?:\s|$)"        # the end of a word, allowing for the punctuation that follows it
+
+
+def _ptb_periods(tokens):
+    """Split a word's final period off, unless the word is an abbreviation (see PTB_ABBREVIATIONS)."""
+    out = []
+    for k, t in enumerate(tokens):
+        stem = t[:-1]
+        keep = (not t.endswith(".") or t in PTB_PUNCTUATION or re.fullmatch(r"[a-z](?:\.[a-z])*", stem)
+                or stem in PTB_ABBREVIATIONS or stem == "no" and tokens[k + 1:k + 2] and tokens[k + 1][0].isdigit())
+        out += [t] if keep else [stem, "."]
+    return out
 
 
 def ptb_tokenize(caption):
-    """Caption -> lower-case PTB-style tokens without punctuation (approximates the toolkit's Java tokenizer)."""
-    s = caption.lower().replace("\n", " ")
-    s = re.sub(r"[\"()\[\]{}]", " ", s)                    # quotes and brackets: PTB symbols the toolkit drops
-    s = re.sub(r"(^|\s)'|'(\s|$)", r"\1 \2", s)            # quote marks around words (dogs' -> dogs)
-    s = re.sub(r"(\w)(n't)\b", r"\1 \2", s)                # don't -> do n't
+    """Caption -> lower-case PTB tokens without the toolkit's punctuation (the Java tokenizer's common rules)."""
+    s = re.sub(r"(?<![A-Z])&|&(?![A-Z])", " & ", caption.replace("\n", " ")).lower()   # AT&T whole, b&w split
+    s = re.sub(r"\"|``|''", " ", s)                         # double quotes (`` and '' there, then dropped)
+    s = re.sub(r"[()\[\]{}]", lambda m: f" {PTB_BRACKETS[m.group()]} ", s)
+    s = re.sub(r"[$%#+=*^~|\\]|/(?!\S)", r" \g<0> ", s)      # symbols are tokens ($ 5, 50 %, w /; a/b stays)
+    s = re.sub(r"-{2,}", " -- ", s)
+    s = re.sub(r"\.{2,}", " ... ", s)
+    s = re.sub(r"(\d:\d\d)([ap]m)\b", r"\1 \2", s)          # 10:30pm -> 10:30 pm
+    s = re.sub(r"(?<=\d)'(?=\d)", " ", s)                    # 6'2 -> 6 2
+    s = re.sub(r"(\w)'n'(\w)", r"\1 'n' \2", s)             # rock'n'roll -> rock 'n' roll
+    s = re.sub(r"(\w)(n't)\b", r"\1 \2", s)                 # don't -> do n't
     s = re.sub(r"(\w)('s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", s)  # dog's -> dog 's
-    s = re.sub(r"[?!;]|(?<!\d)[.,:]|[.,:](?!\d)", r" \g<0> ", s)  # split punctuation, keep 3.5 / 1,000 / 12:30
-    return [t for t in s.split() if t not in PTB_PUNCTUATION]
+    # quote marks: a leading ' (unless it begins 's 're ... 'em 'n' 'tis '90s), a trailing ' (unless it ends 'n')
+    s = re.sub(rf"(?<!\S)'(?!(?:s|re|ve|ll|d|m|em|n'|tis|twas){_PTB_END}|\d)", " ", s)
+    s = re.sub(rf"(?<!'n)'(?={_PTB_END})", " ", s)
+    s = re.sub(r"[?!]+(?=\s|$)", r" \g<0> ", s)              # is it?! -> is it ?! (a?b stays whole)
+    s = re.sub(r";|(?<!\d)[,:]|[,:](?!\d)", r" \g<0> ", s)   # keep 1,000 and 12:30
+    tokens = [w for t in s.split() for w in PTB_SPLIT_WORDS.get(t, [t])]
+    return [t for t in _ptb_periods(tokens) if t not in PTB_PUNCTUATION]
 
 
 def _ngram_counts(tokens, n=4):

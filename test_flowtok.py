@@ -2033,8 +2033,25 @@ def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch
 # ----------------------------------------------------------------------------------------------- caption metrics
 
 def test_ptb_tokenize():
+    # the toolkit writes brackets as -lrb- -rrb- (lower case: its punctuation filter, upper case, keeps them)
     assert evaluate.ptb_tokenize('A dog\'s toy, (red) "ball"... isn\'t it? 3.5 kg - 12:30.') == \
-        ["a", "dog", "'s", "toy", "red", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
+        ["a", "dog", "'s", "toy", "-lrb-", "red", "-rrb-", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
+
+
+def ptb_toolkit_cases():
+    """testdata/ptb_toolkit.txt as (caption, the toolkit's space-joined tokens) pairs."""
+    lines = [line for line in (TESTDATA / "ptb_toolkit.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) % 2 == 0 and all(line.startswith("=> ") for line in lines[1::2])
+    return [(caption, tokens[3:]) for caption, tokens in zip(lines[::2], lines[1::2])]
+
+
+def test_ptb_tokenize_equals_the_toolkit_outputs():
+    # 166 captions (COCO-style ones and hard cases: abbreviations, brackets, quotes, clitics, symbols, numbers)
+    # with the toolkit's Java PTBTokenizer output; known differences, left out: us$5 (us$ 5), a#b (a #b),
+    # 1.99/lb (1.99 / lb), emoticons (:-rrb-)
+    cases = ptb_toolkit_cases()
+    assert len(cases) == 166
+    assert [(c, " ".join(evaluate.ptb_tokenize(c))) for c, _ in cases] == cases
 
 
 def test_bleu4_identical_is_one_and_disjoint_is_zero():
@@ -4461,3 +4478,136 @@ def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, f
         ["fid", str(originals), str(tmp_path / "recon"), "--inception-weights", str(weights), "--device", "cpu",
          "--num-workers", "0"]))
     assert result["rfid"] == pytest.approx(fid, rel=1e-6, abs=1e-6)
+
+
+# ==========================================================================================================
+# Cross-checks with the reference libraries (pip install -r requirements-dev.txt; each skips without its library)
+# ==========================================================================================================
+
+def test_fid_equals_pytorch_fid(fid_weights, monkeypatch):
+    pfid_inception = pytest.importorskip("pytorch_fid.inception")
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    # pytorch-fid's InceptionV3 downloads its release file; hand its strict load our random weights instead
+    state = torch.load(fid_weights[0], map_location="cpu", weights_only=True)
+    monkeypatch.setattr(pfid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    theirs = pfid_inception.InceptionV3([pfid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    ours = evaluate.load_inception(str(fid_weights[0]))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 37, 50), dtype=torch.uint8, generator=gen)
+    with torch.no_grad():
+        got = ours(evaluate.preprocess(images, "bilinear"))
+        # pytorch-fid reads images with ToTensor (uint8 / 255), then resizes to 299 and scales to [-1, 1] itself
+        want = theirs(images.float() / 255)[0].flatten(1)
+    assert got.shape == want.shape == (2, 2048) and want.abs().mean() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # the Frechet distance on the same features: our running statistics vs pytorch-fid's np.mean / np.cov
+    rng = np.random.default_rng(0)
+    for n, dim in [(300, 64), (20, 48)]:                      # full-rank covariances; fewer samples than dimensions
+        sets = [np.abs(rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim))) + shift for shift in (1, 2)]
+        mine, ref = [], []
+        for feats in sets:
+            acc = evaluate.FeatureStats(dim=dim)
+            for chunk in np.array_split(feats, 3):
+                acc.update(torch.from_numpy(chunk))
+            mine += acc.mean_cov()
+            ref += [np.mean(feats, axis=0), np.cov(feats, rowvar=False)]
+        for a, b in zip(mine, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+        want = calculate_frechet_distance(*ref)
+        assert want > 1 and evaluate.frechet_distance(*ref) == pytest.approx(want, rel=1e-6)
+        assert evaluate.frechet_distance(*mine) == pytest.approx(want, rel=1e-6)
+
+
+def test_lpips_equals_the_lpips_package(tmp_path, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+    import torchvision
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():       # lpips passes torchvision's deprecated `pretrained` (False: no download)
+        warnings.simplefilter("ignore")
+        theirs = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)   # random VGG16; its shipped v0.1 heads
+    # our loader reads the files of a training run: their VGG16 keyed as torchvision's file, their shipped heads
+    vgg = {f"features.{k.split('.', 2)[2]}": v for k, v in theirs.state_dict().items() if k.startswith("net.slice")}
+    assert len(vgg) == 26                                     # 13 convolutions, weight and bias
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    shutil.copy(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth", tmp_path / "lpips_vgg_v0.1.pth")
+    monkeypatch.setattr(torchvision.models, "convnext_small", nn.Identity)   # the ConvNeXt term is not LPIPS
+    torch.save({}, tmp_path / "convnext_small-0c510722.pth")
+    ours = tokenizer.load_perceptual(str(tmp_path)).lpips
+    x = torch.rand(2, 3, 32, 32)
+    x_near = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    pairs = [(torch.cat([x, x, x]), torch.cat([torch.rand_like(x), x_near, x])),  # far, near, identical
+             (torch.rand(1, 3, 24, 40), torch.rand(1, 3, 24, 40))]            # not square
+    with torch.no_grad():
+        want = [theirs(a, b, normalize=True).flatten() for a, b in pairs]   # normalize: [0, 1] inputs, as ours
+        for (a, b), w in zip(pairs, want):
+            torch.testing.assert_close(ours(a, b), w, rtol=0, atol=1e-5)
+    far, near, same = want[0].split(2)
+    assert far.min() > 0.1 and want[1] > 0.1 and 0 < near.max() < 0.1 * far.min() and same.abs().max() == 0
+
+
+# realistic COCO-style captions: punctuation, contractions, numbers, repeated words (clipping), short candidates
+# (brevity penalty), a one-word one (no bigrams), a tie for the closest reference length (id 4: 9 words vs 8 and 10)
+CAPTION_CANDIDATES = {
+    1: "A man on a surfboard riding a wave in the ocean.",
+    2: "A group of people standing around a kitchen.",
+    3: "Two dogs playing with a frisbee in the grass!",
+    4: "a plate of food with broccoli, rice and meat",
+    5: "A red bus is driving down the street.",
+    6: "A cat sitting on a laptop's keyboard",
+    7: "dogs dogs dogs dogs",
+    8: "Bus.",
+    9: "A clock tower shows 12:30 next to a 3.5 meter statue",
+}
+CAPTION_REFERENCES = {
+    1: ["A surfer rides a large wave in the ocean.", "A man on a surfboard riding a wave.",
+        "Surfer in a black wetsuit riding a wave.", "A person surfing on a big wave", "a man surfing a wave"],
+    2: ["People are gathered in a kitchen preparing food.", "Several people standing in a kitchen talking.",
+        "A group of friends cooking together in the kitchen."],
+    3: ["Two dogs chase a frisbee across a grassy field.", "A pair of dogs play in the grass with a toy.",
+        "Two brown dogs running on the lawn", "dogs playing frisbee"],
+    4: ["A plate with rice, broccoli and grilled chicken.", "A dish of meat and vegetables on a white plate.",
+        "Food on a plate including broccoli."],
+    5: ["A double decker bus on a city street.", "A red bus is driving down the road.",
+        "The red double-decker bus is parked by the curb.", "a bus in London"],
+    6: ["A cat lying on a computer keyboard.", "A kitten sits on top of a laptop.", "The cat's sitting on the laptop."],
+    7: ["Three dogs sleeping on a couch.", "Dogs resting together on a sofa."],
+    8: ["A city bus stopped at a bus stop.", "A white bus parked on the side of the road."],
+    9: ["A tall clock tower in the middle of a city.", "The clock on the tower reads 12:30.",
+         "A statue in front of a clock tower."],
+}
+
+
+def test_ptb_tokenize_equals_the_toolkit_tokenizer(tmp_path):
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("no java: the toolkit's PTBTokenizer is Stanford CoreNLP's (Java)")
+    cases = ptb_toolkit_cases()
+    (tmp_path / "captions.txt").write_text("\n".join(c for c, _ in cases))
+    # ptbtokenizer.py's command and punctuation filter (it writes its input file into site-packages; this does not)
+    out = subprocess.run([java, "-cp", str(Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR),
+                          "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+                          str(tmp_path / "captions.txt")], capture_output=True, text=True, check=True, timeout=120)
+    lines = out.stdout.split("\n")[:len(cases)]
+    toolkit = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines]
+    assert list(zip([c for c, _ in cases], toolkit)) == cases            # testdata/ptb_toolkit.txt is the toolkit's
+    assert [" ".join(evaluate.ptb_tokenize(c)) for c, _ in cases] == toolkit
+
+
+def test_bleu4_and_cider_d_equal_pycocoevalcap():
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu         # pure Python (its tokenizer, METEOR and SPICE need Java)
+    from pycocoevalcap.cider.cider import Cider      # the toolkit's "CIDEr" is CIDEr-D: clipping, sigma-6 penalty
+    corpora = [list(CAPTION_CANDIDATES), [1, 2, 3, 4, 5, 6], [7, 8], [4, 9]]      # idf differs with the corpus
+    for ids in corpora:
+        cands = {i: CAPTION_CANDIDATES[i] for i in ids}
+        refs = {i: CAPTION_REFERENCES[i] for i in ids}
+        # the toolkit scores PTB-tokenised text: our tokens, space-joined, as its tokenizer's output would be
+        res = {i: [" ".join(evaluate.ptb_tokenize(c))] for i, c in cands.items()}
+        gts = {i: [" ".join(evaluate.ptb_tokenize(r)) for r in rs] for i, rs in refs.items()}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+        assert 0 < bleu[3] and 0 < cider
+        assert evaluate.bleu4(cands, refs) == pytest.approx(bleu[3], rel=1e-9, abs=0)
+        assert evaluate.cider_d(cands, refs) == pytest.approx(float(cider), rel=1e-9, abs=0)
