@@ -2370,6 +2370,23 @@ def test_fid_during_training_from_the_ema_weights(tiny_tokenizer, corpus, freche
                              "--eval-prompts", prompts))
 
 
+def test_previews_skip_unreadable_samples(tmp_path):
+    """The preview inputs are the first 8 readable samples: a corrupt first image does not stop training."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "00.png").write_bytes(b"not an image")
+    (folder / "00.txt").write_text("broken")
+    for i in range(1, 4):
+        _noise_image(40, 40, i).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"image number {i}")
+    args = train_args(*TOKENIZER_RUN[:-4], "--data", f"folder:{folder}", "--global-batch", 2, "--steps", 1,
+                      "--out", tmp_path / "run", "--sample-every", 1)
+    train.fill_defaults(args, 1)
+    fixed = train.preview_inputs(data.build_dataset(args.data, 32), args, torch.device("cpu"))
+    assert fixed["captions"] == ["image number 1", "image number 2", "image number 3"]
+    assert train.main(args)["step"] == 1 and list((tmp_path / "run" / "samples").iterdir())
+
+
 def metrics_records(out):
     """OUT/metrics.jsonl -> list of dicts."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

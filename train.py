@@ -1412,9 +1412,16 @@ def preview_inputs(source, args, device):
         except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
             raise UserError(f"--sample-prompts {args.sample_prompts}: {getattr(e, 'strerror', None) or e.reason}"
                             ) from None
-    # a generator of their own: the previews must not draw from the training RNG (exact resume)
-    samples = [source.get(i, torch.Generator().manual_seed(i)) for i in range(min(8, len(source)))] \
-        if hasattr(source, "get") else []
+    # the first 8 readable samples, each with a generator of its own: the previews must not draw from the
+    # training RNG (exact resume); unreadable ones are skipped here as the loader skips them
+    samples = []
+    for i in range(len(source)) if hasattr(source, "get") else ():
+        try:
+            samples.append(source.get(i, torch.Generator().manual_seed(i)))
+        except data.BadSample:
+            continue
+        if len(samples) == 8:
+            break
     captions = [s["caption"] for s in samples]
     fixed = {"prompts": prompts or captions, "captions": captions,
              "ids": projector.tokenize(captions)[0].to(device)}
