@@ -378,13 +378,23 @@ def read_weights(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        return load_file(path) if str(path).endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                                     weights_only=True)
+        return load_file(path) if str(path).endswith(".safetensors") else torch_load(path)
     except Exception as e:     # pickle, zip, safetensors and OS errors alike: the file cannot be used
         why = one_line(e)[:200]
         if "weights_only" in str(e):
             why = "it holds Python objects besides tensors and plain types, which are not loaded (unsafe)"
         raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why})") from None
+
+
+def torch_load(path):
+    """torch.load(weights_only=True) to CPU, memory-mapped where the file's format and filesystem allow."""
+    # mapped, a checkpoint's tensors are pages of the OS file cache that all ranks of a node share, not one private
+    # copy of many GB per rank; legacy-format files (and filesystems without mmap) are read the ordinary way.
+    # Not on Windows: it can neither replace nor delete a mapped file, as a resumed run does to its last.pt.
+    if os.name != "nt":
+        with contextlib.suppress(Exception):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(src):

@@ -1996,6 +1996,33 @@ def test_corrupt_or_unsafe_weight_files_are_one_line_errors(tmp_path):
     assert torch.equal(projector.read_weights(str(good))["w"], torch.ones(2))
 
 
+def test_read_weights_memory_maps_zip_checkpoints_and_still_reads_legacy_files(tmp_path, monkeypatch):
+    """torch.save's zip files are read with mmap=True (tensors backed by the file: the OS cache, shared by the ranks
+    of a node); legacy-format files, which torch cannot map, are still read."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    calls, real_load = [], torch.load
+
+    def spy(path, *args, **kw):
+        calls.append((Path(path).name, kw.get("mmap", False)))
+        return real_load(path, *args, **kw)
+    monkeypatch.setattr(torch, "load", spy)
+    for name in ("zip.pt", "legacy.pt"):
+        assert torch.equal(projector.read_weights(str(tmp_path / name))["w"], torch.arange(4.0))
+    if os.name != "nt":                              # Windows cannot replace a mapped last.pt: read there unmapped
+        assert calls[0] == ("zip.pt", True) and len([c for c in calls if c[0] == "zip.pt"]) == 1
+        assert ("legacy.pt", True) in calls and calls[-1] == ("legacy.pt", False)   # tried, then read unmapped
+    ckpt = projector.load_checkpoint(str(_a_checkpoint(tmp_path)))
+    assert calls[-1] == ("last.pt", os.name != "nt") and ckpt["step"] == 7
+
+
+def _a_checkpoint(tmp_path):
+    """A minimal train.py-schema checkpoint file -> its path."""
+    (tmp_path / "run").mkdir()
+    torch.save({"stage": "tokenizer", "step": 7, "model": {"w": torch.ones(2)}}, tmp_path / "run" / "last.pt")
+    return tmp_path / "run" / "last.pt"
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)
