@@ -495,11 +495,13 @@ def use_cuda(device):
 def ranks():
     """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
 
-    The group only serves barriers (wait for every rank's images), so gloo works on CPU and GPU alike.
+    The group only serves barriers (wait for every rank's images) and agreements on errors (agree), so gloo works on
+    CPU and GPU alike.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))   # ranks wait for the slowest
+        # hours: a barrier waits for the slowest rank's whole share of the samples (uneven after --skip-existing)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     try:
         yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
     finally:
@@ -511,6 +513,39 @@ def barrier(world):
     """Wait for every rank (no-op alone)."""
     if world > 1:
         dist.barrier()
+
+
+def broadcast(obj, world):
+    """Rank 0's picklable `obj` on every rank (as is alone): one decision for all, never one per rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(problem, world):
+    """Every rank calls this at the same point with None or its one-line problem; a problem on any rank raises the
+    same UserError (the lowest failing rank's) on every rank, so none waits forever for a rank that left."""
+    problems = [problem]
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    failed = [p for p in problems if p]
+    if failed:
+        raise UserError(failed[0] + (f" ({len(failed)} of {world} ranks failed)" if len(failed) > 1 else ""))
+
+
+def on_every_rank(world, rank, fn, *args):
+    """fn(*args) on this rank -> its result; a UserError on any rank stops every rank with that one message."""
+    if world == 1:
+        return fn(*args)
+    try:
+        result, problem = fn(*args), None
+    except UserError as e:
+        result, problem = None, (f"rank {rank}: " if rank else "") + one_line(e)
+    agree(problem, world)
+    return result
 
 
 def check_writable(out, rank=0):
