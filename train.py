@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import datetime
 import glob
 import json
 import math
@@ -75,6 +76,10 @@ except ImportError:   # Windows: the lock file and its pid alone
     fcntl = None
 
 T = 77 * 16   # elements of one 77x16 latent
+# How long a collective waits for the slowest rank before the job fails (torch's default is 10 minutes with NCCL):
+# the other ranks wait at a barrier while rank 0 alone writes a multi-GB checkpoint to a shared filesystem or draws
+# the preview samples, which can take many minutes; an hour still ends a truly hung job the same day.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
 # fixed: what the models are, what the losses are and what data they see; a different value is refused by name
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
@@ -654,7 +659,7 @@ def setup_distributed():
     if device.type == "cuda":
         use_cuda(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank, world, local, device
 
 
