@@ -2359,6 +2359,72 @@ def test_two_process_flow_with_gathered_negatives(tiny_tokenizer, tmp_path):
                                                                          rel=1e-3)
     assert log_value(tmp_path / "g", 1, "contrastive") > 1.8
 
+def two_ranks(tmp_path, *argvs, timeout=240):
+    """`python ARGV` once per argv, as ranks 0, 1, ... of one group (torchrun's environment variables, without
+    torchrun, which kills the other ranks when one fails first) -> [(returncode, stdout, stderr)] per rank.
+
+    Each rank may get its own arguments: an --out of its own simulates a node-local disk. A hang fails the test.
+    """
+    with socket.socket() as s:                       # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for rank, argv in enumerate(argvs):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)), LOCAL_WORLD_SIZE=str(len(argvs)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        logs.append((tmp_path / f"rank{rank}.{port}.out", tmp_path / f"rank{rank}.{port}.err"))
+        with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:      # files: no pipe fills and blocks
+            procs.append(subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=env, stdout=out,
+                                          stderr=err, text=True, start_new_session=True))
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        pytest.fail(f"the ranks did not finish in {timeout} s (waiting for each other?): "
+                    + " | ".join(err.read_text()[-1500:] for _, err in logs))
+    return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs)]
+
+
+def test_ranks_with_different_out_contents_stop_together_or_resume_together(tmp_path):
+    """Rank 0 alone decides what --resume continues and every rank reads that very file from its own --out: a rank
+    whose --out (a node-local disk) lacks it or holds another copy stops every rank with the same line, instead of
+    starting at step 0 alone (which hung the job); with one shared folder, all resume together."""
+    run, empty, stale = tmp_path / "run", tmp_path / "empty", tmp_path / "stale"
+    run_train(*TOKENIZER_RUN, "--out", run, "--steps", 2)    # one process; two resume it (map-style data regroups)
+    empty.mkdir()
+    stale.mkdir()
+    (stale / "last.pt").write_bytes((run / "last.pt").read_bytes()[:-100])                 # an unfinished copy
+    resume = [REPO / "train.py", *TINY, *TOKENIZER_RUN, "--steps", 3, "--resume", "--out"]
+    shared = "--out must be on a filesystem all nodes share"
+    for rank1_out, says in ((empty, f"rank 1 cannot read {empty / 'last.pt'} that rank 0 resumes from: {shared}"),
+                            (stale, f"rank 1 cannot read {stale / 'last.pt'} that rank 0 resumes from (")):
+        ranks = two_ranks(tmp_path, [*resume, run], [*resume, rank1_out])
+        errors = [err.strip().splitlines()[-1] if err.strip() else "" for _, _, err in ranks]
+        assert [rc for rc, _, _ in ranks] == [1, 1] and errors[0] == errors[1], errors
+        assert errors[0].startswith("train.py: error: " + says) and shared in errors[0], errors[0]
+        assert "Traceback" not in ranks[0][2] + ranks[1][2]
+        assert torch.load(run / "last.pt", weights_only=True)["step"] == 2 and "resumed" not in (
+            run / "log.txt").read_text()                                          # rank 0 did not train either
+    # a new run into node-local folders stops at once: rank 1 does not see the lock that rank 0 holds
+    new = [REPO / "train.py", *TINY, *TOKENIZER_RUN, "--steps", 1, "--out"]
+    ranks = two_ranks(tmp_path, [*new, tmp_path / "node0"], [*new, tmp_path / "node1"])
+    assert [rc for rc, _, _ in ranks] == [1, 1], ranks
+    assert all(f"rank 1 does not see the lock file {tmp_path / 'node1' / '.lock'} that rank 0 holds: {shared}"
+               in err for _, _, err in ranks)
+    assert not (tmp_path / "node0" / "last.pt").exists() and not (tmp_path / "node0" / ".lock").exists()
+    # one folder that every rank sees: both continue from step 2 and end at step 3 together
+    ranks = two_ranks(tmp_path, [*resume, run], [*resume, run])
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert f"resumed {run} at step 2" in ranks[0][1] and "weights identical on all 2 ranks" in ranks[0][1]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
+
+
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
 # ==========================================================================================================

@@ -65,9 +65,10 @@ import projector
 import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
-from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError,
-                       finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
-                       non_negative_int, one_line, positive_float, positive_int, reparameterize, run_cli, use_cuda)
+from projector import (CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, agree,
+                       broadcast, finite_float, fraction, fused_if_available, load_checkpoint, non_negative_float,
+                       non_negative_int, on_every_rank, one_line, positive_float, positive_int, reparameterize, run_cli,
+                       use_cuda)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 try:
@@ -80,6 +81,7 @@ T = 77 * 16   # elements of one 77x16 latent
 # the other ranks wait at a barrier while rank 0 alone writes a multi-GB checkpoint to a shared filesystem or draws
 # the preview samples, which can take many minutes; an hour still ends a truly hung job the same day.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+SHARED = "--out must be on a filesystem all nodes share"
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
 # fixed: what the models are, what the losses are and what data they see; a different value is refused by name
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
@@ -825,7 +827,7 @@ def run_checkpoints(out):
     return [p for p in [os.path.join(out, "last.pt")] if os.path.exists(p)] + steps
 
 
-def resume_checkpoint(args, say=print):
+def choose_checkpoint(args, say=print):
     """The checkpoint --resume continues (None for a new run), checked against this run's fixed arguments.
 
     A missing or unreadable last.pt (a crash mid-copy, a full disk, a hand-deleted file) falls back to the newest
@@ -846,6 +848,12 @@ def resume_checkpoint(args, say=print):
     if failed or os.path.basename(ckpt["path"]) != "last.pt":
         say(f"warning: resuming from {ckpt['path']}" + (f"; unreadable: {', '.join(failed)}" if failed else
                                                           " (no last.pt)"))
+    check_resume_args(ckpt, args, say)
+    return ckpt
+
+
+def check_resume_args(ckpt, args, say):
+    """Refuse a changed fixed flag by name; put the run's own values back into the kept ones (and say so)."""
     changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
                for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
@@ -855,7 +863,68 @@ def resume_checkpoint(args, say=print):
             say(f"note: --{k.replace('_', '-')} {getattr(args, k)!r} is not used by a resume; the run started with "
                 f"{ckpt['args'].get(k)!r}")
             setattr(args, k, ckpt["args"].get(k))
+
+
+def resume_checkpoint(args, rank=0, world=1, say=print, lock=None):
+    """The checkpoint every rank continues (None for a new run): rank 0 alone decides, every rank reads that file."""
+    choice, ckpt = None, None
+    if rank == 0:                              # one decision: a rank deciding alone could start at step 0
+        try:
+            ckpt = choose_checkpoint(args, say)
+            choice = dict(name=ckpt and os.path.basename(ckpt["path"]), step=ckpt and ckpt["step"],
+                          size=ckpt and os.path.getsize(ckpt["path"]), lock=lock and lock.me)
+        except UserError as e:
+            choice = dict(error=one_line(e))
+    choice = broadcast(choice, world)
+    if "error" in choice:                      # the same error on every rank, raised at the same point
+        raise UserError(choice["error"])
+    if world == 1:
+        return ckpt
+    problem = None
+    try:
+        ckpt = ckpt if rank == 0 else read_rank0s_choice(args, rank, choice)
+    except UserError as e:
+        problem = one_line(e)
+    agree(problem, world)                      # a rank that cannot follow rank 0 stops them all
     return ckpt
+
+
+def read_rank0s_choice(args, rank, choice):
+    """(rank > 0) The checkpoint rank 0 resumes, read from this rank's --out, or None; a UserError when this rank's
+    --out is not the folder rank 0 sees (a node-local disk): its lock file, or the checkpoint's size and step."""
+    if choice["name"] is None:                 # a new run: the lock that rank 0 holds must be visible here
+        path = os.path.join(args.out, ".lock")
+        if not sees(path, choice["lock"]):
+            raise UserError(f"rank {rank} does not see the lock file {path} that rank 0 holds: {SHARED}")
+        return None
+    path = os.path.join(args.out, choice["name"])
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != choice["size"]:
+        seen = "" if size is None else f" ({size} bytes here, {choice['size']} bytes on rank 0)"
+        raise UserError(f"rank {rank} cannot read {path} that rank 0 resumes from{seen}: {SHARED}")
+    ckpt = load_checkpoint(path)
+    if ckpt["step"] != choice["step"]:
+        raise UserError(f"rank {rank} reads step {ckpt['step']} from {path}, rank 0 step {choice['step']}: {SHARED}")
+    check_resume_args(ckpt, args, say=lambda msg: None)     # rank 0 said it; the kept flags must change here too
+    return ckpt
+
+
+def sees(path, content):
+    """Whether the JSON file `path` holds `content`: five tries a second apart, for network filesystem caches."""
+    for turn in range(5):
+        if read_json(path) == content:
+            return True
+        time.sleep(1)
+    return False
+
+
+def read_json(path):
+    """A small JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def load_optimizer(optimizer, scheduler, state, schedule_state):
@@ -887,6 +956,14 @@ def build_data(args, rank, world, device):
                               noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
     return source, loader
+
+
+def check_same_data(source, args, rank, world):
+    """Stop every rank when this rank sees another --data than rank 0 (a node-local copy that is incomplete)."""
+    size = len(source) if hasattr(source, "__len__") else len(getattr(source, "shards", []))
+    ref = broadcast(size, world)
+    agree(f"rank {rank} sees {size} {'samples' if hasattr(source, '__len__') else 'shards'} in --data {args.data}, "
+          f"rank 0 sees {ref}: every node must see the same data" if size != ref else None, world)
 
 
 def restore(run, ckpt):
@@ -1032,32 +1109,35 @@ def any_rank(flag, run):
 def main(args):
     """Train (one process of the run): rank 0 locks the run folder before touching it and until it leaves."""
     rank, world, local, device = setup_distributed()
-    fill_defaults(args, world)
-    with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
-        return run_training(args, rank, world, local, device, lock)
+    try:
+        fill_defaults(args, world)
+        with contextlib.ExitStack() as stack:  # a lock rank 0 cannot take stops every rank, not rank 0 alone
+            lock = on_every_rank(world, rank, lambda: stack.enter_context(RunLock(args.out)) if rank == 0 else None)
+            run, source = setup_run(args, rank, world, local, device, lock)
+            return train_loop(run, source)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_training(args, rank, world, local, device, lock):
-    """Set up the run in the locked folder, train until --steps or a signal, save -> a summary dict."""
-    # setup: the run folder, the checkpoint to resume
-    if rank == 0:
-        check_output_folder(args.out, args.resume)
-    if world > 1:
-        dist.barrier()
+def setup_run(args, rank, world, local, device, lock):
+    """This process's part of the run, ready to train: the folder checked, the checkpoint rank 0 chose, the models,
+    optimizers and data, DDP, the EMA -> (run, data source). Errors of one rank stop every rank (on_every_rank)."""
+    on_every_rank(world, rank, lambda: rank == 0 and check_output_folder(args.out, args.resume))
     run = Run(args, rank, world, device)
     if lock is not None and lock.note:
         run.say(lock.note)
-    ckpt = resume_checkpoint(args, run.say)
+    ckpt = resume_checkpoint(args, rank, world, run.say, lock)
     torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
     random.seed(args.seed + rank)
 
-    # models: the stage's trainable parts (one module for DDP), their EMA, the frozen encoders
-    parts, run.frozen, run.config = build_stage(args, device, rank)
+    # models: the stage's trainable parts (one module for DDP), the frozen encoders every rank reads
+    parts, run.frozen, run.config = on_every_rank(world, rank, build_stage, args, device, rank)
     if args.grad_checkpointing:
         for sub in (s for m in parts.values() for s in m.modules() if hasattr(s, "grad_checkpointing")):
             sub.grad_checkpointing = True
     if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
-        init_weights(parts, args)
+        on_every_rank(world, rank, init_weights, parts, args)
     gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
     run.objective = Objective(parts, args, gather)
     run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
@@ -1073,9 +1153,11 @@ def run_training(args, rank, world, local, device, lock):
         run.objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, run.say)
         run.disc = Discriminator(args, device, world, local) if args.w_gan > 0 else None
         run.objective.helpers["discriminator"] = run.disc.net if run.disc is not None else None
-    source, run.loader = build_data(args, rank, world, device)
+    source, run.loader = on_every_rank(world, rank, build_data, args, rank, world, device)
+    check_same_data(source, args, rank, world)
 
-    # resume: everything from the checkpoint, then DDP (which broadcasts rank 0's weights)
+    # resume: everything from the checkpoint (the same file on every rank), then DDP (which broadcasts rank 0's
+    # weights)
     if ckpt:
         restore(run, ckpt)
     run.model = run.objective if world == 1 else nn.parallel.DistributedDataParallel(
@@ -1083,8 +1165,12 @@ def run_training(args, rank, world, local, device, lock):
     if args.compile:
         run.model = torch.compile(run.model)
     describe(run, source, run.params)
+    return run, source
 
-    # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
+
+def train_loop(run, source):
+    """Train until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N) -> a summary."""
+    args, rank, world, device = run.args, run.rank, run.world, run.device
     stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                           for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -1114,8 +1200,6 @@ def run_training(args, rank, world, local, device, lock):
             signal.signal(s, h)
         if run.bar is not None:
             run.bar.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
 
 
