@@ -2425,6 +2425,42 @@ def test_ranks_with_different_out_contents_stop_together_or_resume_together(tmp_
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
 
 
+SETUP_ONLY = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import train
+args = train.build_parser().parse_args(sys.argv[1:])
+rank, world, local, device = train.setup_distributed()
+train.fill_defaults(args, world)
+lock = train.RunLock(args.out).__enter__() if rank == 0 else None
+run, source = train.setup_run(args, rank, world, local, device, lock)
+print(json.dumps(dict(ema=train.weight_checksum(run.ema), model=train.weight_checksum(run.objective.parts))))
+train.dist.barrier()
+if lock is not None:
+    lock.__exit__(None, None, None)
+train.dist.destroy_process_group()
+"""
+
+
+def test_every_rank_holds_rank_0s_ema_after_setup(tmp_path):
+    """Each rank draws its own random start (seed + rank); the EMA is copied after rank 0's weights reached every
+    rank, so all EMAs are rank 0's (before, each rank's EMA held its own start); --init is read by rank 0 alone."""
+    script = tmp_path / "setup_only.py"
+    script.write_text(SETUP_ONLY.format(repo=str(REPO)))
+    init = tmp_path / "init"
+    run_train(*TOKENIZER_RUN, "--out", init, "--steps", 1, "--lr", 1e-2, "--warmup", 1)
+    start = torch.load(init / "last.pt", weights_only=True)
+    tok = Tokenizer(**start["config"]["tokenizer"])
+    tok.load_state_dict(start["model"]["tokenizer"])
+    for extra, want in (((), None), (("--init", init), train.weight_checksum(tok))):
+        argv = [script, *TINY, *TOKENIZER_RUN, "--steps", 1, *extra, "--out", tmp_path / f"run{len(extra)}"]
+        ranks = two_ranks(tmp_path, argv, argv)
+        assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+        sums = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks]
+        assert sums[0]["ema"] == sums[1]["ema"] == sums[0]["model"] == sums[1]["model"], sums
+        assert want is None or sums[0]["ema"] == pytest.approx(want, rel=1e-12), (sums, want)
+
+
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
 # ==========================================================================================================

@@ -538,6 +538,14 @@ def build_perceptual(args, device, rank, world, say):
     return net
 
 
+def share_rank0s_weights(module, world):
+    """Every parameter and buffer of `module` := rank 0's (DDP's own start-up broadcast may leave buffers out)."""
+    if world > 1:
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t, src=0)
+
+
 def init_weights(parts, args):
     """--init: the trained parts from another run; for the tokenizer stage also any tokenizer checkpoint,
     the official FlowTiTok_256/512.bin included (fine-tuning; RoPE tables follow this run's image size)."""
@@ -1072,8 +1080,9 @@ def checkpoint(run):
     rngs, positions = gather_objects(rng_state(), world), gather_objects(run.loader.state_dict(), world)
     all_skips = gather_objects(dict(run.skips), world)
     disc = run.disc.net if run.disc is not None else None
-    sums = gather_objects(weight_checksum(run.objective.parts) + (weight_checksum(disc) if disc else []), world)
-    if any(c != sums[0] for c in sums):        # DDP keeps replicas identical; anything else is a bug to stop on
+    sums = gather_objects(weight_checksum(run.objective.parts) + weight_checksum(run.ema)
+                          + (weight_checksum(disc) if disc else []), world)
+    if any(c != sums[0] for c in sums):        # DDP keeps replicas (and so EMAs) identical; else a bug to stop on
         raise UserError(f"step {run.step}: the ranks' weights differ (checksums {sums}); not saving")
     if world > 1:
         run.say(f"step {run.step}: weights identical on all {world} ranks")
@@ -1136,11 +1145,10 @@ def setup_run(args, rank, world, local, device, lock):
     if args.grad_checkpointing:
         for sub in (s for m in parts.values() for s in m.modules() if hasattr(s, "grad_checkpointing")):
             sub.grad_checkpointing = True
-    if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
-        on_every_rank(world, rank, init_weights, parts, args)
+    # --init: weights from another run (e.g. the previous stage); rank 0 reads them, DDP gives them to the others
+    on_every_rank(world, rank, lambda: args.init and not ckpt and rank == 0 and init_weights(parts, args))
     gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
     run.objective = Objective(parts, args, gather)
-    run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
 
     # optimizers: AdamW + warm-up / constant or cosine; the tokenizer stage's perceptual net and PatchGAN
     run.params = [p for p in run.objective.parameters() if p.requires_grad]
@@ -1156,12 +1164,14 @@ def setup_run(args, rank, world, local, device, lock):
     source, run.loader = on_every_rank(world, rank, build_data, args, rank, world, device)
     check_same_data(source, args, rank, world)
 
-    # resume: everything from the checkpoint (the same file on every rank), then DDP (which broadcasts rank 0's
-    # weights)
-    if ckpt:
-        restore(run, ckpt)
+    # rank 0's weights on every rank (each drew its own random start; --init reached rank 0 only), the EMA a copy
+    # of those, then everything from the checkpoint: the same file on every rank
+    share_rank0s_weights(run.objective, world)
     run.model = run.objective if world == 1 else nn.parallel.DistributedDataParallel(
         run.objective, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+    run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
+    if ckpt:
+        restore(run, ckpt)
     if args.compile:
         run.model = torch.compile(run.model)
     describe(run, source, run.params)
