@@ -2461,6 +2461,56 @@ def test_every_rank_holds_rank_0s_ema_after_setup(tmp_path):
         assert want is None or sums[0]["ema"] == pytest.approx(want, rel=1e-12), (sums, want)
 
 
+PERCEPTUAL_RANKS = """
+import argparse, json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import projector, tokenizer, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+lacking = [int(r) for r in sys.argv[1].split(",") if r]      # the ranks whose node has no perceptual weights
+
+
+def load(folder):                                             # no network, no weights: only who has them matters
+    if rank in lacking:
+        raise OSError(f"could not download vgg16-397923af.pth on rank {{rank}} (URLError)")
+    return torch.nn.Identity()
+
+
+tokenizer.load_perceptual = load
+said = []
+args = argparse.Namespace(w_perceptual=1.1, perceptual_weights=sys.argv[2])
+try:
+    net = train.build_perceptual(args, torch.device("cpu"), rank, dist.get_world_size(), said.append)
+    print(json.dumps(dict(net=net is not None, said=said)))
+except projector.UserError as e:
+    print(json.dumps(dict(error=str(e))))
+dist.destroy_process_group()
+"""
+
+
+def test_missing_perceptual_weights_on_one_rank_stops_all_ranks(tmp_path):
+    """The perceptual term is on every rank or on none: weights missing on another rank's node stop every rank with
+    one message (before, that node silently trained without the term); none on rank 0 (auto): off everywhere."""
+    script = tmp_path / "perceptual_ranks.py"
+    script.write_text(PERCEPTUAL_RANKS.format(repo=str(REPO)))
+
+    def outcome(lacking, weights="auto"):
+        ranks = two_ranks(tmp_path, [script, lacking, weights], [script, lacking, weights])
+        assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+        return [json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks]
+
+    assert outcome("") == [dict(net=True, said=[]), dict(net=True, said=[])]
+    for weights in ("auto", tmp_path / "weights"):
+        first, second = outcome("1", weights)
+        assert first == second and first["error"].startswith("rank 1 cannot load the perceptual weights that rank 0 "
+                                                             "trains with (could not download"), first
+    first, second = outcome("0")                     # rank 1 could load them, but rank 0 decides: off on both
+    assert first["net"] is second["net"] is False and "Training WITHOUT the perceptual term" in first["said"][0]
+    first, second = outcome("0", tmp_path / "weights")                 # a folder given: no warning, an error
+    assert first == second and first["error"].startswith(f"--perceptual-weights {tmp_path / 'weights'}: could not")
+
+
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
 # ==========================================================================================================

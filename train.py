@@ -520,22 +520,30 @@ def decay_groups(module):
 
 
 def build_perceptual(args, device, rank, world, say):
-    """The frozen perceptual network, or None (with a warning) when --perceptual-weights auto finds none."""
+    """The frozen perceptual network on every rank, or on none (with a warning: --perceptual-weights auto and rank 0
+    finds no weights); a rank that cannot load the weights rank 0 loaded stops every rank, never drops the term."""
     if args.w_perceptual <= 0 or args.perceptual_weights == "none":
         return None
     folder = None if args.perceptual_weights == "auto" else args.perceptual_weights
-    for turn in range(2 if world > 1 else 1):        # rank 0 downloads first, the others read its files
-        if (rank == 0) == (turn == 0):
-            try:
-                net = tokenizer_lib.load_perceptual(folder).to(device)
-            except OSError as e:
-                if folder is not None:
-                    raise UserError(f"--perceptual-weights {folder}: {e}") from None
-                net = None
-                say(f"warning: {e}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
-        if world > 1:
-            dist.barrier()
+    net, why = load_perceptual(folder, device) if rank == 0 else (None, None)   # rank 0 first: it downloads once
+    agree(f"--perceptual-weights {folder}: {why}" if why and folder else None, world)
+    if broadcast(net is None, world):          # auto and none found: the term is off on every rank alike
+        say(f"warning: {why}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
+        return None
+    if rank > 0:
+        net, why = load_perceptual(folder, device)
+    agree(f"rank {rank} cannot load the perceptual weights that rank 0 trains with ({why}): put them in every "
+          f"node's torch hub cache or pass --perceptual-weights FOLDER on a filesystem all nodes share"
+          if why else None, world)
     return net
+
+
+def load_perceptual(folder, device):
+    """-> (the frozen perceptual network, None) or (None, why it cannot be had)."""
+    try:
+        return tokenizer_lib.load_perceptual(folder).to(device), None
+    except OSError as e:
+        return None, one_line(e)
 
 
 def share_rank0s_weights(module, world):
