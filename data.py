@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, non_negative_int, positive_int,
-                       resolve_path, run_cli, tokenize)
+from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, load_checkpoint, non_negative_int, pick_device,
+                       positive_int, resolve_path, run_cli, tokenize)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -901,7 +901,7 @@ def pretokenize(args):
     stopped (rows already in a part are not recomputed).
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", 0)))   # also this rank's current GPU (TF32 on)
     tok = tokenizer_lib.load_tokenizer(args.tokenizer).to(device)
     clip_cfg = dict(tower=OFFICIAL_CLIP_TOWER, weights="openai")   # the official tokenizer's text tower
     if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(".pt"):
