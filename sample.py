@@ -28,8 +28,8 @@ import tokenizer as tokenizer_lib
 from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
 from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, UserError, barrier,
-                       check_writable, find_runs, finite_float, load_checkpoint, one_line, pick_device, positive_int,
-                       ranks, resolve_path, run_cli, user_errors)
+                       check_writable, find_runs, finite_float, load_checkpoint, on_every_rank, one_line, pick_device,
+                       positive_int, ranks, resolve_path, run_cli, user_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default: %(default)s)"
@@ -392,7 +392,7 @@ def main(args):
         if not prompts:
             raise UserError("no prompts: give them on the command line or with --prompts FILE")
         check_writable(args.out, rank)
-        pipe = build_pipeline(args, device, precision)
+        pipe = on_every_rank(world, rank, build_pipeline, args, device, precision)   # a file one node lacks: all stop
         made, kept = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps, args.cfg,
                                      args.batch_size, rank, world, args.skip_existing, progress=rank == 0)
         barrier(world)                                # every rank's files exist before the grid reads them
@@ -401,6 +401,7 @@ def main(args):
         with open(os.path.join(args.out, "prompts.txt"), "w", encoding="utf-8") as f:
             f.writelines(p + "\n" for p in prompts)
         first = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][:64]
+        check_visible([sample_path(args.out, i, j) for i, j in first], world)
         grid = torch.stack([read_png(sample_path(args.out, i, j)) for i, j in first]).float() / 255
         nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
         grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=nrow)
@@ -408,6 +409,15 @@ def main(args):
         reused = f", {kept} of them already there" if kept and world == 1 else ""
         print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
               f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
+
+
+def check_visible(paths, world):
+    """(rank 0, after the barrier) Every file the ranks wrote is here, or a UserError saying why it is not."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"rank 0 does not see {len(missing)} of the {len(paths)} files the ranks wrote (e.g. "
+                        f"{missing[0]})" + (": with several nodes, --out must be on a filesystem all nodes share"
+                                            if world > 1 else ""))
 
 
 def build_parser():

@@ -2653,6 +2653,24 @@ def test_sample_torchrun_two_processes_cover_every_sample_once(sample_runs):
         np.testing.assert_array_equal(pixels(out / "b1" / name), pixels(out / "ddp" / name))
 
 
+def test_sample_ranks_that_write_to_node_local_folders_stop_with_one_line(tiny_run, tmp_path):
+    """Rank 0 builds grid.png from the files every rank wrote: an --out that is another folder on rank 1 (a node's
+    local disk) is a one-line error naming the shared filesystem, not a traceback; a checkpoint one rank lacks stops
+    both ranks with the same line before anyone generates."""
+    def argv(ckpt, out):
+        return ["sample.py", "--ckpt", ckpt, *PROMPTS, "--steps", 2, "--device", "cpu", "--out", out]
+    ranks = two_ranks(tmp_path, argv(tiny_run["flow"], tmp_path / "node0"), argv(tiny_run["flow"], tmp_path / "node1"))
+    assert [rc for rc, _, _ in ranks] == [1, 0], ranks
+    assert ranks[0][2].strip().splitlines()[-1] == (
+        f"sample.py: error: rank 0 does not see 1 of the 3 files the ranks wrote (e.g. {tmp_path / 'node0'}"
+        f"/00001_00.png): with several nodes, --out must be on a filesystem all nodes share")
+    ranks = two_ranks(tmp_path, argv(tiny_run["flow"], tmp_path / "a"), argv(tmp_path / "none.pt", tmp_path / "a"))
+    errors = [err.strip().splitlines()[-1] for _, _, err in ranks]
+    assert [rc for rc, _, _ in ranks] == [1, 1] and errors[0] == errors[1], errors
+    assert errors[0].startswith("sample.py: error: rank 1: no checkpoint at") and "none.pt" in errors[0], errors
+    assert not list((tmp_path / "a").glob("*.png"))
+
+
 class RecordingPipe:
     """A stand-in pipeline: records the prompts it generates, returns flat images of value 20 x the prompt."""
 
