@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (OFFICIAL_CLIP_TOWER, CLIPTextEncoder, UserError, load_checkpoint, non_negative_int,
-                       one_line, positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256,
+from projector import (CLIPTextEncoder, OFFICIAL_CLIP_TOWER, UserError, load_checkpoint, non_negative_int, one_line,
+                       pick_device, positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256,
                        write_json_atomic)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -1195,7 +1195,7 @@ def pretokenize(args):
     hashes, data spec, settings) in identity.json; a run of another identity never appends to it.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", 0)))   # also this rank's current GPU (TF32 on)
     tok = tokenizer_lib.load_tokenizer(args.tokenizer).to(device)
     clip_cfg = dict(tower=OFFICIAL_CLIP_TOWER, weights="openai")   # the official tokenizer's text tower
     if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(".pt"):

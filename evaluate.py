@@ -45,8 +45,8 @@ from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time
 from data import IMAGE_EXTENSIONS
 from projector import (AMP_DTYPES, CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextProjector,
                        UserError, amp, barrier, check_writable, default_precision, file_sha256, finite_float,
-                       fused_if_available, load_checkpoint, non_negative_int, one_line, pick_device, positive_int,
-                       ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
+                       fused_if_available, load_checkpoint, non_negative_int, on_every_rank, one_line, pick_device,
+                       positive_int, ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -764,6 +764,22 @@ def mjhq_draw(meta_json, images_dir, seed):
     return draw, image_files(images_dir, recursive=True) if images_dir else None
 
 
+def check_reference(ref_path, ref_files):
+    """(rank 0, which alone reads them) The reference statistics or every reference image are there."""
+    missing = [] if os.path.isfile(ref_path) else [p for p in ref_files if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(ref_files)} reference images are missing (e.g. {missing[0]})")
+
+
+def start_protocol(out, settings, draw):
+    """(rank 0) The settings match OUT's record; OUT/prompts.txt and prompts.jsonl hold the drawn prompts."""
+    check_settings(out, settings)
+    with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
+        f.writelines(d["prompt"] + "\n" for d in draw)
+    with open(os.path.join(out, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(index=k, **d)) + "\n" for k, d in enumerate(draw))
+
+
 def check_settings(out, settings):
     """Refuse to mix images made with other settings: OUT/protocol.json records what the images depend on."""
     path = os.path.join(out, "protocol.json")
@@ -1164,13 +1180,11 @@ def run_protocol(args):
         ref = f"precomputed ({ref_path})"
     elif ref_files is None:
         raise UserError(f"no reference: give the images ({images_flag} DIR) or an existing --ref-stats FILE")
-    else:                                         # fail before generating, not after
-        missing = [p for p in ref_files if not os.path.isfile(p)]
-        if missing:
-            raise UserError(f"{len(missing)} of the {len(ref_files)} reference images are missing (e.g. {missing[0]})")
+    else:
         ref = f"{len(ref_files)} images -> {ref_path}"
     samples_dir = os.path.join(args.out, "samples")
     with ranks() as (rank, world, local):
+        on_every_rank(world, rank, lambda: rank == 0 and check_reference(ref_path, ref_files))   # before generating
         device = pick_device(args.device, local)
         precision = args.precision or default_precision(device)
         check_writable(samples_dir, rank)
@@ -1178,14 +1192,9 @@ def run_protocol(args):
                         decode_precision=args.decode_precision,
                         model=args.official or os.path.abspath(args.ckpt or ""),
                         weights="released" if args.official else "raw" if args.no_ema else "EMA")
-        if rank == 0:
-            check_settings(args.out, settings)
-            with open(os.path.join(args.out, "prompts.txt"), "w", encoding="utf-8") as f:
-                f.writelines(p + "\n" for p in prompts)
-            with open(os.path.join(args.out, "prompts.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(dict(index=k, **d)) + "\n" for k, d in enumerate(draw))
-        barrier(world)                     # a settings mismatch stops rank 0 before anyone generates
-        pipe = sample.build_pipeline(args, device, precision)
+        # rank 0 alone reads and writes the record: what it refuses stops every rank before anyone generates
+        on_every_rank(world, rank, lambda: rank == 0 and start_protocol(args.out, settings, draw))
+        pipe = on_every_rank(world, rank, sample.build_pipeline, args, device, precision)
         if rank == 0:
             print(protocol_block(spec, args, settings, n, ref, resize, size, pipe, world))
             if n < spec["samples"]:
@@ -1206,6 +1215,7 @@ def run_protocol(args):
     net = load_inception(args.inception_weights).to(device)
     real = reference_stats(ref_path, ref_files, net, args, resize, size, spec["title"], device)
     files = [sample.sample_path(samples_dir, i, 0) for i in range(n)]
+    sample.check_visible(files, world)             # rank 0 reads every rank's samples: one filesystem for all
     fake = files_stats(files, net, resize, args.fid_batch_size, device, args.num_workers, size=size,
                        name=f"{spec['title']} samples")
     try:

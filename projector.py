@@ -397,13 +397,23 @@ def read_weights(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        return load_file(path) if str(path).endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                                     weights_only=True)
+        return load_file(path) if str(path).endswith(".safetensors") else torch_load(path)
     except Exception as e:     # pickle, zip, safetensors and OS errors alike: the file cannot be used
         why = one_line(e)[:200]
         if "weights_only" in str(e):
             why = "it holds Python objects besides tensors and plain types, which are not loaded (unsafe)"
         raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why})") from None
+
+
+def torch_load(path):
+    """torch.load(weights_only=True) to CPU, memory-mapped where the file's format and filesystem allow."""
+    # mapped, a checkpoint's tensors are pages of the OS file cache that all ranks of a node share, not one private
+    # copy of many GB per rank; legacy-format files (and filesystems without mmap) are read the ordinary way.
+    # Not on Windows: it can neither replace nor delete a mapped file, as a resumed run does to its last.pt.
+    if os.name != "nt":
+        with contextlib.suppress(Exception):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(src):
@@ -528,11 +538,13 @@ def use_cuda(device):
 def ranks():
     """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
 
-    The group only serves barriers (wait for every rank's images), so gloo works on CPU and GPU alike.
+    The group only serves barriers (wait for every rank's images) and agreements on errors (agree), so gloo works on
+    CPU and GPU alike.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))   # ranks wait for the slowest
+        # hours: a barrier waits for the slowest rank's whole share of the samples (uneven after --skip-existing)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     try:
         yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
     finally:
@@ -544,6 +556,39 @@ def barrier(world):
     """Wait for every rank (no-op alone)."""
     if world > 1:
         dist.barrier()
+
+
+def broadcast(obj, world):
+    """Rank 0's picklable `obj` on every rank (as is alone): one decision for all, never one per rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(problem, world):
+    """Every rank calls this at the same point with None or its one-line problem; a problem on any rank raises the
+    same UserError (the lowest failing rank's) on every rank, so none waits forever for a rank that left."""
+    problems = [problem]
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    failed = [p for p in problems if p]
+    if failed:
+        raise UserError(failed[0] + (f" ({len(failed)} of {world} ranks failed)" if len(failed) > 1 else ""))
+
+
+def on_every_rank(world, rank, fn, *args):
+    """fn(*args) on this rank -> its result; a UserError on any rank stops every rank with that one message."""
+    if world == 1:
+        return fn(*args)
+    try:
+        result, problem = fn(*args), None
+    except UserError as e:
+        result, problem = None, (f"rank {rank}: " if rank else "") + one_line(e)
+    agree(problem, world)
+    return result
 
 
 def check_writable(out, rank=0):

@@ -31,8 +31,8 @@ from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
 from projector import (CLIPTextEncoder, OFFICIAL_CLIP_TOWER, PRECISIONS, TextDecoder, TextProjector, UserError, amp,
                        barrier, check_writable, default_precision, find_runs, finite_float, load_checkpoint,
-                       load_strict, one_line, pick_device, positive_int, ranks, resolve_path, run_cli, user_errors,
-                       weights_sha256)
+                       load_strict, on_every_rank, one_line, pick_device, positive_int, ranks, resolve_path, run_cli,
+                       user_errors, weights_sha256)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
@@ -569,7 +569,7 @@ def main(args):
         if not prompts:
             raise UserError("no prompts: give them on the command line or with --prompts FILE")
         check_writable(args.out, rank)
-        pipe = build_pipeline(args, device, precision)
+        pipe = on_every_rank(world, rank, build_pipeline, args, device, precision)   # a file one node lacks: all stop
         made, kept, replaced = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps,
                                                args.cfg, args.batch_size, rank, world, args.skip_existing,
                                                progress=rank == 0)
@@ -581,6 +581,7 @@ def main(args):
         with open(os.path.join(args.out, "prompts.txt"), "w", encoding="utf-8") as f:
             f.writelines(p + "\n" for p in prompts)
         first = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][:64]
+        check_visible([sample_path(args.out, i, j) for i, j in first], world)
         grid = torch.stack([read_png(sample_path(args.out, i, j)) for i, j in first]).float() / 255
         nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
         grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=nrow)
@@ -591,6 +592,15 @@ def main(args):
                       f"(or unrecorded), new {made - replaced}")
         print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
               f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
+
+
+def check_visible(paths, world):
+    """(rank 0, after the barrier) Every file the ranks wrote is here, or a UserError saying why it is not."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"rank 0 does not see {len(missing)} of the {len(paths)} files the ranks wrote (e.g. "
+                        f"{missing[0]})" + (": with several nodes, --out must be on a filesystem all nodes share"
+                                            if world > 1 else ""))
 
 
 def build_parser():

@@ -2718,6 +2718,33 @@ def _write_part(f, payload):
         fh.write(payload)
 
 
+def test_read_weights_memory_maps_zip_checkpoints_and_still_reads_legacy_files(tmp_path, monkeypatch):
+    """torch.save's zip files are read with mmap=True (tensors backed by the file: the OS cache, shared by the ranks
+    of a node); legacy-format files, which torch cannot map, are still read."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    calls, real_load = [], torch.load
+
+    def spy(path, *args, **kw):
+        calls.append((Path(path).name, kw.get("mmap", False)))
+        return real_load(path, *args, **kw)
+    monkeypatch.setattr(torch, "load", spy)
+    for name in ("zip.pt", "legacy.pt"):
+        assert torch.equal(projector.read_weights(str(tmp_path / name))["w"], torch.arange(4.0))
+    if os.name != "nt":                              # Windows cannot replace a mapped last.pt: read there unmapped
+        assert calls[0] == ("zip.pt", True) and len([c for c in calls if c[0] == "zip.pt"]) == 1
+        assert ("legacy.pt", True) in calls and calls[-1] == ("legacy.pt", False)   # tried, then read unmapped
+    ckpt = projector.load_checkpoint(str(_a_checkpoint(tmp_path)))
+    assert calls[-1] == ("last.pt", os.name != "nt") and ckpt["step"] == 7
+
+
+def _a_checkpoint(tmp_path):
+    """A minimal train.py-schema checkpoint file -> its path."""
+    (tmp_path / "run").mkdir()
+    torch.save({"stage": "tokenizer", "step": 7, "model": {"w": torch.ones(2)}}, tmp_path / "run" / "last.pt")
+    return tmp_path / "run" / "last.pt"
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
     train.save_checkpoint(state, str(tmp_path), 1, keep=3)
@@ -3224,6 +3251,158 @@ def test_two_process_flow_with_gathered_negatives(tiny_tokenizer, tmp_path):
                                                                          rel=1e-3)
     assert log_value(tmp_path / "g", 1, "contrastive") > 1.8
 
+def two_ranks(tmp_path, *argvs, timeout=240):
+    """`python ARGV` once per argv, as ranks 0, 1, ... of one group (torchrun's environment variables, without
+    torchrun, which kills the other ranks when one fails first) -> [(returncode, stdout, stderr)] per rank.
+
+    Each rank may get its own arguments: an --out of its own simulates a node-local disk. A hang fails the test.
+    """
+    with socket.socket() as s:                       # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for rank, argv in enumerate(argvs):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)), LOCAL_WORLD_SIZE=str(len(argvs)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        logs.append((tmp_path / f"rank{rank}.{port}.out", tmp_path / f"rank{rank}.{port}.err"))
+        with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:      # files: no pipe fills and blocks
+            procs.append(subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=env, stdout=out,
+                                          stderr=err, text=True, start_new_session=True))
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        pytest.fail(f"the ranks did not finish in {timeout} s (waiting for each other?): "
+                    + " | ".join(err.read_text()[-1500:] for _, err in logs))
+    return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs)]
+
+
+def test_ranks_with_different_out_contents_stop_together_or_resume_together(tmp_path):
+    """Rank 0 alone decides what --resume continues and every rank reads that very file from its own --out: a rank
+    whose --out (a node-local disk) lacks it or holds another copy stops every rank with the same line, instead of
+    starting at step 0 alone (which hung the job); with one shared folder, all resume together."""
+    run, empty, stale = tmp_path / "run", tmp_path / "empty", tmp_path / "stale"
+    run_train(*TOKENIZER_RUN, "--out", run, "--steps", 2)    # one process; two resume it (map-style data regroups)
+    empty.mkdir()
+    stale.mkdir()
+    (stale / "last.pt").write_bytes((run / "last.pt").read_bytes()[:-100])                 # an unfinished copy
+    resume = [REPO / "train.py", *TINY, *TOKENIZER_RUN, "--steps", 3, "--resume", "--out"]
+    shared = "--out must be on a filesystem all nodes share"
+    for rank1_out, says in ((empty, f"rank 1 cannot read {empty / 'last.pt'} that rank 0 resumes from: {shared}"),
+                            (stale, f"rank 1 cannot read {stale / 'last.pt'} that rank 0 resumes from (")):
+        ranks = two_ranks(tmp_path, [*resume, run], [*resume, rank1_out])
+        errors = [err.strip().splitlines()[-1] if err.strip() else "" for _, _, err in ranks]
+        assert [rc for rc, _, _ in ranks] == [1, 1] and errors[0] == errors[1], errors
+        assert errors[0].startswith("train.py: error: " + says) and shared in errors[0], errors[0]
+        assert "Traceback" not in ranks[0][2] + ranks[1][2]
+        assert torch.load(run / "last.pt", weights_only=True)["step"] == 2 and "resumed" not in (
+            run / "log.txt").read_text()                                          # rank 0 did not train either
+    # a new run into node-local folders stops at once: rank 1 does not see the lock that rank 0 holds
+    new = [REPO / "train.py", *TINY, *TOKENIZER_RUN, "--steps", 1, "--out"]
+    ranks = two_ranks(tmp_path, [*new, tmp_path / "node0"], [*new, tmp_path / "node1"])
+    assert [rc for rc, _, _ in ranks] == [1, 1], ranks
+    assert all(f"rank 1 does not see the lock file {tmp_path / 'node1' / '.lock'} that rank 0 holds: {shared}"
+               in err for _, _, err in ranks)
+    assert not (tmp_path / "node0" / "last.pt").exists() and not (tmp_path / "node0" / ".lock").exists()
+    # one folder that every rank sees: both continue from step 2 and end at step 3 together
+    ranks = two_ranks(tmp_path, [*resume, run], [*resume, run])
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert f"resumed {run} at step 2" in ranks[0][1] and "weights identical on all 2 ranks" in ranks[0][1]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
+
+
+SETUP_ONLY = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import train
+args = train.build_parser().parse_args(sys.argv[1:])
+rank, world, local, device = train.setup_distributed()
+train.fill_defaults(args, world)
+lock = train.RunLock(args.out).__enter__() if rank == 0 else None
+run, source = train.setup_run(args, rank, world, local, device, lock)
+print(json.dumps(dict(ema=train.weight_checksum(run.ema), model=train.weight_checksum(run.objective.parts))))
+train.dist.barrier()
+if lock is not None:
+    lock.__exit__(None, None, None)
+train.dist.destroy_process_group()
+"""
+
+
+def test_every_rank_holds_rank_0s_ema_after_setup(tmp_path):
+    """Each rank draws its own random start (seed + rank); the EMA is copied after rank 0's weights reached every
+    rank, so all EMAs are rank 0's (before, each rank's EMA held its own start); --init is read by rank 0 alone."""
+    script = tmp_path / "setup_only.py"
+    script.write_text(SETUP_ONLY.format(repo=str(REPO)))
+    init = tmp_path / "init"
+    run_train(*TOKENIZER_RUN, "--out", init, "--steps", 1, "--lr", 1e-2, "--warmup", 1)
+    start = torch.load(init / "last.pt", weights_only=True)
+    tok = Tokenizer(**start["config"]["tokenizer"])
+    tok.load_state_dict(start["model"]["tokenizer"])
+    for extra, want in (((), None), (("--init", init), train.weight_checksum(tok))):
+        argv = [script, *TINY, *TOKENIZER_RUN, "--steps", 1, *extra, "--out", tmp_path / f"run{len(extra)}"]
+        ranks = two_ranks(tmp_path, argv, argv)
+        assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+        sums = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks]
+        assert sums[0]["ema"] == sums[1]["ema"] == sums[0]["model"] == sums[1]["model"], sums
+        assert want is None or sums[0]["ema"] == pytest.approx(want, rel=1e-12), (sums, want)
+
+
+PERCEPTUAL_RANKS = """
+import argparse, json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import projector, tokenizer, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+lacking = [int(r) for r in sys.argv[1].split(",") if r]      # the ranks whose node has no perceptual weights
+
+
+def load(folder):                                             # no network, no weights: only who has them matters
+    if rank in lacking:
+        raise OSError(f"could not download vgg16-397923af.pth on rank {{rank}} (URLError)")
+    return torch.nn.Identity()
+
+
+tokenizer.load_perceptual = load
+said = []
+args = argparse.Namespace(w_perceptual=1.1, perceptual_weights=sys.argv[2])
+try:
+    net = train.build_perceptual(args, torch.device("cpu"), rank, dist.get_world_size(), said.append)
+    print(json.dumps(dict(net=net is not None, said=said)))
+except projector.UserError as e:
+    print(json.dumps(dict(error=str(e))))
+dist.destroy_process_group()
+"""
+
+
+def test_missing_perceptual_weights_on_one_rank_stops_all_ranks(tmp_path):
+    """The perceptual term is on every rank or on none: weights missing on another rank's node stop every rank with
+    one message (before, that node silently trained without the term); none on rank 0 (auto): off everywhere."""
+    script = tmp_path / "perceptual_ranks.py"
+    script.write_text(PERCEPTUAL_RANKS.format(repo=str(REPO)))
+
+    def outcome(lacking, weights="auto"):
+        ranks = two_ranks(tmp_path, [script, lacking, weights], [script, lacking, weights])
+        assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+        return [json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks]
+
+    assert outcome("") == [dict(net=True, said=[]), dict(net=True, said=[])]
+    for weights in ("auto", tmp_path / "weights"):
+        first, second = outcome("1", weights)
+        assert first == second and first["error"].startswith("rank 1 cannot load the perceptual weights that rank 0 "
+                                                             "trains with (could not download"), first
+    first, second = outcome("0")                     # rank 1 could load them, but rank 0 decides: off on both
+    assert first["net"] is second["net"] is False and "Training WITHOUT the perceptual term" in first["said"][0]
+    first, second = outcome("0", tmp_path / "weights")                 # a folder given: no warning, an error
+    assert first == second and first["error"].startswith(f"--perceptual-weights {tmp_path / 'weights'}: could not")
+
+
 # ==========================================================================================================
 # sample.py and evaluate.py: command-line sampling, the evaluation protocols, CLIP score, the speed benchmark
 # ==========================================================================================================
@@ -3364,6 +3543,24 @@ def test_sample_torchrun_two_processes_cover_every_sample_once(sample_runs):
     assert sorted(f for f in os.listdir(out / "ddp") if f[0].isdigit()) == NAMES
     for name in NAMES:                                                      # same images as one process
         np.testing.assert_array_equal(pixels(out / "b1" / name), pixels(out / "ddp" / name))
+
+
+def test_sample_ranks_that_write_to_node_local_folders_stop_with_one_line(tiny_run, tmp_path):
+    """Rank 0 builds grid.png from the files every rank wrote: an --out that is another folder on rank 1 (a node's
+    local disk) is a one-line error naming the shared filesystem, not a traceback; a checkpoint one rank lacks stops
+    both ranks with the same line before anyone generates."""
+    def argv(ckpt, out):
+        return ["sample.py", "--ckpt", ckpt, *PROMPTS, "--steps", 2, "--device", "cpu", "--out", out]
+    ranks = two_ranks(tmp_path, argv(tiny_run["flow"], tmp_path / "node0"), argv(tiny_run["flow"], tmp_path / "node1"))
+    assert [rc for rc, _, _ in ranks] == [1, 0], ranks
+    assert ranks[0][2].strip().splitlines()[-1] == (
+        f"sample.py: error: rank 0 does not see 1 of the 3 files the ranks wrote (e.g. {tmp_path / 'node0'}"
+        f"/00001_00.png): with several nodes, --out must be on a filesystem all nodes share")
+    ranks = two_ranks(tmp_path, argv(tiny_run["flow"], tmp_path / "a"), argv(tmp_path / "none.pt", tmp_path / "a"))
+    errors = [err.strip().splitlines()[-1] for _, _, err in ranks]
+    assert [rc for rc, _, _ in ranks] == [1, 1] and errors[0] == errors[1], errors
+    assert errors[0].startswith("sample.py: error: rank 1: no checkpoint at") and "none.pt" in errors[0], errors
+    assert not list((tmp_path / "a").glob("*.png"))
 
 
 class RecordingPipe:

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import datetime
 import errno
 import glob
 import json
@@ -69,9 +70,9 @@ import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextDecoder, TextProjector,
-                       UserError, amp, default_precision, finite_float, fraction, fused_if_available, load_checkpoint,
-                       non_negative_float, non_negative_int, one_line, positive_float, positive_int, reparameterize,
-                       run_cli, short_hash, use_cuda, weights_sha256)
+                       UserError, agree, amp, broadcast, default_precision, finite_float, fraction, fused_if_available,
+                       load_checkpoint, non_negative_float, non_negative_int, on_every_rank, one_line, positive_float,
+                       positive_int, reparameterize, run_cli, short_hash, use_cuda, weights_sha256)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 try:
@@ -84,6 +85,11 @@ except ImportError:
     SummaryWriter = None
 
 T = 77 * 16   # elements of one 77x16 latent
+# How long a collective waits for the slowest rank before the job fails (torch's default is 10 minutes with NCCL):
+# the other ranks wait at a barrier while rank 0 alone writes a multi-GB checkpoint to a shared filesystem or draws
+# the preview samples, which can take many minutes; an hour still ends a truly hung job the same day.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+SHARED = "--out must be on a filesystem all nodes share"
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
 # fixed: what the models are, what the losses are and what data they see; a different value is refused by name
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
@@ -557,21 +563,21 @@ def decay_groups(module):
 
 
 def build_perceptual(args, device, rank, world, say):
-    """The frozen perceptual network, or None (with a warning) when --perceptual-weights auto finds none."""
+    """The frozen perceptual network on every rank, or on none (with a warning: --perceptual-weights auto and rank 0
+    finds no weights); a rank that cannot load the weights rank 0 loaded stops every rank, never drops the term."""
     if args.w_perceptual <= 0 or args.perceptual_weights == "none":
         return None
     folder = None if args.perceptual_weights == "auto" else args.perceptual_weights
-    for turn in range(2 if world > 1 else 1):        # rank 0 downloads first, the others read its files
-        if (rank == 0) == (turn == 0):
-            try:
-                net = tokenizer_lib.load_perceptual(folder).to(device)
-            except OSError as e:
-                if folder is not None:
-                    raise UserError(f"--perceptual-weights {folder}: {e}") from None
-                net = None
-                say(f"warning: {e}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
-        if world > 1:
-            dist.barrier()
+    net, why = load_perceptual(folder, device) if rank == 0 else (None, None)   # rank 0 first: it downloads once
+    agree(f"--perceptual-weights {folder}: {why}" if why and folder else None, world)
+    if broadcast(net is None, world):          # auto and none found: the term is off on every rank alike
+        say(f"warning: {why}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
+        return None
+    if rank > 0:
+        net, why = load_perceptual(folder, device)
+    agree(f"rank {rank} cannot load the perceptual weights that rank 0 trains with ({why}): put them in every "
+          f"node's torch hub cache or pass --perceptual-weights FOLDER on a filesystem all nodes share"
+          if why else None, world)
     return net
 
 
@@ -611,6 +617,22 @@ def _tokenizer_size(config):
     """A tokenizer's size in words: 'encoder 768 x 12, decoder 1024 x 24' (width x depth)."""
     return (f"encoder {config['enc_width']} x {config['enc_depth']}, "
             f"decoder {config['dec_width']} x {config['dec_depth']}")
+
+
+def load_perceptual(folder, device):
+    """-> (the frozen perceptual network, None) or (None, why it cannot be had)."""
+    try:
+        return tokenizer_lib.load_perceptual(folder).to(device), None
+    except OSError as e:
+        return None, one_line(e)
+
+
+def share_rank0s_weights(module, world):
+    """Every parameter and buffer of `module` := rank 0's (DDP's own start-up broadcast may leave buffers out)."""
+    if world > 1:
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t, src=0)
 
 
 def init_weights(parts, args):
@@ -715,7 +737,7 @@ class Run:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.step, self.skips, self.sums, self.seen, self.n_steps, self.bad_in_a_row = 0, Counter(), Counter(), 0, 0, 0
         self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
-        self.metrics = None                         # rank 0's MetricsLog, once the step to start from is known
+        self.metrics = self.evaluation = None       # rank 0's MetricsLog and TrainingEval, once the step is known
         # set by main, section by section: frozen, config, objective, ema, params, optimizer, scheduler, disc,
         # loader, model
 
@@ -780,7 +802,7 @@ def setup_distributed():
     if device.type == "cuda":
         use_cuda(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank, world, local, device
 
 
@@ -949,7 +971,7 @@ def run_checkpoints(out):
     return [p for p in [os.path.join(out, "last.pt")] if os.path.exists(p)] + steps
 
 
-def resume_checkpoint(args, say=print):
+def choose_checkpoint(args, say=print):
     """The checkpoint --resume continues (None for a new run), checked against this run's fixed arguments.
 
     A missing or unreadable last.pt (a crash mid-copy, a full disk, a hand-deleted file) falls back to the newest
@@ -970,6 +992,12 @@ def resume_checkpoint(args, say=print):
     if failed or os.path.basename(ckpt["path"]) != "last.pt":
         say(f"warning: resuming from {ckpt['path']}" + (f"; unreadable: {', '.join(failed)}" if failed else
                                                           " (no last.pt)"))
+    check_resume_args(ckpt, args, say)
+    return ckpt
+
+
+def check_resume_args(ckpt, args, say):
+    """Refuse a changed fixed flag by name; put the run's own values back into the kept ones (and say so)."""
     changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
                for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
@@ -979,7 +1007,68 @@ def resume_checkpoint(args, say=print):
             say(f"note: --{k.replace('_', '-')} {getattr(args, k)!r} is not used by a resume; the run started with "
                 f"{ckpt['args'].get(k)!r}")
             setattr(args, k, ckpt["args"].get(k))
+
+
+def resume_checkpoint(args, rank=0, world=1, say=print, lock=None):
+    """The checkpoint every rank continues (None for a new run): rank 0 alone decides, every rank reads that file."""
+    choice, ckpt = None, None
+    if rank == 0:                              # one decision: a rank deciding alone could start at step 0
+        try:
+            ckpt = choose_checkpoint(args, say)
+            choice = dict(name=ckpt and os.path.basename(ckpt["path"]), step=ckpt and ckpt["step"],
+                          size=ckpt and os.path.getsize(ckpt["path"]), lock=lock and lock.me)
+        except UserError as e:
+            choice = dict(error=one_line(e))
+    choice = broadcast(choice, world)
+    if "error" in choice:                      # the same error on every rank, raised at the same point
+        raise UserError(choice["error"])
+    if world == 1:
+        return ckpt
+    problem = None
+    try:
+        ckpt = ckpt if rank == 0 else read_rank0s_choice(args, rank, choice)
+    except UserError as e:
+        problem = one_line(e)
+    agree(problem, world)                      # a rank that cannot follow rank 0 stops them all
     return ckpt
+
+
+def read_rank0s_choice(args, rank, choice):
+    """(rank > 0) The checkpoint rank 0 resumes, read from this rank's --out, or None; a UserError when this rank's
+    --out is not the folder rank 0 sees (a node-local disk): its lock file, or the checkpoint's size and step."""
+    if choice["name"] is None:                 # a new run: the lock that rank 0 holds must be visible here
+        path = os.path.join(args.out, ".lock")
+        if not sees(path, choice["lock"]):
+            raise UserError(f"rank {rank} does not see the lock file {path} that rank 0 holds: {SHARED}")
+        return None
+    path = os.path.join(args.out, choice["name"])
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != choice["size"]:
+        seen = "" if size is None else f" ({size} bytes here, {choice['size']} bytes on rank 0)"
+        raise UserError(f"rank {rank} cannot read {path} that rank 0 resumes from{seen}: {SHARED}")
+    ckpt = load_checkpoint(path)
+    if ckpt["step"] != choice["step"]:
+        raise UserError(f"rank {rank} reads step {ckpt['step']} from {path}, rank 0 step {choice['step']}: {SHARED}")
+    check_resume_args(ckpt, args, say=lambda msg: None)     # rank 0 said it; the kept flags must change here too
+    return ckpt
+
+
+def sees(path, content):
+    """Whether the JSON file `path` holds `content`: five tries a second apart, for network filesystem caches."""
+    for turn in range(5):
+        if read_json(path) == content:
+            return True
+        time.sleep(1)
+    return False
+
+
+def read_json(path):
+    """A small JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def load_optimizer(optimizer, scheduler, state, schedule_state):
@@ -1031,6 +1120,14 @@ def check_cache_identity(source, frozen, config, args, rank):
         raise UserError(f"--data {args.data} was pre-tokenised with other weights ({'; '.join(differ)}): pre-tokenise "
                         f"again with this run's (python data.py pretokenize --tokenizer {args.tokenizer} ...), or "
                         f"train with the tokenizer and CLIP the cache was made with")
+
+
+def check_same_data(source, args, rank, world):
+    """Stop every rank when this rank sees another --data than rank 0 (a node-local copy that is incomplete)."""
+    size = len(source) if hasattr(source, "__len__") else len(getattr(source, "shards", []))
+    ref = broadcast(size, world)
+    agree(f"rank {rank} sees {size} {'samples' if hasattr(source, '__len__') else 'shards'} in --data {args.data}, "
+          f"rank 0 sees {ref}: every node must see the same data" if size != ref else None, world)
 
 
 def restore(run, ckpt):
@@ -1154,8 +1251,9 @@ def checkpoint(run):
     rngs, positions = gather_objects(rng_state(), world), gather_objects(run.loader.state_dict(), world)
     all_skips = gather_objects(dict(run.skips), world)
     disc = run.disc.net if run.disc is not None else None
-    sums = gather_objects(weight_checksum(run.objective.parts) + (weight_checksum(disc) if disc else []), world)
-    if any(c != sums[0] for c in sums):        # DDP keeps replicas identical; anything else is a bug to stop on
+    sums = gather_objects(weight_checksum(run.objective.parts) + weight_checksum(run.ema)
+                          + (weight_checksum(disc) if disc else []), world)
+    if any(c != sums[0] for c in sums):        # DDP keeps replicas (and so EMAs) identical; else a bug to stop on
         raise UserError(f"step {run.step}: the ranks' weights differ (checksums {sums}); not saving")
     if world > 1:
         run.say(f"step {run.step}: weights identical on all {world} ranks")
@@ -1196,36 +1294,38 @@ def main(args):
         raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard); OUT/metrics.jsonl "
                         "holds the same numbers without it")
     rank, world, local, device = setup_distributed()
-    fill_defaults(args, world, device)
-    check_eval_args(args)
-    with RunLock(args.out) if rank == 0 else contextlib.nullcontext() as lock:
-        return run_training(args, rank, world, local, device, lock)
+    try:
+        fill_defaults(args, world, device)
+        check_eval_args(args)
+        with contextlib.ExitStack() as stack:  # a lock rank 0 cannot take stops every rank, not rank 0 alone
+            lock = on_every_rank(world, rank, lambda: stack.enter_context(RunLock(args.out)) if rank == 0 else None)
+            run, source = setup_run(args, rank, world, local, device, lock)
+            return train_loop(run, source)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_training(args, rank, world, local, device, lock):
-    """Set up the run in the locked folder, train until --steps or a signal, save -> a summary dict."""
-    # setup: the run folder, the checkpoint to resume
-    if rank == 0:
-        check_output_folder(args.out, args.resume)
-    if world > 1:
-        dist.barrier()
+def setup_run(args, rank, world, local, device, lock):
+    """This process's part of the run, ready to train: the folder checked, the checkpoint rank 0 chose, the models,
+    optimizers and data, DDP, the EMA -> (run, data source). Errors of one rank stop every rank (on_every_rank)."""
+    on_every_rank(world, rank, lambda: rank == 0 and check_output_folder(args.out, args.resume))
     run = Run(args, rank, world, device)
     if lock is not None and lock.note:
         run.say(lock.note)
-    ckpt = resume_checkpoint(args, run.say)
+    ckpt = resume_checkpoint(args, rank, world, run.say, lock)
     torch.manual_seed(args.seed + rank)            # dropout only: data randomness is per sample
     random.seed(args.seed + rank)
 
-    # models: the stage's trainable parts (one module for DDP), their EMA, the frozen encoders
-    parts, run.frozen, run.config = build_stage(args, device, rank)
+    # models: the stage's trainable parts (one module for DDP), the frozen encoders every rank reads
+    parts, run.frozen, run.config = on_every_rank(world, rank, build_stage, args, device, rank)
     if args.grad_checkpointing:
         for sub in (s for m in parts.values() for s in m.modules() if hasattr(s, "grad_checkpointing")):
             sub.grad_checkpointing = True
-    if args.init and not ckpt:                     # weights from another run (e.g. the previous stage)
-        init_weights(parts, args)
+    # --init: weights from another run (e.g. the previous stage); rank 0 reads them, DDP gives them to the others
+    on_every_rank(world, rank, lambda: args.init and not ckpt and rank == 0 and init_weights(parts, args))
     gather = make_gather(world, rank) if args.gather_negatives and world > 1 else None
     run.objective = Objective(parts, args, gather)
-    run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
 
     # optimizers: AdamW + warm-up / constant or cosine; the tokenizer stage's perceptual net and PatchGAN
     run.params = [p for p in run.objective.parameters() if p.requires_grad]
@@ -1241,22 +1341,30 @@ def run_training(args, rank, world, local, device, lock):
         run.objective.helpers["perceptual"] = build_perceptual(args, device, rank, world, run.say)
         run.disc = Discriminator(args, device, world, local) if args.w_gan > 0 else None
         run.objective.helpers["discriminator"] = run.disc.net if run.disc is not None else None
-    source, run.loader = build_data(args, rank, world, device)
-    check_cache_identity(source, run.frozen, run.config, args, rank)
+    source, run.loader = on_every_rank(world, rank, build_data, args, rank, world, device)
+    check_same_data(source, args, rank, world)
+    on_every_rank(world, rank, check_cache_identity, source, run.frozen, run.config, args, rank)
 
-    # resume: everything from the checkpoint, then DDP (which broadcasts rank 0's weights)
-    if ckpt:
-        restore(run, ckpt)
+    # rank 0's weights on every rank (each drew its own random start; --init reached rank 0 only), the EMA a copy
+    # of those, then everything from the checkpoint: the same file on every rank
+    share_rank0s_weights(run.objective, world)
     run.model = run.objective if world == 1 else nn.parallel.DistributedDataParallel(
         run.objective, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+    run.ema = copy.deepcopy(run.objective.parts).eval().requires_grad_(False)
+    if ckpt:
+        restore(run, ckpt)
     if args.compile:
         run.model = torch.compile(run.model)
     describe(run, source, run.params)
     if rank == 0:
         run.metrics = MetricsLog(args.out, run.step, args.tensorboard)
-    evaluation = TrainingEval(args, rank, world, device, run.step) if args.eval_every else None
+    run.evaluation = TrainingEval(args, rank, world, device, run.step) if args.eval_every else None
+    return run, source
 
-    # loop: steps until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N)
+
+def train_loop(run, source):
+    """Train until --steps or a signal (SIGTERM, SIGINT, SIGUSR1: checkpoint, then exit 128 + N) -> a summary."""
+    args, rank, world, device, evaluation = run.args, run.rank, run.world, run.device, run.evaluation
     stop, handlers = [], {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in stop_signals()}
     try:
         fixed = preview_inputs(source, args, device) if rank == 0 and args.sample_every else None
@@ -1289,8 +1397,6 @@ def run_training(args, rank, world, local, device, lock):
             run.bar.close()
         if run.metrics is not None:
             run.metrics.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
 
 
