@@ -1986,6 +1986,7 @@ def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     assert set(ck["model"]) == {"dit", "projector"} and ck["config"]["tokenizer"] == str(tiny_tokenizer)
     log = (flow / "log.txt").read_text()
     assert all(w in log for w in ("diff", "contrastive", "kl", "sigma", "grad_norm"))
+    assert "note: micro-batch 8 per process, the official run's is 128" in log        # how its terms differ
     tae = tmp_path / "tae"
     run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
               "shapes:n=64", "--out", tae, "--steps", 3, "--global-batch", 8, "--decoder-width", 32,
@@ -2649,7 +2650,7 @@ def test_stage_defaults_follow_the_official_recipes():
     assert (args.cfg_prob, args.beta1, args.w_con, args.kl, args.align_hidden, args.cfg, args.w_lecam,
             args.lecam_decay) == (0.1, 0.9, 1.0, "official", 512, 2.0, 0.001, 0.999)
     train.fill_defaults(args, world=1)
-    assert args.w_kl == 0.01 and args.accum == 1 and args.batch_size == 4096
+    assert args.w_kl == 0.01 and args.accum == 32 and args.batch_size == 128       # the official micro-batch
 
 
 def test_update_ema_known_answers():
@@ -2790,6 +2791,141 @@ def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypa
         for key in ("loss", "mse", "kl"):
             assert log_value(tmp_path / "accum", step, key) == pytest.approx(log_value(tmp_path / "whole", step, key),
                                                                              rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- the official micro-batch (issue 13.1)
+
+def test_flow_stages_default_to_the_official_micro_batch_of_128():
+    """Without --batch-size the flow stages run 128 per process (FlowTok train_t2i.py:38-39 on 32 processes) and
+    accumulate up to the global batch; a smaller share takes its largest divisor up to 128; other stages keep
+    global / processes; an explicit --batch-size wins."""
+    cases = [("flow", 4096, 8, None, 128, 4), ("flow", 4096, 1, None, 128, 32), ("flow", 4096, 32, None, 128, 1),
+             ("flow", 8, 1, None, 8, 1), ("flow", 8, 2, None, 4, 1), ("flow", 200, 1, None, 100, 2),
+             ("flow", 4096, 8, 64, 64, 8), ("flow-i2t", 1024, 2, None, 128, 4), ("text-ae", 1024, 1, None, 1024, 1),
+             ("tokenizer", 256, 8, None, 32, 1)]
+    for stage, global_batch, world, given, micro, accum in cases:
+        argv = ["--stage", stage, "--out", "x", "--global-batch", str(global_batch)]
+        args = train.build_parser().parse_args(argv + (["--batch-size", str(given)] if given else []))
+        train.fill_defaults(args, world)
+        assert (args.batch_size, args.accum) == (micro, accum), (stage, global_batch, world, given)
+
+
+def test_expected_null_fraction_equals_the_cfg_shuffle_enumerated():
+    """cfg_shuffle keeps a null draw only when another sample of its micro-batch is null too: the closed form
+    against every draw of a batch of 5, and the known values at 128 and 8 (the training log quotes them)."""
+    p, n = 0.3, 5
+    want = 0.0
+    for draws in itertools.product([False, True], repeat=n):
+        null = torch.tensor(draws)
+        _, kept = flow_dit.cfg_shuffle(torch.zeros(n, 1, 1), null)
+        want += p ** int(null.sum()) * (1 - p) ** (n - int(null.sum())) * int(kept.sum()) / n
+    assert flow_dit.expected_null_fraction(n, p) == pytest.approx(want, abs=1e-12)
+    assert f"{flow_dit.expected_null_fraction(128, 0.1):.1%}" == "10.0%"
+    assert f"{flow_dit.expected_null_fraction(8, 0.1):.1%}" == "5.2%" and flow_dit.expected_null_fraction(1, 0.1) == 0
+
+
+def test_batch_note_says_how_the_loss_terms_differ_from_the_official_run():
+    def note(world, *argv):
+        args = train.build_parser().parse_args(["--stage", "flow", "--out", "x", *map(str, argv)])
+        train.fill_defaults(args, world)
+        return train.batch_note(args, world)
+    assert note(8) is None and note(1) is None                        # 128 per process: the official terms
+    assert note(1, "--global-batch", 8) == (
+        "note: micro-batch 8 per process, the official run's is 128 (4096 = 32 processes x 128; --batch-size sets "
+        "it): the official KL term is summed over the micro-batch: 8/128 = 0.0625x the official weight relative to "
+        "the flow loss; the contrastive softmax ranks each sample among 8 (official 128); the CFG shuffle (a "
+        "micro-batch with one null draw trains none) leaves 5.2% of samples unconditional (official 10.0%)")
+    assert note(8, "--gather-negatives") == ("note: micro-batch 128 per process, the official run's is 128 (4096 = 32 "
+                                             "processes x 128; --batch-size sets it): the contrastive softmax ranks "
+                                             "each sample among 1024 (official 128)")
+    only_cfg = note(1, "--global-batch", 8, "--kl", "standard", "--w-con", 0)   # batch-mean KL, no contrastive term
+    assert "KL" not in only_cfg and "contrastive" not in only_cfg and "5.2%" in only_cfg
+
+
+def _official_per_gpu_loss(dit, proj, clip, x1, t, null, eps, w_con=1.0, w_kl=0.01, sigma_min=1e-5):
+    """FlowTok's loss on one GPU's batch, written from its diffusion/flow_matching.py:237-277 (release 74d0461)."""
+    B = clip.shape[0]
+    x0, mu, log_var = proj(clip, eps)
+    a = F.normalize(x0.reshape(B, -1), dim=-1)
+    c = F.normalize(proj.align(clip).reshape(B, -1), dim=-1)
+    scale, targets = proj.log_temperature.exp(), torch.arange(B)
+    con = (F.cross_entropy(scale * a @ c.T, targets) + F.cross_entropy(scale * c @ a.T, targets)) * w_con / 2
+    kld = -0.5 * torch.sum(1 + log_var - (0.3 * mu) ** 6 - log_var.exp()) * w_kl      # summed over this batch
+    x1, null = x1.clone(), null.clone()
+    if null.sum() <= 1:
+        null[:] = False
+    else:
+        x1[null] = torch.cat((x1[null][1:], x1[null][:1]))
+    tt = t[:, None, None]
+    xt, target = (tt * (sigma_min - 1) + 1) * x0 + tt * x1, (sigma_min - 1) * x0 + x1
+    diff = ((dit(xt, t, null) - target) ** 2).mean(dim=(1, 2))
+    return (diff + con + kld).mean()
+
+
+def _one_train_step_gradient(args, parts, batch, tmp_path):
+    """The gradient train.train_step hands to the optimizer for `batch` (micro-batches and accumulation from args)."""
+    run = train.Run(args, 0, 1, torch.device("cpu"))
+    run.objective = run.model = train.Objective(parts, args)
+    run.params = [p for p in run.objective.parameters() if p.requires_grad]
+    run.ema, run.disc = copy.deepcopy(run.objective.parts), None
+    run.frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
+    grads = []
+
+    class Recorder:
+        def step(self):
+            grads.append(torch.cat([p.grad.flatten() for p in run.params]))
+
+        def zero_grad(self, set_to_none=True):
+            for p in run.params:
+                p.grad = None
+    run.optimizer, run.scheduler = Recorder(), argparse.Namespace(step=lambda: None)
+    micro = args.batch_size
+    train.train_step(run, iter([{k: v[i:i + micro] if torch.is_tensor(v) else v for k, v in batch.items()}
+                                for i in range(0, len(batch["ids"]), micro)]))
+    return grads[0]
+
+
+def test_accumulation_equals_the_official_per_gpu_computation(tmp_path):
+    """One process, global batch 8 as 2 micro-batches of 4, gives the gradient of two official GPUs of 4 averaged
+    (DDP): each with its own KL sum, its own 4 contrastive negatives and its own CFG shuffle. Null draws at 0, 2, 3
+    (rotated within the first 4) and 5 (alone in the second 4: cleared). The same 8 as one batch differ."""
+    g = torch.Generator().manual_seed(0)
+    width, n = 32, 8
+    noise = torch.randn(n, 2 * train.T + 2, generator=g)
+    noise[:, -1] = torch.tensor([-5.0, 5, -5, -5, 5, -5, 5, 5])               # Phi(-5) < 0.1: drawn null
+    batch = {"clip": torch.randn(n, 77, width, generator=g), "ids": torch.zeros(n, 77, dtype=torch.long),
+             "posterior": torch.cat([torch.randn(n, 77, 16, generator=g), torch.full((n, 77, 16), -2.0)], -1),
+             "noise": noise, "skipped": {}}
+    torch.manual_seed(0)
+    dit = FlowDiT(**FLOW_MODELS["tiny"])
+    with torch.no_grad():                                    # off the zero init: every DiT weight gets a gradient
+        for p in dit.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    proj = TextProjector(clip_dim=width, depth=1, heads=4, d_ff=64, dropout=0.0, align_hidden=32)
+    parts = {"dit": dit, "projector": proj}
+    argv = ("--stage", "flow", "--model", "tiny", "--out", tmp_path, "--global-batch", n, "--grad-clip", 0)
+    args = train_args(*argv, "--batch-size", 4)
+    train.fill_defaults(args, world=1)
+    assert (args.batch_size, args.accum, args.w_kl, args.w_con) == (4, 2, 0.01, 1.0)
+    ours = _one_train_step_gradient(args, parts, batch, tmp_path)
+    # the official run: two GPUs of 4, DDP averaging their gradients
+    inputs = train.prepare(batch, {"tokenizer": Tokenizer.from_preset("tiny")}, args, torch.device("cpu"))
+    assert inputs["null"].tolist() == [True, False, True, True, False, True, False, False]
+    params = [p for m in parts.values() for p in m.parameters()]
+    for p in params:
+        p.grad = None
+    for half in (slice(0, 4), slice(4, 8)):
+        loss = _official_per_gpu_loss(dit, proj, inputs["clip"][half], inputs["x1"][half], inputs["t"][half],
+                                      inputs["null"][half], inputs["eps"][half])
+        (loss / 2).backward()
+    official = torch.cat([p.grad.flatten() for p in params])
+    assert official.abs().max() > 0.1 and (official != 0).float().mean() > 0.95
+    assert (ours - official).abs().max().item() < 1e-6
+    # one batch of 8: the KL summed over 8, 8 negatives, one CFG shuffle over all four nulls: another gradient
+    whole = train_args(*argv)
+    train.fill_defaults(whole, world=1)
+    assert (whole.batch_size, whole.accum) == (8, 1)
+    assert (_one_train_step_gradient(whole, parts, batch, tmp_path) - official).abs().max().item() > 1e-2
 
 
 def torchrun(*argv, timeout=240):

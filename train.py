@@ -81,6 +81,7 @@ except ImportError:
     SummaryWriter = None
 
 T = 77 * 16   # elements of one 77x16 latent
+OFFICIAL_MICRO_BATCH = 128   # the official flow run's batch per process: 4096 = 32 processes x 128
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
 # fixed: what the models are, what the losses are and what data they see; a different value is refused by name
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
@@ -310,8 +311,9 @@ def projector_kwargs(args, clip):
 
 class Stage:
     """One training stage. `defaults`: the official (or closest public) recipe, every value one flag away;
-    `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position)."""
-    defaults, noise = {}, {}
+    `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position);
+    `micro_batch`: the per-process batch when --batch-size is not given (None: global batch / processes)."""
+    defaults, noise, micro_batch = {}, {}, None
 
     def build(self, args, clip, frozen, config, device):
         """-> the trainable parts {name: module}; frozen encoders go into `frozen`, paths into `config`."""
@@ -390,6 +392,9 @@ class FlowStage(Stage):
     defaults = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
                     ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
     noise = dict(img=T, txt=T, t=1, null=1)
+    # the official micro-batch: its KL sum, contrastive negatives and CFG shuffle are per process (FlowTok
+    # train_t2i.py:38-39, 4096 / 32 processes, no accumulation); accumulation makes up the global batch
+    micro_batch = OFFICIAL_MICRO_BATCH
 
     def build(self, args, clip, frozen, config, device):
         dit = self.build_dit(args, clip, frozen, config, device)
@@ -776,7 +781,7 @@ def setup_distributed():
 
 
 def fill_defaults(args, world):
-    """Stage defaults for unset flags, and the batch arithmetic: global = per-GPU x GPUs x accumulation."""
+    """Stage defaults for unset flags, and the batch arithmetic: global = micro-batch x GPUs x accumulation."""
     for k, v in STAGES[args.stage].defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -787,7 +792,10 @@ def fill_defaults(args, world):
     if args.batch_size is None:
         if args.global_batch % world:
             raise UserError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
-        args.batch_size = args.global_batch // world
+        per_process = args.global_batch // world
+        cap = min(STAGES[args.stage].micro_batch or per_process, per_process)
+        # the largest micro-batch up to the stage's that divides the process's share (8 -> 8, 4096 -> 128)
+        args.batch_size = max(d for d in range(1, cap + 1) if per_process % d == 0)
     if args.global_batch % (args.batch_size * world):
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
                         f"x {world} processes")
@@ -1045,6 +1053,28 @@ def restore(run, ckpt):
         run.say(f"changed from step {run.step} on: {', '.join(applied_changes(ckpt, run.args))}")
 
 
+def batch_note(args, world):
+    """How this run's per-micro-batch loss terms differ from the official run's (128 per process), or None."""
+    micro, official = args.batch_size, OFFICIAL_MICRO_BATCH
+    if STAGES[args.stage].micro_batch is None:
+        return None
+    terms = []
+    if args.stage == "flow" and args.w_kl and args.kl == "official" and micro != official:
+        terms.append(f"the official KL term is summed over the micro-batch: {micro}/{official} = "
+                     f"{micro / official:.4g}x the official weight relative to the flow loss")
+    ranked = micro * world if args.gather_negatives and world > 1 else micro
+    if args.stage == "flow" and args.w_con and ranked != official:
+        terms.append(f"the contrastive softmax ranks each sample among {ranked} (official {official})")
+    if args.cfg_prob and micro != official:
+        terms.append(f"the CFG shuffle (a micro-batch with one null draw trains none) leaves "
+                     f"{flow_dit.expected_null_fraction(micro, args.cfg_prob):.1%} of samples unconditional (official "
+                     f"{flow_dit.expected_null_fraction(official, args.cfg_prob):.1%})")
+    if not terms:
+        return None
+    return (f"note: micro-batch {micro} per process, the official run's is {official} (4096 = 32 processes x "
+            f"{official}; --batch-size sets it): " + "; ".join(terms))
+
+
 def describe(run, source, params):
     """The run's first log lines: sizes, data, batch arithmetic, losses."""
     args, parts = run.args, run.objective.parts
@@ -1052,6 +1082,8 @@ def describe(run, source, params):
             f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
             f"samples); global batch {args.global_batch} = {args.batch_size} x {run.world} GPUs x {args.accum} "
             f"accumulation; {args.precision}; {run.device}")
+    if batch_note(args, run.world):
+        run.say(batch_note(args, run.world))
     if args.stage == "tokenizer":
         disc = run.disc.net if run.disc is not None else None
         run.say(f"losses: mse + {args.w_kl:g} kl"
@@ -1390,7 +1422,9 @@ def build_parser():
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
     p.add_argument("--steps", type=positive_int, help="optimisation steps")
     p.add_argument("--global-batch", type=positive_int, help="samples per optimisation step over all GPUs")
-    p.add_argument("--batch-size", type=positive_int, help="per GPU (default: global batch / GPUs, no accumulation)")
+    p.add_argument("--batch-size", type=positive_int, help="micro-batch per GPU, accumulated up to --global-batch "
+                   "(default: flow stages the official 128 or the largest divisor of global / GPUs below it; "
+                   "others global / GPUs)")
     p.add_argument("--lr", type=non_negative_float, help="peak learning rate")
     p.add_argument("--min-lr", type=non_negative_float, help="the cosine schedule's floor")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate after the warm-up")
