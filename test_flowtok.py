@@ -2681,13 +2681,16 @@ def test_update_ema_known_answers():
 
 
 def test_lr_factor_warmup_constant_and_cosine_known_answers():
-    args = argparse.Namespace(warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
+    args = argparse.Namespace(stage="flow", warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
     # linear warm-up: step k (0-based) uses (k + 1) / warmup, so the first update already moves; then 1
     assert [train.lr_factor(k, args) for k in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
-    args.warmup = 0
-    assert train.lr_factor(0, args) == 1.0
+    args.stage = "tokenizer"                    # TA-TiTok's LambdaLR: k / warmup, the first update at lr 0
+    assert [train.lr_factor(k, args) for k in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    for args.stage in ("flow", "tokenizer"):
+        args.warmup = 0
+        assert train.lr_factor(0, args) == 1.0
     # cosine from the end of warm-up to the last step, down to min_lr / lr = 0.1
-    args = argparse.Namespace(warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
+    args = argparse.Namespace(stage="flow", warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
     got = {k: train.lr_factor(k, args) for k in (0, 1, 2, 6, 9, 10, 50)}
     want = {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.55, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.1, 50: 0.1}
     assert got == pytest.approx(want, abs=1e-12)
@@ -2696,28 +2699,80 @@ def test_lr_factor_warmup_constant_and_cosine_known_answers():
     assert train.lr_factor(6, args) == pytest.approx(0.5) and train.lr_factor(10, args) == pytest.approx(0.0)
 
 
+# ----------------------------------------------------------------------------- TA-TiTok parity of --stage tokenizer
+
+def _ta_titok_ema_decay(optimization_step, decay=0.999):
+    """1d-tokenizer a5c8922 modeling/modules/ema_model.py:92-107 (update_after_step 0, min_decay 0, no
+    use_ema_warmup), called by step() after its increment: the k-th update (1-based) passes k."""
+    step = max(0, optimization_step - 0 - 1)
+    if step <= 0:
+        return 0.0
+    return max(min((1 + step) / (10 + step), decay), 0.0)
+
+
+def _ta_titok_lambda(tick, warmup, total, base_lr, end_lr):
+    """1d-tokenizer a5c8922 utils/lr_schedulers.py:56-62: the cosine schedule's LambdaLR factor at scheduler tick."""
+    if tick < warmup:
+        return float(tick) / float(max(1, warmup))
+    progress = float(tick - warmup) / float(max(1, total - warmup))
+    ratio = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return (end_lr + (base_lr - end_lr) * ratio) / base_lr
+
+
+def test_ema_decay_warms_up_as_ta_titok_on_the_tokenizer_stage_only():
+    args = argparse.Namespace(stage="tokenizer", ema=0.999)
+    assert [train.ema_decay(s, args) for s in range(4)] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13], abs=1e-15)
+    assert train.ema_decay(8989, args) == pytest.approx(8990 / 8999) and train.ema_decay(8990, args) == 0.999
+    assert all(train.ema_decay(s, args) == _ta_titok_ema_decay(s + 1) for s in range(20_000))
+    for stage in ("flow", "text-ae", "flow-i2t"):          # FlowTok's constant rate (train_t2i.py:154)
+        args = argparse.Namespace(stage=stage, ema=0.9999)
+        assert [train.ema_decay(s, args) for s in (0, 1, 9, 10_000)] == [0.9999] * 4
+
+
+def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
+    """Every update's factor equals TA-TiTok's LambdaLR at the tick accelerate has reached (processes ticks per
+    update): the generator's from 0 at step 0; the discriminator's, stepped from --gan-start on, over its horizon
+    steps x processes - gan_start ticks."""
+    steps, warmup, gan_start, lr, min_lr = 100, 10, 40, 1e-4, 1e-5
+    args = train_args("--stage", "tokenizer", "--out", "x", "--steps", steps, "--warmup", warmup, "--gan-start",
+                      gan_start, "--lr", lr, "--min-lr", min_lr, "--w-gan", 0.1, "--disc-width", 32)
+    train.fill_defaults(args, world=1)
+    assert args.schedule == "cosine" and [train.lr_factor(k, args) for k in range(3)] == [0.0, 0.1, 0.2]
+    for world in (1, 4, 32):
+        for k in range(steps):
+            want = _ta_titok_lambda(k * world, warmup * world, steps * world, lr, min_lr)
+            assert train.lr_factor(k, args) == pytest.approx(want, abs=1e-12), (world, k)
+        horizon = train.disc_horizon(args, world)
+        for s in range(steps - gan_start):
+            want = _ta_titok_lambda(s * world, warmup * world, steps * world - gan_start, lr, min_lr)
+            assert train.lr_factor(s, args, steps=horizon) == pytest.approx(want, abs=1e-12), (world, s)
+    assert (train.disc_horizon(args, 1), train.disc_horizon(args, 4)) == (60, 90)
+    disc = train.Discriminator(args, torch.device("cpu"), 1, 0)          # the scheduler the trainer steps
+    assert [disc.scheduler.lr_lambdas[0](s) for s in (0, 5, 30, 59)] == pytest.approx(
+        [_ta_titok_lambda(s, warmup, steps - gan_start, lr, min_lr) for s in (0, 5, 30, 59)], abs=1e-12)
+    args.stage = "flow"                                    # the flow stages keep their first update moving
+    assert [train.lr_factor(k, args) for k in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+
+
 def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
     common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
               "shapes:n=64", "--global-batch", 4, "--weight-decay", 0, "--schedule", "constant", "--ema", 0.9,
               "--beta2", 0.99, "--ckpt-every", 1, "--keep", 5)
     run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
-    run_train(*common, "--lr", 1.0, "--warmup", 1, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
+    run_train(*common, "--lr", 1.0, "--warmup", 0, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
     _, parts, _, _ = run_start(tmp_path / "free")
     init = flat(parts["tokenizer"].state_dict())
     step = [torch.load(tmp_path / "free" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2)]
     model = [flat(ck["model"]["tokenizer"]) for ck in step]
     ema = [flat(ck["ema"]["tokenizer"]) for ck in step]
-    # Adam's first update moves each weight by lr_t * |g| / (|g| + eps), lr_t for every gradient well above eps
-    # (1e-8): the warm-up's lr * 1/4
-    moved = (model[0] - init).abs()
-    assert moved.max().item() == pytest.approx(2.5e-4, rel=1e-4)
-    assert moved.quantile(0.99).item() == pytest.approx(2.5e-4, rel=1e-3)
+    # the tokenizer's first update has lr 0 (TA-TiTok's LambdaLR): the weights stay; the second moves them
+    assert torch.equal(model[0], init) and (model[1] - init).abs().max() > 1e-5
     assert [g["betas"] for g in step[0]["optimizer"]["param_groups"]] == [(0.9, 0.99)] * 2
-    # the scheduler after k steps holds the lr of step k: lr * (k + 1) / 4
-    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([5e-4, 7.5e-4])
-    # EMA: 0.9 * ema + 0.1 * model after every update, starting from the initial weights
-    torch.testing.assert_close(ema[0], 0.9 * init + 0.1 * model[0], atol=1e-7, rtol=0)
-    torch.testing.assert_close(ema[1], 0.9 * ema[0] + 0.1 * model[1], atol=1e-7, rtol=0)
+    # the scheduler after k steps holds the lr of step k: lr * k / 4
+    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([2.5e-4, 5e-4])
+    # EMA with TA-TiTok's warm-up: decay 0 at the first update (the model), then min(0.9, 2 / 11)
+    assert torch.equal(ema[0], model[0])
+    torch.testing.assert_close(ema[1], 2 / 11 * ema[0] + 9 / 11 * model[1], atol=1e-7, rtol=0)
     # clipping to norm 1e-10 (<< Adam's eps 1e-8): the update is lr * g_clipped / eps, of L2 norm lr * 1e-10 / 1e-8
     clipped = flat(torch.load(tmp_path / "clip" / "last.pt", weights_only=True)["model"]["tokenizer"])
     assert (clipped - init).norm().item() == pytest.approx(0.01, rel=0.02)

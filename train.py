@@ -640,13 +640,31 @@ def autocast(args, device):
 
 
 def lr_factor(step, args, steps=None):
-    """Linear warm-up over args.warmup steps (the first update already moves), then constant or cosine."""
-    warm = min((step + 1) / max(args.warmup, 1), 1.0)
-    if args.schedule == "constant" or step < args.warmup:
-        return warm
+    """Linear warm-up over args.warmup steps, then constant or cosine; update `step` (0-based) uses this factor."""
+    if step < args.warmup:
+        # the tokenizer stage's first update has lr 0, as TA-TiTok's LambdaLR gives (1d-tokenizer a5c8922
+        # utils/lr_schedulers.py:56-58: step / warmup from step 0; accelerate ticks it num_processes times per
+        # update, warm-up and horizon scaled alike, utils/train_utils.py:248-249); the other stages' first update
+        # already moves (FlowTok's own LambdaLR also starts at 0, utils.py:104-106: a one-step shift kept for now)
+        return (step + (0 if args.stage == "tokenizer" else 1)) / args.warmup
+    if args.schedule == "constant":
+        return 1.0
     progress = min((step - args.warmup) / max((steps or args.steps) - args.warmup, 1), 1.0)
     floor = args.min_lr / args.lr if args.lr else 0.0            # --lr 0: a run that must not move
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay(step, args):
+    """The EMA decay of update `step` (0-based): --ema, under the tokenizer stage's warm-up."""
+    if args.stage != "tokenizer":
+        # FlowTok's trainer: a constant rate from the first update (train_t2i.py:154, utils.py:122-126); the
+        # text stages are ours and follow it
+        return args.ema
+    # TA-TiTok (bytedance/1d-tokenizer a5c8922; EMAModel(decay=0.999) at utils/train_utils.py:143, stepped per
+    # update :514, set_step on resume :359): modeling/modules/ema_model.py:92-107 gives update s + 1 the decay 0
+    # at s = 0 (the EMA becomes the model), then min(decay, (1 + s) / (10 + s)); short runs so average their recent
+    # weights, not their random start
+    return 0.0 if step == 0 else min(args.ema, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -657,9 +675,18 @@ def update_ema(ema, parts, decay):
     torch._foreach_lerp_(ema_p, model_p, 1 - decay)
 
 
+def disc_horizon(args, world):
+    """The discriminator schedule's length in its own updates, computed as TA-TiTok computes it."""
+    # TA-TiTok (1d-tokenizer a5c8922 utils/train_utils.py:254-261): horizon steps x processes - discriminator_start
+    # and warm-up warmup x processes, in scheduler ticks, of which accelerate makes `processes` per update (stepped
+    # only once the discriminator trains, :474-500): in updates, warm-up --warmup and horizon steps - gan_start /
+    # processes (more than the steps - gan_start updates it gets on several GPUs: there its cosine stops short)
+    return args.steps - args.gan_start / world
+
+
 class Discriminator:
-    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine over the steps after
-    --gan-start, stepped only then (the official schedule)."""
+    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine, stepped only from
+    --gan-start on, over TA-TiTok's horizon of steps - gan_start / processes updates (see __init__)."""
 
     def __init__(self, args, device, world, local):
         self.args = args
@@ -668,7 +695,7 @@ class Discriminator:
                                            betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
                                            **fused_if_available(device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, args, steps=max(args.steps - args.gan_start, 1)))
+            self.optimizer, lambda s: lr_factor(s, args, steps=disc_horizon(args, world)))
         self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
             self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
         self.world = world
@@ -1126,7 +1153,7 @@ def train_step(run, batches):
     gnorm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
         run.optimizer.step()
-        update_ema(run.ema, run.objective.parts, args.ema)
+        update_ema(run.ema, run.objective.parts, ema_decay(run.step, args))
         run.sums["grad_norm"] += gnorm.float()
         run.bad_in_a_row = 0
     else:                                      # a NaN/inf loss or gradient: skip the update, count it
