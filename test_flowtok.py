@@ -2645,7 +2645,7 @@ def test_stage_defaults_follow_the_official_recipes():
     assert train.STAGE_DEFAULTS["tokenizer"] == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
         lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5, ema=0.999,
         grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1, w_gan=0.1, gan_start=200_000,
-        random_crop=True, flip=True)
+        random_crop=True, flip=True, size_filter=True)
     args = train.build_parser().parse_args(["--out", "x"])
     assert (args.cfg_prob, args.beta1, args.w_con, args.kl, args.align_hidden, args.cfg, args.w_lecam,
             args.lecam_decay) == (0.1, 0.9, 1.0, "official", 512, 2.0, 0.001, 0.999)
@@ -2752,6 +2752,71 @@ def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
         [_ta_titok_lambda(s, warmup, steps - gan_start, lr, min_lr) for s in (0, 5, 30, 59)], abs=1e-12)
     args.stage = "flow"                                    # the flow stages keep their first update moving
     assert [train.lr_factor(k, args) for k in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_size_filter_known_answers():
+    """TA-TiTok's filter: height / width in [1/2, 2] (bounds included), then the longer side >= the minimum."""
+    for (w, h), why in [((256, 128), None), ((128, 256), None), ((256, 512), None), ((512, 256), None),
+                        ((256, 127), "filtered: aspect"), ((100, 300), "filtered: aspect"),
+                        ((300, 40), "filtered: aspect"), ((200, 100), "filtered: small"),
+                        ((255, 255), "filtered: small")]:
+        if why is None:
+            data.res_ratio_filter(w, h, 256)
+        else:
+            with pytest.raises(data.BadSample, match=why):
+                data.res_ratio_filter(w, h, 256)
+
+
+def test_size_filter_in_the_loaders_counts_what_it_drops(tmp_path):
+    """A folder and a tar shard at image size 32 (longer side >= 32): the filter names its skips; off, it keeps
+    them. In a tar, a json original_width / original_height decides (what TA-TiTok reads), else the image's."""
+    sizes = {"keep": (40, 40), "wide": (80, 30), "tiny": (20, 30), "tall_ok": (20, 36)}
+    for name, size in sizes.items():
+        _noise_image(*size, 0).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    spec = f"folder:{tmp_path}"
+    on, off = data.build_dataset(spec, 32, size_filter=True), data.build_dataset(spec, 32)
+    got = {}
+    for i in range(len(on)):
+        try:
+            got[on.captions[i]] = on.get(i)["image"].shape
+        except data.BadSample as e:
+            got[on.captions[i]] = e.reason
+    assert got == {"keep": (3, 32, 32), "wide": "filtered: aspect", "tiny": "filtered: small", "tall_ok": (3, 32, 32)}
+    assert all(off.get(i)["image"].shape == (3, 32, 32) for i in range(len(off)))
+    batch = next(iter(data.make_loader(on, 4, rank=0, world=1)))
+    assert batch["skipped"] == {"filtered: aspect": 1, "filtered: small": 1} and len(batch["ids"]) == 2
+    square, wide = _jpeg_bytes(_noise_image(40, 40, 1)), _jpeg_bytes(_noise_image(80, 30, 2))
+    _write_tar(tmp_path / "s-0.tar", [
+        ("a.jpg", square), ("a.txt", b"recorded wide"), ("a.json", b'{"original_width": 900, "original_height": 300}'),
+        ("b.jpg", square), ("b.txt", b"recorded small"), ("b.json", b'{"original_width": 20, "original_height": 20}'),
+        ("c.jpg", wide), ("c.txt", b"recorded fine"), ("c.json", b'{"original_width": 512, "original_height": 512}'),
+        ("d.jpg", wide), ("d.txt", b"no record"), ("d.json", b'{"original_width": "?"}'),
+        ("e.jpg", square), ("e.txt", b"plain")])
+    for filtered, want in ((True, {"filtered: aspect": 2, "filtered: small": 1}), (False, {})):
+        source = data.build_dataset(f"tar:{tmp_path}/s-0.tar", 32, size_filter=filtered)
+        stream = source.samples(seed=0, reader=0, readers=1, cursor=dict(epoch=0, shard=0, offset=0, seen=0))
+        items = [item for item, _ in itertools.islice(stream, 5)]
+        counts = collections.Counter(i.reason for i in items if isinstance(i, data.BadSample))
+        kept = [i["caption"] for i in items if not isinstance(i, data.BadSample)]
+        assert counts == want and kept == (["recorded fine", "plain"] if filtered else
+                                           ["recorded wide", "recorded small", "recorded fine", "no record", "plain"])
+
+
+def test_size_filter_is_on_for_the_tokenizer_stage_and_one_flag_away(tmp_path):
+    for name, size in {"a": (40, 40), "b": (90, 30), "c": (36, 36)}.items():
+        _noise_image(*size, 0).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    common = ("--data", f"folder:{tmp_path}", "--out", tmp_path / "run", "--global-batch", 2)
+    for argv, on in ((("--stage", "tokenizer"), True), (("--stage", "tokenizer", "--no-size-filter"), False),
+                     (("--stage", "flow"), False), (("--stage", "text-ae", "--size-filter"), True)):
+        args = train_args(*argv, *common)
+        train.fill_defaults(args, world=1)
+        source, _ = train.build_data(args, 0, 1, torch.device("cpu"))
+        assert args.size_filter is on and source.min_longer == (32 if on else None), argv
+        # the previews pass over what the filter drops
+        assert [s["caption"] for s in train.preview_samples(source)] == (
+            ["caption a", "caption c"] if on else ["caption a", "caption b", "caption c"])
 
 
 def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):

@@ -89,7 +89,7 @@ RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "
                 "projector_heads", "projector_ff", "projector_dropout", "projector_patch_size", "align_hidden",
                 "decoder_width", "decoder_depth", "decoder_ff", "decoder_vocab", "w_con", "kl", "w_kl", "cfg_prob",
                 "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan", "gan_start",
-                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed")
+                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed", "size_filter")
 # applied: optimisation and schedule; a new value acts from the resumed step on (AdamW's settings and the schedule's
 # peak are replaced, the moments and the schedule's position kept), is said in the log and recorded in checkpoints
 RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2",
@@ -336,7 +336,7 @@ class TokenizerStage(Stage):
     """The 1D image tokenizer, TA-TiTok's one-stage recipe: L2 + perceptual + KL + PatchGAN with LeCAM."""
     defaults = dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
                     ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
-                    w_gan=0.1, gan_start=200_000, random_crop=True, flip=True)
+                    w_gan=0.1, gan_start=200_000, random_crop=True, flip=True, size_filter=True)
     noise = dict(img=T)
 
     def build(self, args, clip, frozen, config, device):
@@ -814,7 +814,7 @@ def fill_defaults(args, world):
             setattr(args, k, v)
     if args.w_kl is None:
         args.w_kl = projector.KL_TERMS[args.kl][1]
-    for k in ("random_crop", "flip", "w_perceptual", "w_gan", "gan_start"):    # tokenizer-only knobs elsewhere
+    for k in ("random_crop", "flip", "size_filter", "w_perceptual", "w_gan", "gan_start"):   # tokenizer-only knobs
         setattr(args, k, getattr(args, k) or type(TokenizerStage.defaults[k])())
     if args.batch_size is None:
         if args.global_batch % world:
@@ -1028,7 +1028,7 @@ def applied_changes(ckpt, args):
 
 def build_data(args, rank, world, device):
     """-> (source, loader) of --data for this rank."""
-    source = open_data(args, random_crop=args.random_crop, flip=args.flip)
+    source = open_data(args, random_crop=args.random_crop, flip=args.flip, size_filter=args.size_filter)
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
                               noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
@@ -1349,6 +1349,19 @@ def write_samples(ema, frozen, fixed, args, step, device):
     return STAGES[args.stage].preview(ema, frozen, fixed, args, os.path.join(folder, f"step_{step:07d}"), generator)
 
 
+def preview_samples(source, n=8, look=1000):
+    """The first n usable samples of a map-style source among its first `look` ([] for a stream)."""
+    samples = []
+    for i in range(min(look, len(source)) if hasattr(source, "get") else 0):
+        try:   # a generator of their own: the previews must not draw from the training RNG (exact resume)
+            samples.append(source.get(i, torch.Generator().manual_seed(i)))
+        except data.BadSample:             # filtered (--size-filter) or unreadable: the next one
+            continue
+        if len(samples) == n:
+            break
+    return samples
+
+
 def preview_inputs(source, args, device):
     """Fixed inputs for the periodic previews: the first 8 samples of the data (or the prompts file)."""
     prompts = None
@@ -1359,9 +1372,7 @@ def preview_inputs(source, args, device):
         except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
             raise UserError(f"--sample-prompts {args.sample_prompts}: {getattr(e, 'strerror', None) or e.reason}"
                             ) from None
-    # a generator of their own: the previews must not draw from the training RNG (exact resume)
-    samples = [source.get(i, torch.Generator().manual_seed(i)) for i in range(min(8, len(source)))] \
-        if hasattr(source, "get") else []
+    samples = preview_samples(source)
     captions = [s["caption"] for s in samples]
     fixed = {"prompts": prompts or captions, "captions": captions,
              "ids": projector.tokenize(captions)[0].to(device)}
@@ -1398,6 +1409,8 @@ def build_parser():
                    help="random square crops (default: on for the tokenizer stage)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (default: on for the tokenizer stage)")
+    p.add_argument("--size-filter", action=argparse.BooleanOptionalAction, help="skip images with an aspect ratio "
+                   "beyond 2 or a longer side below --image-size, TA-TiTok's (default: on for the tokenizer stage)")
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
     p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
