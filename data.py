@@ -37,6 +37,10 @@ from projector import (CLIPTextEncoder, OFFICIAL_CLIP_TOWER, UserError, load_che
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# TA-TiTok's res_ratio_filtering (1d-tokenizer a5c8922 data/webdataset_reader.py:34-41 and :157, passed on by
+# utils/train_utils.py:281-294, True in configs/training/TA-TiTok/tatitok_bl32_vae.yaml:51 and the other TA-TiTok
+# configs): height / width in [0.5, 2] and the longer side at least 256, its crop size (ours: the image size)
+SIZE_FILTER_RATIO = (0.5, 2.0)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -60,8 +64,33 @@ def _generator(*parts):
     return torch.Generator().manual_seed(_seed(*parts))
 
 
-def load_image(src, min_size=0):
-    """A file path or encoded bytes -> RGB PIL image, EXIF orientation applied; raises BadSample."""
+def res_ratio_filter(width, height, min_longer):
+    """TA-TiTok's filter on an image's original size: BadSample("filtered: aspect") unless 1/2 <= height / width
+    <= 2, else BadSample("filtered: small") if the longer side is below min_longer."""
+    low, high = SIZE_FILTER_RATIO
+    if not low <= height / width <= high:
+        raise BadSample("filtered: aspect")
+    if max(width, height) < min_longer:
+        raise BadSample("filtered: small")
+
+
+def _json_original_size(files):
+    """(width, height) from a tar sample's json original_width / original_height (img2dataset's, what TA-TiTok's
+    filter reads: the size before any resizing at download), or None when absent or not positive numbers."""
+    try:
+        meta = json.loads(files["json"])
+        size = (meta["original_width"], meta["original_height"])
+    except (KeyError, TypeError, ValueError):              # no json, not an object, bad bytes or syntax
+        return None
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in size)
+    return size if ok else None
+
+
+def load_image(src, min_size=0, min_longer=None):
+    """A file path or encoded bytes -> RGB PIL image, EXIF orientation applied; raises BadSample.
+
+    min_longer: apply res_ratio_filter (TA-TiTok's) with this longer side, from the header, before decoding.
+    """
     if isinstance(src, (bytes, bytearray)):
         src = io.BytesIO(src)
     elif not os.path.isfile(src):
@@ -72,6 +101,8 @@ def load_image(src, min_size=0):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(src) as image:
+                if min_longer is not None:       # the recipe's filter first: it names why the data drops an image
+                    res_ratio_filter(*image.size, min_longer)
                 if min(image.size) < min_size:  # the header is enough: no need to decode
                     raise BadSample("too small")
                 image.load()
@@ -406,10 +437,11 @@ class ImageCaptions:
     # between a record's caption and its recaption, as choose_caption says
 
     def __init__(self, name, paths, captions, skipped, image_size, min_size=0, random_crop=False, flip=False,
-                 recaptions=None, captions_mode="original"):
+                 recaptions=None, captions_mode="original", min_longer=None):
         self.name, self.skipped = name, skipped
         self.paths, self.captions = _Strings(paths), _Strings(captions)
         self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+        self.min_longer = min_longer
         self.captions_mode, self.recaptions, self.has_recaption = captions_mode, None, None
         if recaptions is not None and any(r is not None for r in recaptions):
             self.recaptions = _Strings([r or "" for r in recaptions])
@@ -420,7 +452,7 @@ class ImageCaptions:
 
     def get(self, index, generator=None):
         """Decode and transform sample `index`; raises BadSample."""
-        image = load_image(self.paths[index], self.min_size)
+        image = load_image(self.paths[index], self.min_size, self.min_longer)
         pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
         return {"image": pixels, "caption": self.caption(index, generator)}
 
@@ -483,7 +515,8 @@ def _tar_groups(path):
 class TarSource:
     """Webdataset-layout tar shards, streamed: samples(...) yields one reader's endless share of them."""
 
-    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False, captions_mode="official"):
+    def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False, captions_mode="official",
+                 min_longer=None):
         paths = expand_braces(pattern)
         self.captions_mode = captions_mode
         self.name, self.shards = name, [p for p in paths if os.path.isfile(p)]
@@ -493,6 +526,7 @@ class TarSource:
         if not self.shards:
             raise RuntimeError(f"{name}: no shard found (the pattern gives {len(paths)} paths, none is a file)")
         self.image_size, self.min_size, self.random_crop, self.flip = image_size, min_size, random_crop, flip
+        self.min_longer = min_longer
 
     def samples(self, seed, reader, readers, cursor):
         """Yield (sample dict or BadSample, cursor just after it) forever, for reader `reader` of `readers`.
@@ -555,7 +589,11 @@ class TarSource:
         encoded = next((files[e] for e in TAR_IMAGE_EXTENSIONS if e in files), None)
         if encoded is None:
             raise BadSample("missing image")
-        image = load_image(encoded, self.min_size)
+        original, min_longer = _json_original_size(files), self.min_longer
+        if min_longer is not None and original is not None:   # as TA-TiTok: the recorded size, before decoding
+            res_ratio_filter(*original, min_longer)
+            min_longer = None
+        image = load_image(encoded, self.min_size, min_longer)  # no record: the stored image's own size
         pixels = transform(image, self.image_size, self.random_crop, self.flip, generator)  # (3, S, S)
         if "recap_txt" in files:  # drawn after the crop and flip: with pick=None they stay what they were
             caption = clean_caption(choose_caption(caption, files["recap_txt"], self.captions_mode,
@@ -842,8 +880,9 @@ def _int_option(spec, options, key, default, least):
     return value
 
 
-def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False):
-    """A data spec (README "Data") -> source; skips images with shorter side < min_size (default image_size // 2)."""
+def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=False, size_filter=False):
+    """A data spec (README "Data") -> source; skips images with shorter side < min_size (default image_size // 2)
+    and, with size_filter, TA-TiTok's (aspect ratio outside [1/2, 2], longer side < image_size; image files only)."""
     kind, _, rest = spec.partition(":")
     if kind not in _KINDS:
         raise ValueError(f"{spec}: unknown source kind {kind!r}, one of {sorted(_KINDS)}")
@@ -855,7 +894,7 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     if kind != "shapes" and not path:
         raise ValueError(f"{spec}: missing path")
     images = dict(image_size=image_size, min_size=image_size // 2 if min_size is None else min_size,
-                  random_crop=random_crop, flip=flip)
+                  random_crop=random_crop, flip=flip, min_longer=image_size if size_filter else None)
     if kind == "tar":
         return TarSource(spec, path, **images, captions_mode=_captions_option(spec, options))  # checked as it streams
     if kind == "shapes":

@@ -2240,6 +2240,7 @@ def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     assert set(ck["model"]) == {"dit", "projector"} and ck["config"]["tokenizer"] == str(tiny_tokenizer)
     log = (flow / "log.txt").read_text()
     assert all(w in log for w in ("diff", "contrastive", "kl", "sigma", "grad_norm"))
+    assert "note: micro-batch 8 per process, the official run's is 128" in log        # how its terms differ
     tae = tmp_path / "tae"
     run_train("--stage", "text-ae", "--clip-weights", tiny_tokenizer / "clip_text.safetensors", "--data",
               "shapes:n=64", "--out", tae, "--steps", 3, "--global-batch", 8, "--decoder-width", 32,
@@ -3026,12 +3027,12 @@ def test_stage_defaults_follow_the_official_recipes():
     assert train.STAGE_DEFAULTS["tokenizer"] == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
         lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5, ema=0.999,
         grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1, w_gan=0.1, gan_start=200_000,
-        random_crop=True, flip=True)
+        random_crop=True, flip=True, size_filter=True)
     args = train.build_parser().parse_args(["--out", "x"])
     assert (args.cfg_prob, args.beta1, args.w_con, args.kl, args.align_hidden, args.cfg, args.w_lecam,
             args.lecam_decay) == (0.1, 0.9, 1.0, "official", 512, 2.0, 0.001, 0.999)
     train.fill_defaults(args, world=1)
-    assert args.w_kl == 0.01 and args.accum == 1 and args.batch_size == 4096
+    assert args.w_kl == 0.01 and args.accum == 32 and args.batch_size == 128       # the official micro-batch
 
 
 def test_update_ema_known_answers():
@@ -3062,13 +3063,16 @@ def test_update_ema_known_answers():
 
 
 def test_lr_factor_warmup_constant_and_cosine_known_answers():
-    args = argparse.Namespace(warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
+    args = argparse.Namespace(stage="flow", warmup=4, schedule="constant", steps=10, lr=2.0, min_lr=0.0)
     # linear warm-up: step k (0-based) uses (k + 1) / warmup, so the first update already moves; then 1
     assert [train.lr_factor(k, args) for k in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
-    args.warmup = 0
-    assert train.lr_factor(0, args) == 1.0
+    args.stage = "tokenizer"                    # TA-TiTok's LambdaLR: k / warmup, the first update at lr 0
+    assert [train.lr_factor(k, args) for k in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    for args.stage in ("flow", "tokenizer"):
+        args.warmup = 0
+        assert train.lr_factor(0, args) == 1.0
     # cosine from the end of warm-up to the last step, down to min_lr / lr = 0.1
-    args = argparse.Namespace(warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
+    args = argparse.Namespace(stage="flow", warmup=2, schedule="cosine", steps=10, lr=2.0, min_lr=0.2)
     got = {k: train.lr_factor(k, args) for k in (0, 1, 2, 6, 9, 10, 50)}
     want = {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.55, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.1, 50: 0.1}
     assert got == pytest.approx(want, abs=1e-12)
@@ -3077,28 +3081,145 @@ def test_lr_factor_warmup_constant_and_cosine_known_answers():
     assert train.lr_factor(6, args) == pytest.approx(0.5) and train.lr_factor(10, args) == pytest.approx(0.0)
 
 
+# ----------------------------------------------------------------------------- TA-TiTok parity of --stage tokenizer
+
+def _ta_titok_ema_decay(optimization_step, decay=0.999):
+    """1d-tokenizer a5c8922 modeling/modules/ema_model.py:92-107 (update_after_step 0, min_decay 0, no
+    use_ema_warmup), called by step() after its increment: the k-th update (1-based) passes k."""
+    step = max(0, optimization_step - 0 - 1)
+    if step <= 0:
+        return 0.0
+    return max(min((1 + step) / (10 + step), decay), 0.0)
+
+
+def _ta_titok_lambda(tick, warmup, total, base_lr, end_lr):
+    """1d-tokenizer a5c8922 utils/lr_schedulers.py:56-62: the cosine schedule's LambdaLR factor at scheduler tick."""
+    if tick < warmup:
+        return float(tick) / float(max(1, warmup))
+    progress = float(tick - warmup) / float(max(1, total - warmup))
+    ratio = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return (end_lr + (base_lr - end_lr) * ratio) / base_lr
+
+
+def test_ema_decay_warms_up_as_ta_titok_on_the_tokenizer_stage_only():
+    args = argparse.Namespace(stage="tokenizer", ema=0.999)
+    assert [train.ema_decay(s, args) for s in range(4)] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13], abs=1e-15)
+    assert train.ema_decay(8989, args) == pytest.approx(8990 / 8999) and train.ema_decay(8990, args) == 0.999
+    assert all(train.ema_decay(s, args) == _ta_titok_ema_decay(s + 1) for s in range(20_000))
+    for stage in ("flow", "text-ae", "flow-i2t"):          # FlowTok's constant rate (train_t2i.py:154)
+        args = argparse.Namespace(stage=stage, ema=0.9999)
+        assert [train.ema_decay(s, args) for s in (0, 1, 9, 10_000)] == [0.9999] * 4
+
+
+def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
+    """Every update's factor equals TA-TiTok's LambdaLR at the tick accelerate has reached (processes ticks per
+    update): the generator's from 0 at step 0; the discriminator's, stepped from --gan-start on, over its horizon
+    steps x processes - gan_start ticks."""
+    steps, warmup, gan_start, lr, min_lr = 100, 10, 40, 1e-4, 1e-5
+    args = train_args("--stage", "tokenizer", "--out", "x", "--steps", steps, "--warmup", warmup, "--gan-start",
+                      gan_start, "--lr", lr, "--min-lr", min_lr, "--w-gan", 0.1, "--disc-width", 32)
+    train.fill_defaults(args, world=1)
+    assert args.schedule == "cosine" and [train.lr_factor(k, args) for k in range(3)] == [0.0, 0.1, 0.2]
+    for world in (1, 4, 32):
+        for k in range(steps):
+            want = _ta_titok_lambda(k * world, warmup * world, steps * world, lr, min_lr)
+            assert train.lr_factor(k, args) == pytest.approx(want, abs=1e-12), (world, k)
+        horizon = train.disc_horizon(args, world)
+        for s in range(steps - gan_start):
+            want = _ta_titok_lambda(s * world, warmup * world, steps * world - gan_start, lr, min_lr)
+            assert train.lr_factor(s, args, steps=horizon) == pytest.approx(want, abs=1e-12), (world, s)
+    assert (train.disc_horizon(args, 1), train.disc_horizon(args, 4)) == (60, 90)
+    disc = train.Discriminator(args, torch.device("cpu"), 1, 0)          # the scheduler the trainer steps
+    assert [disc.scheduler.lr_lambdas[0](s) for s in (0, 5, 30, 59)] == pytest.approx(
+        [_ta_titok_lambda(s, warmup, steps - gan_start, lr, min_lr) for s in (0, 5, 30, 59)], abs=1e-12)
+    args.stage = "flow"                                    # the flow stages keep their first update moving
+    assert [train.lr_factor(k, args) for k in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_size_filter_known_answers():
+    """TA-TiTok's filter: height / width in [1/2, 2] (bounds included), then the longer side >= the minimum."""
+    for (w, h), why in [((256, 128), None), ((128, 256), None), ((256, 512), None), ((512, 256), None),
+                        ((256, 127), "filtered: aspect"), ((100, 300), "filtered: aspect"),
+                        ((300, 40), "filtered: aspect"), ((200, 100), "filtered: small"),
+                        ((255, 255), "filtered: small")]:
+        if why is None:
+            data.res_ratio_filter(w, h, 256)
+        else:
+            with pytest.raises(data.BadSample, match=why):
+                data.res_ratio_filter(w, h, 256)
+
+
+def test_size_filter_in_the_loaders_counts_what_it_drops(tmp_path):
+    """A folder and a tar shard at image size 32 (longer side >= 32): the filter names its skips; off, it keeps
+    them. In a tar, a json original_width / original_height decides (what TA-TiTok reads), else the image's."""
+    sizes = {"keep": (40, 40), "wide": (80, 30), "tiny": (20, 30), "tall_ok": (20, 36)}
+    for name, size in sizes.items():
+        _noise_image(*size, 0).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    spec = f"folder:{tmp_path}"
+    on, off = data.build_dataset(spec, 32, size_filter=True), data.build_dataset(spec, 32)
+    got = {}
+    for i in range(len(on)):
+        try:
+            got[on.captions[i]] = on.get(i)["image"].shape
+        except data.BadSample as e:
+            got[on.captions[i]] = e.reason
+    assert got == {"keep": (3, 32, 32), "wide": "filtered: aspect", "tiny": "filtered: small", "tall_ok": (3, 32, 32)}
+    assert all(off.get(i)["image"].shape == (3, 32, 32) for i in range(len(off)))
+    batch = next(iter(data.make_loader(on, 4, rank=0, world=1)))
+    assert batch["skipped"] == {"filtered: aspect": 1, "filtered: small": 1} and len(batch["ids"]) == 2
+    square, wide = _jpeg_bytes(_noise_image(40, 40, 1)), _jpeg_bytes(_noise_image(80, 30, 2))
+    _write_tar(tmp_path / "s-0.tar", [
+        ("a.jpg", square), ("a.txt", b"recorded wide"), ("a.json", b'{"original_width": 900, "original_height": 300}'),
+        ("b.jpg", square), ("b.txt", b"recorded small"), ("b.json", b'{"original_width": 20, "original_height": 20}'),
+        ("c.jpg", wide), ("c.txt", b"recorded fine"), ("c.json", b'{"original_width": 512, "original_height": 512}'),
+        ("d.jpg", wide), ("d.txt", b"no record"), ("d.json", b'{"original_width": "?"}'),
+        ("e.jpg", square), ("e.txt", b"plain")])
+    for filtered, want in ((True, {"filtered: aspect": 2, "filtered: small": 1}), (False, {})):
+        source = data.build_dataset(f"tar:{tmp_path}/s-0.tar", 32, size_filter=filtered)
+        stream = source.samples(seed=0, reader=0, readers=1, cursor=dict(epoch=0, shard=0, offset=0, seen=0))
+        items = [item for item, _ in itertools.islice(stream, 5)]
+        counts = collections.Counter(i.reason for i in items if isinstance(i, data.BadSample))
+        kept = [i["caption"] for i in items if not isinstance(i, data.BadSample)]
+        assert counts == want and kept == (["recorded fine", "plain"] if filtered else
+                                           ["recorded wide", "recorded small", "recorded fine", "no record", "plain"])
+
+
+def test_size_filter_is_on_for_the_tokenizer_stage_and_one_flag_away(tmp_path):
+    for name, size in {"a": (40, 40), "b": (90, 30), "c": (36, 36)}.items():
+        _noise_image(*size, 0).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    common = ("--data", f"folder:{tmp_path}", "--out", tmp_path / "run", "--global-batch", 2)
+    for argv, on in ((("--stage", "tokenizer"), True), (("--stage", "tokenizer", "--no-size-filter"), False),
+                     (("--stage", "flow"), False), (("--stage", "text-ae", "--size-filter"), True)):
+        args = train_args(*argv, *common)
+        train.fill_defaults(args, world=1)
+        source, _ = train.build_data(args, 0, 1, torch.device("cpu"))
+        assert args.size_filter is on and source.min_longer == (32 if on else None), argv
+        # the previews pass over what the filter drops
+        assert [s["caption"] for s in train.preview_samples(source)] == (
+            ["caption a", "caption c"] if on else ["caption a", "caption b", "caption c"])
+
+
 def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
     common = ("--stage", "tokenizer", "--tokenizer-preset", "tiny", "--clip-weights", "random", "--data",
               "shapes:n=64", "--global-batch", 4, "--weight-decay", 0, "--schedule", "constant", "--ema", 0.9,
               "--beta2", 0.99, "--ckpt-every", 1, "--keep", 5)
     run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
-    run_train(*common, "--lr", 1.0, "--warmup", 1, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
+    run_train(*common, "--lr", 1.0, "--warmup", 0, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
     _, parts, _, _ = run_start(tmp_path / "free")
     init = flat(parts["tokenizer"].state_dict())
     step = [torch.load(tmp_path / "free" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2)]
     model = [flat(ck["model"]["tokenizer"]) for ck in step]
     ema = [flat(ck["ema"]["tokenizer"]) for ck in step]
-    # Adam's first update moves each weight by lr_t * |g| / (|g| + eps), lr_t for every gradient well above eps
-    # (1e-8): the warm-up's lr * 1/4
-    moved = (model[0] - init).abs()
-    assert moved.max().item() == pytest.approx(2.5e-4, rel=1e-4)
-    assert moved.quantile(0.99).item() == pytest.approx(2.5e-4, rel=1e-3)
+    # the tokenizer's first update has lr 0 (TA-TiTok's LambdaLR): the weights stay; the second moves them
+    assert torch.equal(model[0], init) and (model[1] - init).abs().max() > 1e-5
     assert [g["betas"] for g in step[0]["optimizer"]["param_groups"]] == [(0.9, 0.99)] * 2
-    # the scheduler after k steps holds the lr of step k: lr * (k + 1) / 4
-    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([5e-4, 7.5e-4])
-    # EMA: 0.9 * ema + 0.1 * model after every update, starting from the initial weights
-    torch.testing.assert_close(ema[0], 0.9 * init + 0.1 * model[0], atol=1e-7, rtol=0)
-    torch.testing.assert_close(ema[1], 0.9 * ema[0] + 0.1 * model[1], atol=1e-7, rtol=0)
+    # the scheduler after k steps holds the lr of step k: lr * k / 4
+    assert [ck["scheduler"]["_last_lr"][0] for ck in step] == pytest.approx([2.5e-4, 5e-4])
+    # EMA with TA-TiTok's warm-up: decay 0 at the first update (the model), then min(0.9, 2 / 11)
+    assert torch.equal(ema[0], model[0])
+    torch.testing.assert_close(ema[1], 2 / 11 * ema[0] + 9 / 11 * model[1], atol=1e-7, rtol=0)
     # clipping to norm 1e-10 (<< Adam's eps 1e-8): the update is lr * g_clipped / eps, of L2 norm lr * 1e-10 / 1e-8
     clipped = flat(torch.load(tmp_path / "clip" / "last.pt", weights_only=True)["model"]["tokenizer"])
     assert (clipped - init).norm().item() == pytest.approx(0.01, rel=0.02)
@@ -3172,6 +3293,141 @@ def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypa
         for key in ("loss", "mse", "kl"):
             assert log_value(tmp_path / "accum", step, key) == pytest.approx(log_value(tmp_path / "whole", step, key),
                                                                              rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- the official micro-batch (issue 13.1)
+
+def test_flow_stages_default_to_the_official_micro_batch_of_128():
+    """Without --batch-size the flow stages run 128 per process (FlowTok train_t2i.py:38-39 on 32 processes) and
+    accumulate up to the global batch; a smaller share takes its largest divisor up to 128; other stages keep
+    global / processes; an explicit --batch-size wins."""
+    cases = [("flow", 4096, 8, None, 128, 4), ("flow", 4096, 1, None, 128, 32), ("flow", 4096, 32, None, 128, 1),
+             ("flow", 8, 1, None, 8, 1), ("flow", 8, 2, None, 4, 1), ("flow", 200, 1, None, 100, 2),
+             ("flow", 4096, 8, 64, 64, 8), ("flow-i2t", 1024, 2, None, 128, 4), ("text-ae", 1024, 1, None, 1024, 1),
+             ("tokenizer", 256, 8, None, 32, 1)]
+    for stage, global_batch, world, given, micro, accum in cases:
+        argv = ["--stage", stage, "--out", "x", "--global-batch", str(global_batch)]
+        args = train.build_parser().parse_args(argv + (["--batch-size", str(given)] if given else []))
+        train.fill_defaults(args, world)
+        assert (args.batch_size, args.accum) == (micro, accum), (stage, global_batch, world, given)
+
+
+def test_expected_null_fraction_equals_the_cfg_shuffle_enumerated():
+    """cfg_shuffle keeps a null draw only when another sample of its micro-batch is null too: the closed form
+    against every draw of a batch of 5, and the known values at 128 and 8 (the training log quotes them)."""
+    p, n = 0.3, 5
+    want = 0.0
+    for draws in itertools.product([False, True], repeat=n):
+        null = torch.tensor(draws)
+        _, kept = flow_dit.cfg_shuffle(torch.zeros(n, 1, 1), null)
+        want += p ** int(null.sum()) * (1 - p) ** (n - int(null.sum())) * int(kept.sum()) / n
+    assert flow_dit.expected_null_fraction(n, p) == pytest.approx(want, abs=1e-12)
+    assert f"{flow_dit.expected_null_fraction(128, 0.1):.1%}" == "10.0%"
+    assert f"{flow_dit.expected_null_fraction(8, 0.1):.1%}" == "5.2%" and flow_dit.expected_null_fraction(1, 0.1) == 0
+
+
+def test_batch_note_says_how_the_loss_terms_differ_from_the_official_run():
+    def note(world, *argv):
+        args = train.build_parser().parse_args(["--stage", "flow", "--out", "x", *map(str, argv)])
+        train.fill_defaults(args, world)
+        return train.batch_note(args, world)
+    assert note(8) is None and note(1) is None                        # 128 per process: the official terms
+    assert note(1, "--global-batch", 8) == (
+        "note: micro-batch 8 per process, the official run's is 128 (4096 = 32 processes x 128; --batch-size sets "
+        "it): the official KL term is summed over the micro-batch: 8/128 = 0.0625x the official weight relative to "
+        "the flow loss; the contrastive softmax ranks each sample among 8 (official 128); the CFG shuffle (a "
+        "micro-batch with one null draw trains none) leaves 5.2% of samples unconditional (official 10.0%)")
+    assert note(8, "--gather-negatives") == ("note: micro-batch 128 per process, the official run's is 128 (4096 = 32 "
+                                             "processes x 128; --batch-size sets it): the contrastive softmax ranks "
+                                             "each sample among 1024 (official 128)")
+    only_cfg = note(1, "--global-batch", 8, "--kl", "standard", "--w-con", 0)   # batch-mean KL, no contrastive term
+    assert "KL" not in only_cfg and "contrastive" not in only_cfg and "5.2%" in only_cfg
+
+
+def _official_per_gpu_loss(dit, proj, clip, x1, t, null, eps, w_con=1.0, w_kl=0.01, sigma_min=1e-5):
+    """FlowTok's loss on one GPU's batch, written from its diffusion/flow_matching.py:237-277 (release 74d0461)."""
+    B = clip.shape[0]
+    x0, mu, log_var = proj(clip, eps)
+    a = F.normalize(x0.reshape(B, -1), dim=-1)
+    c = F.normalize(proj.align(clip).reshape(B, -1), dim=-1)
+    scale, targets = proj.log_temperature.exp(), torch.arange(B)
+    con = (F.cross_entropy(scale * a @ c.T, targets) + F.cross_entropy(scale * c @ a.T, targets)) * w_con / 2
+    kld = -0.5 * torch.sum(1 + log_var - (0.3 * mu) ** 6 - log_var.exp()) * w_kl      # summed over this batch
+    x1, null = x1.clone(), null.clone()
+    if null.sum() <= 1:
+        null[:] = False
+    else:
+        x1[null] = torch.cat((x1[null][1:], x1[null][:1]))
+    tt = t[:, None, None]
+    xt, target = (tt * (sigma_min - 1) + 1) * x0 + tt * x1, (sigma_min - 1) * x0 + x1
+    diff = ((dit(xt, t, null) - target) ** 2).mean(dim=(1, 2))
+    return (diff + con + kld).mean()
+
+
+def _one_train_step_gradient(args, parts, batch, tmp_path):
+    """The gradient train.train_step hands to the optimizer for `batch` (micro-batches and accumulation from args)."""
+    run = train.Run(args, 0, 1, torch.device("cpu"))
+    run.objective = run.model = train.Objective(parts, args)
+    run.params = [p for p in run.objective.parameters() if p.requires_grad]
+    run.ema, run.disc = copy.deepcopy(run.objective.parts), None
+    run.frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
+    grads = []
+
+    class Recorder:
+        def step(self):
+            grads.append(torch.cat([p.grad.flatten() for p in run.params]))
+
+        def zero_grad(self, set_to_none=True):
+            for p in run.params:
+                p.grad = None
+    run.optimizer, run.scheduler = Recorder(), argparse.Namespace(step=lambda: None)
+    micro = args.batch_size
+    train.train_step(run, iter([{k: v[i:i + micro] if torch.is_tensor(v) else v for k, v in batch.items()}
+                                for i in range(0, len(batch["ids"]), micro)]))
+    return grads[0]
+
+
+def test_accumulation_equals_the_official_per_gpu_computation(tmp_path):
+    """One process, global batch 8 as 2 micro-batches of 4, gives the gradient of two official GPUs of 4 averaged
+    (DDP): each with its own KL sum, its own 4 contrastive negatives and its own CFG shuffle. Null draws at 0, 2, 3
+    (rotated within the first 4) and 5 (alone in the second 4: cleared). The same 8 as one batch differ."""
+    g = torch.Generator().manual_seed(0)
+    width, n = 32, 8
+    noise = torch.randn(n, 2 * train.T + 2, generator=g)
+    noise[:, -1] = torch.tensor([-5.0, 5, -5, -5, 5, -5, 5, 5])               # Phi(-5) < 0.1: drawn null
+    batch = {"clip": torch.randn(n, 77, width, generator=g), "ids": torch.zeros(n, 77, dtype=torch.long),
+             "posterior": torch.cat([torch.randn(n, 77, 16, generator=g), torch.full((n, 77, 16), -2.0)], -1),
+             "noise": noise, "skipped": {}}
+    torch.manual_seed(0)
+    dit = FlowDiT(**FLOW_MODELS["tiny"])
+    with torch.no_grad():                                    # off the zero init: every DiT weight gets a gradient
+        for p in dit.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    proj = TextProjector(clip_dim=width, depth=1, heads=4, d_ff=64, dropout=0.0, align_hidden=32)
+    parts = {"dit": dit, "projector": proj}
+    argv = ("--stage", "flow", "--model", "tiny", "--out", tmp_path, "--global-batch", n, "--grad-clip", 0)
+    args = train_args(*argv, "--batch-size", 4)
+    train.fill_defaults(args, world=1)
+    assert (args.batch_size, args.accum, args.w_kl, args.w_con) == (4, 2, 0.01, 1.0)
+    ours = _one_train_step_gradient(args, parts, batch, tmp_path)
+    # the official run: two GPUs of 4, DDP averaging their gradients
+    inputs = train.prepare(batch, {"tokenizer": Tokenizer.from_preset("tiny")}, args, torch.device("cpu"))
+    assert inputs["null"].tolist() == [True, False, True, True, False, True, False, False]
+    params = [p for m in parts.values() for p in m.parameters()]
+    for p in params:
+        p.grad = None
+    for half in (slice(0, 4), slice(4, 8)):
+        loss = _official_per_gpu_loss(dit, proj, inputs["clip"][half], inputs["x1"][half], inputs["t"][half],
+                                      inputs["null"][half], inputs["eps"][half])
+        (loss / 2).backward()
+    official = torch.cat([p.grad.flatten() for p in params])
+    assert official.abs().max() > 0.1 and (official != 0).float().mean() > 0.95
+    assert (ours - official).abs().max().item() < 1e-6
+    # one batch of 8: the KL summed over 8, 8 negatives, one CFG shuffle over all four nulls: another gradient
+    whole = train_args(*argv)
+    train.fill_defaults(whole, world=1)
+    assert (whole.batch_size, whole.accum) == (8, 1)
+    assert (_one_train_step_gradient(whole, parts, batch, tmp_path) - official).abs().max().item() > 1e-2
 
 
 def torchrun(*argv, timeout=240):

@@ -90,6 +90,7 @@ T = 77 * 16   # elements of one 77x16 latent
 # the preview samples, which can take many minutes; an hour still ends a truly hung job the same day.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 SHARED = "--out must be on a filesystem all nodes share"
+OFFICIAL_MICRO_BATCH = 128   # the official flow run's batch per process: 4096 = 32 processes x 128
 # What --resume does with each flag of build_parser (test_every_train_flag_has_a_resume_class keeps this complete):
 # fixed: what the models are, what the losses are and what data they see; a different value is refused by name
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
@@ -97,7 +98,7 @@ RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "
                 "projector_heads", "projector_ff", "projector_dropout", "projector_patch_size", "align_hidden",
                 "decoder_width", "decoder_depth", "decoder_ff", "decoder_vocab", "w_con", "kl", "w_kl", "cfg_prob",
                 "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan", "gan_start",
-                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed")
+                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed", "size_filter")
 # applied: optimisation and schedule; a new value acts from the resumed step on (AdamW's settings and the schedule's
 # peak are replaced, the moments and the schedule's position kept), is said in the log and recorded in checkpoints
 RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2",
@@ -320,8 +321,9 @@ def projector_kwargs(args, clip):
 
 class Stage:
     """One training stage. `defaults`: the official (or closest public) recipe, every value one flag away;
-    `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position)."""
-    defaults, noise = {}, {}
+    `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position);
+    `micro_batch`: the per-process batch when --batch-size is not given (None: global batch / processes)."""
+    defaults, noise, micro_batch = {}, {}, None
 
     def build(self, args, clip, frozen, config, device):
         """-> the trainable parts {name: module}; frozen encoders go into `frozen`, paths into `config`."""
@@ -344,7 +346,7 @@ class TokenizerStage(Stage):
     """The 1D image tokenizer, TA-TiTok's one-stage recipe: L2 + perceptual + KL + PatchGAN with LeCAM."""
     defaults = dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
                     ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
-                    w_gan=0.1, gan_start=200_000, random_crop=True, flip=True)
+                    w_gan=0.1, gan_start=200_000, random_crop=True, flip=True, size_filter=True)
     noise = dict(img=T)
 
     def build(self, args, clip, frozen, config, device):
@@ -400,6 +402,9 @@ class FlowStage(Stage):
     defaults = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0,
                     ema=0.9999, grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
     noise = dict(img=T, txt=T, t=1, null=1)
+    # the official micro-batch: its KL sum, contrastive negatives and CFG shuffle are per process (FlowTok
+    # train_t2i.py:38-39, 4096 / 32 processes, no accumulation); accumulation makes up the global batch
+    micro_batch = OFFICIAL_MICRO_BATCH
 
     def build(self, args, clip, frozen, config, device):
         dit = self.build_dit(args, clip, frozen, config, device)
@@ -661,13 +666,31 @@ def autocast(args, device):
 
 
 def lr_factor(step, args, steps=None):
-    """Linear warm-up over args.warmup steps (the first update already moves), then constant or cosine."""
-    warm = min((step + 1) / max(args.warmup, 1), 1.0)
-    if args.schedule == "constant" or step < args.warmup:
-        return warm
+    """Linear warm-up over args.warmup steps, then constant or cosine; update `step` (0-based) uses this factor."""
+    if step < args.warmup:
+        # the tokenizer stage's first update has lr 0, as TA-TiTok's LambdaLR gives (1d-tokenizer a5c8922
+        # utils/lr_schedulers.py:56-58: step / warmup from step 0; accelerate ticks it num_processes times per
+        # update, warm-up and horizon scaled alike, utils/train_utils.py:248-249); the other stages' first update
+        # already moves (FlowTok's own LambdaLR also starts at 0, utils.py:104-106: a one-step shift kept for now)
+        return (step + (0 if args.stage == "tokenizer" else 1)) / args.warmup
+    if args.schedule == "constant":
+        return 1.0
     progress = min((step - args.warmup) / max((steps or args.steps) - args.warmup, 1), 1.0)
     floor = args.min_lr / args.lr if args.lr else 0.0            # --lr 0: a run that must not move
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay(step, args):
+    """The EMA decay of update `step` (0-based): --ema, under the tokenizer stage's warm-up."""
+    if args.stage != "tokenizer":
+        # FlowTok's trainer: a constant rate from the first update (train_t2i.py:154, utils.py:122-126); the
+        # text stages are ours and follow it
+        return args.ema
+    # TA-TiTok (bytedance/1d-tokenizer a5c8922; EMAModel(decay=0.999) at utils/train_utils.py:143, stepped per
+    # update :514, set_step on resume :359): modeling/modules/ema_model.py:92-107 gives update s + 1 the decay 0
+    # at s = 0 (the EMA becomes the model), then min(decay, (1 + s) / (10 + s)); short runs so average their recent
+    # weights, not their random start
+    return 0.0 if step == 0 else min(args.ema, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -678,9 +701,18 @@ def update_ema(ema, parts, decay):
     torch._foreach_lerp_(ema_p, model_p, 1 - decay)
 
 
+def disc_horizon(args, world):
+    """The discriminator schedule's length in its own updates, computed as TA-TiTok computes it."""
+    # TA-TiTok (1d-tokenizer a5c8922 utils/train_utils.py:254-261): horizon steps x processes - discriminator_start
+    # and warm-up warmup x processes, in scheduler ticks, of which accelerate makes `processes` per update (stepped
+    # only once the discriminator trains, :474-500): in updates, warm-up --warmup and horizon steps - gan_start /
+    # processes (more than the steps - gan_start updates it gets on several GPUs: there its cosine stops short)
+    return args.steps - args.gan_start / world
+
+
 class Discriminator:
-    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine over the steps after
-    --gan-start, stepped only then (the official schedule)."""
+    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine, stepped only from
+    --gan-start on, over TA-TiTok's horizon of steps - gan_start / processes updates (see __init__)."""
 
     def __init__(self, args, device, world, local):
         self.args = args
@@ -689,7 +721,7 @@ class Discriminator:
                                            betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
                                            **fused_if_available(device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, args, steps=max(args.steps - args.gan_start, 1)))
+            self.optimizer, lambda s: lr_factor(s, args, steps=disc_horizon(args, world)))
         self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
             self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
         self.world = world
@@ -738,6 +770,7 @@ class Run:
         self.step, self.skips, self.sums, self.seen, self.n_steps, self.bad_in_a_row = 0, Counter(), Counter(), 0, 0, 0
         self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
         self.metrics = self.evaluation = None       # rank 0's MetricsLog and TrainingEval, once the step is known
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)   # setup_run enables it for fp16
         # set by main, section by section: frozen, config, objective, ema, params, optimizer, scheduler, disc,
         # loader, model
 
@@ -807,18 +840,21 @@ def setup_distributed():
 
 
 def fill_defaults(args, world, device=torch.device("cpu")):
-    """Stage defaults for unset flags, and the batch arithmetic: global = per-GPU x GPUs x accumulation."""
+    """Stage defaults for unset flags, and the batch arithmetic: global = micro-batch x GPUs x accumulation."""
     for k, v in STAGES[args.stage].defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.w_kl is None:
         args.w_kl = projector.KL_TERMS[args.kl][1]
-    for k in ("random_crop", "flip", "w_perceptual", "w_gan", "gan_start"):    # tokenizer-only knobs elsewhere
+    for k in ("random_crop", "flip", "size_filter", "w_perceptual", "w_gan", "gan_start"):   # tokenizer-only knobs
         setattr(args, k, getattr(args, k) or type(TokenizerStage.defaults[k])())
     if args.batch_size is None:
         if args.global_batch % world:
             raise UserError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
-        args.batch_size = args.global_batch // world
+        per_process = args.global_batch // world
+        cap = min(STAGES[args.stage].micro_batch or per_process, per_process)
+        # the largest micro-batch up to the stage's that divides the process's share (8 -> 8, 4096 -> 128)
+        args.batch_size = max(d for d in range(1, cap + 1) if per_process % d == 0)
     if args.global_batch % (args.batch_size * world):
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
                         f"x {world} processes")
@@ -1091,7 +1127,7 @@ def applied_changes(ckpt, args):
 
 def build_data(args, rank, world, device):
     """-> (source, loader) of --data for this rank."""
-    source = open_data(args, random_crop=args.random_crop, flip=args.flip)
+    source = open_data(args, random_crop=args.random_crop, flip=args.flip, size_filter=args.size_filter)
     loader = data.make_loader(source, args.batch_size, seed=args.seed, rank=rank, world=world,
                               noise_dim=sum(STAGES[args.stage].noise.values()), num_workers=args.num_workers,
                               pin_memory=device.type == "cuda")
@@ -1153,6 +1189,28 @@ def restore(run, ckpt):
         run.say(f"changed from step {run.step} on: {', '.join(applied_changes(ckpt, run.args))}")
 
 
+def batch_note(args, world):
+    """How this run's per-micro-batch loss terms differ from the official run's (128 per process), or None."""
+    micro, official = args.batch_size, OFFICIAL_MICRO_BATCH
+    if STAGES[args.stage].micro_batch is None:
+        return None
+    terms = []
+    if args.stage == "flow" and args.w_kl and args.kl == "official" and micro != official:
+        terms.append(f"the official KL term is summed over the micro-batch: {micro}/{official} = "
+                     f"{micro / official:.4g}x the official weight relative to the flow loss")
+    ranked = micro * world if args.gather_negatives and world > 1 else micro
+    if args.stage == "flow" and args.w_con and ranked != official:
+        terms.append(f"the contrastive softmax ranks each sample among {ranked} (official {official})")
+    if args.cfg_prob and micro != official:
+        terms.append(f"the CFG shuffle (a micro-batch with one null draw trains none) leaves "
+                     f"{flow_dit.expected_null_fraction(micro, args.cfg_prob):.1%} of samples unconditional (official "
+                     f"{flow_dit.expected_null_fraction(official, args.cfg_prob):.1%})")
+    if not terms:
+        return None
+    return (f"note: micro-batch {micro} per process, the official run's is {official} (4096 = 32 processes x "
+            f"{official}; --batch-size sets it): " + "; ".join(terms))
+
+
 def describe(run, source, params):
     """The run's first log lines: sizes, data, batch arithmetic, losses."""
     args, parts = run.args, run.objective.parts
@@ -1160,6 +1218,8 @@ def describe(run, source, params):
             f"({', '.join(parts)}); data {args.data} ({len(source) if hasattr(source, '__len__') else 'streamed'} "
             f"samples); global batch {args.global_batch} = {args.batch_size} x {run.world} GPUs x {args.accum} "
             f"accumulation; {args.precision}; {run.device}")
+    if batch_note(args, run.world):
+        run.say(batch_note(args, run.world))
     if args.stage == "tokenizer":
         disc = run.disc.net if run.disc is not None else None
         run.say(f"losses: mse + {args.w_kl:g} kl"
@@ -1204,7 +1264,7 @@ def train_step(run, batches):
     overflow = run.scaler.is_enabled() and torch.isfinite(out["loss"].detach())
     if torch.isfinite(gnorm):                  # one host sync per step; DDP-averaged, so all ranks agree
         run.scaler.step(run.optimizer)
-        update_ema(run.ema, run.objective.parts, args.ema)
+        update_ema(run.ema, run.objective.parts, ema_decay(run.step, args))
         run.sums["grad_norm"] += gnorm.float()
         run.bad_in_a_row = 0
     elif overflow:                             # fp16 gradients overflowed at this scale: the scaler lowers it
@@ -1508,6 +1568,19 @@ def write_samples(ema, frozen, fixed, args, step, device):
     return STAGES[args.stage].preview(ema, frozen, fixed, args, os.path.join(folder, f"step_{step:07d}"), generator)
 
 
+def preview_samples(source, n=8, look=1000):
+    """The first n usable samples of a map-style source among its first `look` ([] for a stream)."""
+    samples = []
+    for i in range(min(look, len(source)) if hasattr(source, "get") else 0):
+        try:   # a generator of their own: the previews must not draw from the training RNG (exact resume)
+            samples.append(source.get(i, torch.Generator().manual_seed(i)))
+        except data.BadSample:             # filtered (--size-filter) or unreadable: the next one
+            continue
+        if len(samples) == n:
+            break
+    return samples
+
+
 def preview_inputs(source, args, device):
     """Fixed inputs for the periodic previews: the first 8 samples of the data (or the prompts file)."""
     prompts = None
@@ -1518,16 +1591,7 @@ def preview_inputs(source, args, device):
         except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
             raise UserError(f"--sample-prompts {args.sample_prompts}: {getattr(e, 'strerror', None) or e.reason}"
                             ) from None
-    # the first 8 readable samples, each with a generator of its own: the previews must not draw from the
-    # training RNG (exact resume); unreadable ones are skipped here as the loader skips them
-    samples = []
-    for i in range(len(source)) if hasattr(source, "get") else ():
-        try:
-            samples.append(source.get(i, torch.Generator().manual_seed(i)))
-        except data.BadSample:
-            continue
-        if len(samples) == 8:
-            break
+    samples = preview_samples(source)
     captions = [s["caption"] for s in samples]
     fixed = {"prompts": prompts or captions, "captions": captions,
              "ids": projector.tokenize(captions)[0].to(device)}
@@ -1548,6 +1612,23 @@ def stage_defaults_text():
 def scale_factor(text):
     """--scale-factor's argparse type: 'auto', or a finite number > 0 (else one argparse line, exit 2)."""
     return text if text == "auto" else positive_float(text)
+
+
+def add_tokenizer_loss_args(p):
+    """The tokenizer stage's flags: the one-stage TA-TiTok losses (tokenizer.py)."""
+    p.add_argument("--w-perceptual", type=non_negative_float, help="perceptual weight (tokenizer default 1.1; 0: off)")
+    p.add_argument("--perceptual-weights", default="auto", help="'auto' (torch hub cache, downloading what is "
+                   "missing; offline: a warning and the term off), a folder with the three files, or 'none'")
+    p.add_argument("--w-gan", type=non_negative_float,
+                   help="GAN generator weight (tokenizer default 0.1; 0: no discriminator)")
+    p.add_argument("--gan-start", type=non_negative_int,
+                   help="step at which the GAN terms start (tokenizer default 200000)")
+    p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
+    p.add_argument("--w-lecam", type=non_negative_float, default=0.001, help="LeCAM regularisation weight")
+    p.add_argument("--lecam-decay", type=fraction, default=0.999, help="EMA decay of LeCAM's mean logits")
+    p.add_argument("--disc-width", type=projector.multiple_of(tokenizer_lib.DISC_GROUPS), default=128,
+                   help=f"PatchGAN base channels, a multiple of {tokenizer_lib.DISC_GROUPS} (its GroupNorm groups)")
+    p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
 
 
 def add_eval_args(p):
@@ -1585,6 +1666,8 @@ def build_parser():
                    help="random square crops (default: on for the tokenizer stage)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (default: on for the tokenizer stage)")
+    p.add_argument("--size-filter", action=argparse.BooleanOptionalAction, help="skip images with an aspect ratio "
+                   "beyond 2 or a longer side below --image-size, TA-TiTok's (default: on for the tokenizer stage)")
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
     p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
@@ -1620,24 +1703,13 @@ def build_parser():
                    help="fraction of samples trained unconditionally")
     p.add_argument("--gather-negatives", action="store_true", help="contrastive negatives from all GPUs")
     p.add_argument("--caption-groups", action="store_true", help="samples with equal captions are all positives")
-    # tokenizer stage: the one-stage TA-TiTok losses (tokenizer.py)
-    p.add_argument("--w-perceptual", type=non_negative_float, help="perceptual weight (tokenizer default 1.1; 0: off)")
-    p.add_argument("--perceptual-weights", default="auto", help="'auto' (torch hub cache, downloading what is "
-                   "missing; offline: a warning and the term off), a folder with the three files, or 'none'")
-    p.add_argument("--w-gan", type=non_negative_float,
-                   help="GAN generator weight (tokenizer default 0.1; 0: no discriminator)")
-    p.add_argument("--gan-start", type=non_negative_int,
-                   help="step at which the GAN terms start (tokenizer default 200000)")
-    p.add_argument("--adaptive-gan", action="store_true", help="scale the GAN term by VQGAN's adaptive weight")
-    p.add_argument("--w-lecam", type=non_negative_float, default=0.001, help="LeCAM regularisation weight")
-    p.add_argument("--lecam-decay", type=fraction, default=0.999, help="EMA decay of LeCAM's mean logits")
-    p.add_argument("--disc-width", type=projector.multiple_of(tokenizer_lib.DISC_GROUPS), default=128,
-                   help=f"PatchGAN base channels, a multiple of {tokenizer_lib.DISC_GROUPS} (its GroupNorm groups)")
-    p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
+    add_tokenizer_loss_args(p)
     # optimisation (None: the stage default, see STAGE_DEFAULTS)
     p.add_argument("--steps", type=positive_int, help="optimisation steps")
     p.add_argument("--global-batch", type=positive_int, help="samples per optimisation step over all GPUs")
-    p.add_argument("--batch-size", type=positive_int, help="per GPU (default: global batch / GPUs, no accumulation)")
+    p.add_argument("--batch-size", type=positive_int, help="micro-batch per GPU, accumulated up to --global-batch "
+                   "(default: flow stages the official 128 or the largest divisor of global / GPUs below it; "
+                   "others global / GPUs)")
     p.add_argument("--lr", type=non_negative_float, help="peak learning rate")
     p.add_argument("--min-lr", type=non_negative_float, help="the cosine schedule's floor")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate after the warm-up")
