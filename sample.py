@@ -261,6 +261,7 @@ def _part(ckpt, name, cls, ema):
 def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=None, tokenizer=None):
     """Our checkpoints -> FlowTokPipeline: a flow run (text to image), plus flow-i2t + text-ae if present; or an
     exported folder (export_pipeline), local or hf:OWNER/NAME[@REVISION] on the Hugging Face Hub."""
+    path = os.fspath(path)
     if path.startswith("hf:"):
         path = fetch_hub(path)
     if is_export(path):

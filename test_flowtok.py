@@ -2388,6 +2388,21 @@ def test_previews_skip_unreadable_samples(tmp_path):
     assert train.main(args)["step"] == 1 and list((tmp_path / "run" / "samples").iterdir())
 
 
+def test_resume_of_a_run_made_before_a_flag_existed_and_init_files_that_are_missing(tiny_tokenizer, tmp_path):
+    """A checkpoint without a fixed flag (an older version) resumes with a note, not a refusal; a missing --init or
+    --text-ae file names its flag."""
+    out = tmp_path / "run"
+    run_train(*flow_args(tiny_tokenizer, out, "--steps", 2))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["args"]["caption_groups"]
+    os.remove(out / "last.pt")
+    torch.save(ckpt, out / "last.pt")
+    assert run_train(*flow_args(tiny_tokenizer, out, "--steps", 3, "--resume"))["step"] == 3
+    assert "note: the run records no --caption-groups False" in (out / "log.txt").read_text()
+    with pytest.raises(UserError, match="^--init: no checkpoint at /nope"):
+        run_train(*flow_args(tiny_tokenizer, tmp_path / "init", "--steps", 1, "--init", "/nope"))
+
+
 def metrics_records(out):
     """OUT/metrics.jsonl -> list of dicts."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -2496,6 +2511,30 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path)
     assert "Traceback" not in stderr
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
     assert saved >= 3 and f"stopped by a signal at step {saved}" in (out / "log.txt").read_text()
+
+
+def test_sigterm_to_torchrun_is_forwarded_and_every_rank_saves_and_stops(tmp_path):
+    """A scheduler that signals torchrun alone: torchrun forwards SIGTERM to its workers, which save one checkpoint
+    together at the same step and stop; the job ends non-zero (not as a finished run) and resumes."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = [*TOKENIZER_RUN, "--out", out, "--steps", 100000, "--ckpt-every", 100000]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "train.py"), *TINY, *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_log(out, "step 3/", proc, timeout=180)
+        proc.send_signal(signal.SIGTERM)             # torchrun's pid only
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert saved >= 3 and f"stopped by a signal at step {saved}" in log and "weights identical on all 2" in log
+    r = train_cli(*TOKENIZER_RUN, "--out", out, "--steps", saved + 1, "--resume")
+    assert r.returncode == 0 and torch.load(out / "last.pt", weights_only=True)["step"] == saved + 1, r.stderr
 
 
 def wait_for_log(out, text, proc, timeout=120):

@@ -276,7 +276,10 @@ def load_frozen_tokenizer(path, args, clip_config, clip_width, device):
 
 def load_frozen_text_ae(path, device):
     """The text autoencoder (stage text-ae) for the flow-i2t stage -> (projector, text decoder), EMA weights."""
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--text-ae: {e}") from None
     if ckpt.get("stage") != "text-ae":
         raise UserError(f"--text-ae {path} is a '{ckpt.get('stage')}' checkpoint, not a text-ae one")
     proj = TextProjector(**ckpt["config"]["projector"])
@@ -602,7 +605,10 @@ def _misfit(own, src):
 
 def init_from_run(parts, args):
     """--init for the DiT / projector / decoder stages: the same parts of another run (any stage that has them)."""
-    init = load_checkpoint(args.init)
+    try:
+        init = load_checkpoint(args.init)
+    except UserError as e:
+        raise UserError(f"--init: {e}") from None
     weights, saved = init.get("ema" if args.init_from_ema else "model") or {}, init.get("args") or {}
     absent = [name for name in parts if name not in weights]
     if absent:
@@ -1035,9 +1041,13 @@ def choose_checkpoint(args, say=print):
 def check_resume_args(ckpt, args, say):
     """Refuse a changed fixed flag by name; put the run's own values back into the kept ones (and say so)."""
     changed = [f"--{k.replace('_', '-')} (run: {ckpt['args'].get(k)!r}, now: {getattr(args, k)!r})"
-               for k in RESUME_FIXED if ckpt["args"].get(k) != getattr(args, k)]
+               for k in RESUME_FIXED if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
     if changed:
         raise UserError("cannot resume with different " + ", ".join(changed))
+    unrecorded = [f"--{k.replace('_', '-')} {getattr(args, k)!r}" for k in RESUME_FIXED if k not in ckpt["args"]]
+    if unrecorded:                             # a run made by an older version, before these flags existed
+        say(f"note: the run records no {', '.join(unrecorded)} (made before these flags existed): resuming with "
+            f"these values")
     for k in RESUME_KEPT:                      # only a run's start uses them: the record must keep saying what it did
         if ckpt["args"].get(k) != getattr(args, k):
             say(f"note: --{k.replace('_', '-')} {getattr(args, k)!r} is not used by a resume; the run started with "
