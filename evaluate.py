@@ -1065,6 +1065,7 @@ def speed_training(args, device, autocast):
         dit_name += " with gradient checkpointing"
     params = list(dit.parameters()) + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03, **fused_if_available(device))
+    model, text = (torch.compile(dit), torch.compile(proj)) if args.compile else (dit, proj)   # train.py --compile
     feats = torch.randn(b, 77, width, device=device)                           # frozen CLIP features
     x1 = torch.randn(b, 77, 16, device=device)                                 # flow-space image tokens
     t, null = draw_time_and_null(torch.randn(b, device=device), torch.randn(b, device=device))
@@ -1072,7 +1073,7 @@ def speed_training(args, device, autocast):
 
     def forward(steps):
         with autocast():
-            state["loss"] = flowtok_loss(dit, proj, feats, x1, t, null, eps)["loss"]
+            state["loss"] = flowtok_loss(model, text, feats, x1, t, null, eps)["loss"]
 
     def backward(steps):
         state.pop("loss").backward()
@@ -1081,7 +1082,8 @@ def speed_training(args, device, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    models = f"{dit_name} + text projector {_params(proj):.1f}M, trained with AdamW"
+    models = f"{dit_name} + text projector {_params(proj):.1f}M, trained with AdamW" + (
+        " (torch.compile)" if args.compile else "")
     return [("forward", forward, 1), ("backward", backward, 1), ("optimizer", step, 1)], models, dit
 
 
@@ -1615,7 +1617,8 @@ def add_speed_parser(sub):
     speed.add_argument("--loop-batches", type=positive_int, default=3, help="with --suite: batches timed through "
                        "sample.py's loop, PNG writing included (default: %(default)s)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder (sampling; "
-                       "the suite adds compiled text-to-image rows); the warm-up pass compiles")
+                       "the suite adds compiled text-to-image rows), or the DiT and projector (--train); the warm-up "
+                       "pass compiles")
     speed.add_argument("--repeats", type=positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
     speed.add_argument("--matmul-size", type=positive_int, help="n of the n x n peak matmul "
                        "(default: 8192 on GPU, 2048 on CPU)")
