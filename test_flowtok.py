@@ -554,6 +554,28 @@ def test_fresh_rope_and_position_tables_equal_the_official_ones(official):
             assert e[i, 128 + k].item() == pytest.approx(math.sin(t * f), abs=1e-6)
 
 
+def test_rope_on_the_grid_tokens_only_equals_the_padded_identity_tables():
+    """Attention rotates q, k of the grid tokens only; the former formula padded the tables with identity rows
+    (cos 1, sin 0) for the latent and text tokens and rotated every token: the outputs are bitwise equal in fp32."""
+    torch.manual_seed(0)
+    for grid, extra, width, heads in ((4, 2 * 77, 64, 4), (3, 5, 32, 2), (4, 0, 64, 4)):
+        attn = tokenizer.Attention(width, heads).eval()
+        cos, sin = tokenizer.rope_2d_tables(grid, width // heads)                   # (g*g, d)
+        pad_cos = F.pad(cos, (0, 0, 0, extra), value=1.0)                           # (g*g + extra, d)
+        pad_sin = F.pad(sin, (0, 0, 0, extra), value=0.0)
+        x = torch.randn(2, grid * grid + extra, width)                              # (B, N, W)
+        B, N, _ = x.shape
+        with torch.no_grad():
+            q, k, v = attn.qkv(x).view(B, N, 3, heads, width // heads).permute(2, 0, 3, 1, 4)   # (B, H, N, d)
+            old_q, old_k = (t * pad_cos + tokenizer.rotate_pairs(t) * pad_sin for t in (q, k))
+            old = attn.proj(F.scaled_dot_product_attention(old_q, old_k, v).transpose(1, 2).reshape(B, N, width))
+            assert torch.equal(attn(x, cos, sin), old)
+            rotated = tokenizer.apply_rope(q, cos, sin)
+        assert torch.equal(rotated, old_q)
+        assert torch.equal(rotated[..., grid * grid:, :], q[..., grid * grid:, :])        # the others untouched
+        assert not torch.equal(rotated[..., 1:grid * grid, :], q[..., 1:grid * grid, :])  # cell 0 has angle 0
+
+
 def _std_close(t, std, rel):
     return t.float().std().item() == pytest.approx(std, rel=rel)
 
