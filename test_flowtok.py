@@ -4361,22 +4361,32 @@ def test_thread_pool_png_writer_writes_the_same_files(tmp_path):
             writer.submit(images[:1], [str(tmp_path / "missing" / "0.png")])
 
 
-def test_compiled_sampling_equals_eager(tmp_path):
-    """sample.py --compile: generate_folder pads the last batch to one shape; PNGs equal eager's within rounding."""
+def test_compiled_sampling_equals_eager(tmp_path, monkeypatch):
+    """sample.py --compile --compile-mode reduce-overhead: generate_folder pads the last batch to one shape, a CUDA
+    graph step is marked before each DiT and decoder call (on a CPU: no graphs); PNGs equal eager's within rounding."""
     torch.manual_seed(0)
     clip = CLIPTextEncoder("tiny", "random")
     parts = (TextProjector(clip_dim=64), FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1}),
              Tokenizer.from_preset("tiny"))
     prompts = ["a red circle", "a blue square", "a green triangle"]
     (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
+    modes, marks = [], []
+    compile_, mark = torch.compile, torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or compile_(m, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or mark())
     eager = sample.FlowTokPipeline(clip, *parts)
     sample.generate_folder(eager, prompts, tmp_path / "eager", steps=2, batch_size=2)
-    compiled = sample.FlowTokPipeline(clip, *copy.deepcopy(parts)).compile()
+    assert not marks
+    compiled = sample.FlowTokPipeline(clip, *copy.deepcopy(parts)).compile(mode="reduce-overhead")
     sample.generate_folder(compiled, prompts, tmp_path / "compiled", steps=2, batch_size=2)
     for i in range(3):
         a, b = (sample.read_png(tmp_path / d / f"{i:05d}_00.png").int() for d in ("eager", "compiled"))
         assert (a - b).abs().max() <= 1                    # uint8: one level of rounding at most
     assert compiled.tokenizer.decoder._orig_mod is not None and eager.compiled is False
+    assert modes == ["reduce-overhead"] * 2 and compiled.compile_mode == "reduce-overhead"
+    assert len(marks) == 2 * (2 + 1)                        # 2 batches x (2 DiT steps + 1 decoder call)
+    assert sample.build_parser().parse_args(["--compile-mode", "reduce-overhead", "a"]).compile_mode == \
+        "reduce-overhead" and sample.build_parser().parse_args(["a"]).compile_mode == "default"
 
 
 # ==========================================================================================================
