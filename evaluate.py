@@ -1541,7 +1541,7 @@ def run_speed_suite(args, device):
         sampling(model, compiled=False)
     for model in SPEED_SUITES[args.suite]:
         case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 128,
-                                     "grad_checkpointing": False})
+                                     "grad_checkpointing": False, "compile": False})   # --compile: sampling rows
         stages, _, dit = speed_training(case, device, autocast)
         for checkpointing in (False, True):
             dit.grad_checkpointing = checkpointing

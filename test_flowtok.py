@@ -4318,11 +4318,14 @@ def test_swiglu_padded_hidden_width_equals_the_plain_one():
     assert set(mlp.state_dict()) == {"w12.weight", "w12.bias", "w3.weight", "w3.bias"}
 
 
-def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
-    """`speed --suite gpu` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds."""
+def test_gpu_speed_suite_runs_at_depth_1_on_cpu(monkeypatch):
+    """`speed --suite gpu --compile` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds;
+    on a CPU without the CUDA graph rows. torch.compile is a stand-in here (the compiled test compiles for real)."""
     argv = ["speed", "--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "128",
-            "--loop-batches", "2"]
+            "--loop-batches", "2", "--compile"]
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or m)
     rows, stdout, _ = in_process(argv)
     cases = [r["case"] for r in rows]
     assert cases == ["XL depth 1 text to image, batch 2", "XL sample.py's loop, 2 x 2 prompts to PNGs",
@@ -4330,7 +4333,12 @@ def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
                      "XL depth 1 training step, micro-batch 2",
                      "XL depth 1 training step, micro-batch 2, gradient checkpointing",
                      "H depth 1 training step, micro-batch 2",
-                     "H depth 1 training step, micro-batch 2, gradient checkpointing"]
+                     "H depth 1 training step, micro-batch 2, gradient checkpointing",
+                     "XL depth 1 text to image, batch 2, torch.compile",
+                     "XL sample.py's loop, torch.compile, 2 x 2 prompts to PNGs",
+                     "H depth 1 text to image, batch 2, torch.compile",
+                     "H sample.py's loop, torch.compile, 2 x 2 prompts to PNGs"]
+    assert modes == ["default"] * 4                  # the DiT and the decoder of XL and H; training rows eager
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows) and all(line.count("|") == 7 for line in table)
     for r in rows:
