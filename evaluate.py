@@ -1006,6 +1006,17 @@ def _speed_dit(args):
     return dit, f"DiT-{args.model}{f' (depth {args.depth})' if args.depth else ''} {_params(dit):.1f}M"
 
 
+def compile_label(args, device):
+    """How a sampling case runs: '' (eager), 'torch.compile', 'torch.compile, CUDA graphs' or 'torch.compile MODE'."""
+    if not args.compile:
+        return ""
+    if args.compile_mode == "default":
+        return "torch.compile"
+    if args.compile_mode == "reduce-overhead" and device.type == "cuda":
+        return "torch.compile, CUDA graphs"
+    return f"torch.compile {args.compile_mode}"                   # on a CPU reduce-overhead records no graphs
+
+
 def speed_sampling(args, device, autocast, out):
     """Text -> image as FlowTokPipeline.generate, then PNGs into `out`, random weights -> (stages, models, pipeline).
 
@@ -1018,8 +1029,11 @@ def speed_sampling(args, device, autocast, out):
     tok = Tokenizer.from_preset(args.tokenizer_preset, text_dim=clip.width)
     del tok.encoder                     # sampling only decodes: keep the encoder out of the memory figure
     tok = tok.to(device).eval()
-    if args.compile:                    # as sample.py --compile: the DiT and the decoder
-        dit, tok.decoder = torch.compile(dit), torch.compile(tok.decoder)
+    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision,
+                                  decode_precision=args.decode_precision)
+    pipe._identity = "random weights"   # no sample records: skip hashing the weights
+    if args.compile:                    # as sample.py --compile: the DiT and the decoder (tok.decoder in place)
+        pipe.compile(args.compile_mode)
     prompts = [f"a photo of object number {i} on a wooden table" for i in range(args.batch_size)]
     eps = torch.randn(args.batch_size, 77, 16, device=device)
     state = {}
@@ -1033,10 +1047,12 @@ def speed_sampling(args, device, autocast, out):
 
     def flow(steps):
         with torch.no_grad(), autocast():
-            state["x1"] = euler_sample(dit, state["z"], steps=steps, cfg=args.cfg)  # 2B rows per DiT call
+            state["x1"] = euler_sample(pipe.dit, state["z"], steps=steps, cfg=args.cfg,  # 2B rows per DiT call
+                                       before_step=pipe.step_begin)
 
     def decode(steps):
         with torch.no_grad(), autocast(args.decode_precision):
+            pipe.step_begin()
             state["images"] = tok.decode_flow_tokens(state["x1"], state["feats"]).float().clamp(0, 1)
 
     def write(steps):                   # as sample.py writes them: uint8 on the host, zlib on a thread pool
@@ -1048,10 +1064,8 @@ def speed_sampling(args, device, autocast, out):
               f"{_params(clip):.1f}M | tokenizer decoder {args.tokenizer_preset} {_params(tok):.1f}M")
     stages = [("text encoding", text, 1), ("projector", project, 1),
               (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1), ("PNG writing", write, 1)]
-    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision,
-                                  decode_precision=args.decode_precision)
-    pipe.compiled, pipe._identity = args.compile, "random weights"    # no sample records: skip hashing the weights
-    return stages, models + (" (torch.compile)" if args.compile else ""), pipe
+    label = compile_label(args, device)
+    return stages, models + (f" ({label})" if label else ""), pipe
 
 
 def speed_training(args, device, autocast):
@@ -1384,7 +1398,8 @@ def measure(stages, device, repeats, count_flops=True):
     for name, fn, steps in stages:
         if count_flops:                # the flow runs 1 step here (every step is alike) and is scaled
             flops[name] = _flops(lambda: fn(1))[1] * steps
-        else:
+        else:                          # twice: CUDA graphs (reduce-overhead) record on a stage's second call
+            fn(steps)
             fn(steps)
             flops[name] = 0
     seconds = dict.fromkeys(flops, 0.0)
@@ -1412,6 +1427,8 @@ def speed_setup(args, device):
 def run_speed(args):
     """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
     device = pick_device(args.device)
+    if args.compile_mode != "default" and not args.compile:
+        print(f"warning: --compile-mode {args.compile_mode} is ignored without --compile", file=sys.stderr)
     if args.suite:
         return run_speed_suite(args, device)
     autocast, repeats, size, setup = speed_setup(args, device)
@@ -1474,12 +1491,14 @@ def suite_row(case, batch_size, seconds, flops, memory, peak):
 def loop_row(args, pipe, device, batches):
     """sample.generate_folder over `batches` batches (PNGs written while the next batch runs) -> (row, line)."""
     prompts = [f"a photo of object number {i} on a wooden table" for i in range(batches * args.batch_size)]
+    warm_up = (2 if pipe.compiled else 1) * args.batch_size     # CUDA graphs record on the second batch
     with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
-        sample.generate_folder(pipe, prompts[:args.batch_size], out, steps=args.steps, cfg=args.cfg,
-                               batch_size=args.batch_size)                              # warm-up batch
+        sample.generate_folder(pipe, prompts[:warm_up], out, steps=args.steps, cfg=args.cfg,
+                               batch_size=args.batch_size)                              # warm-up batches
         _, sec = _timed(lambda: sample.generate_folder(pipe, prompts, out, steps=args.steps, cfg=args.cfg, seed=1,
                                                        batch_size=args.batch_size), device)
-    case = (f"{args.model} sample.py's loop{', torch.compile' if args.compile else ''}, {batches} x "
+    label = compile_label(args, device)
+    case = (f"{args.model} sample.py's loop{f', {label}' if label else ''}, {batches} x "
             f"{args.batch_size} prompts to PNGs")
     return (dict(case=case, samples_per_s=len(prompts) / sec),
             f"| {case} | {len(prompts) / sec:.1f} | PNG writing overlaps the next batch | - | - | - |")
@@ -1506,23 +1525,23 @@ def run_speed_suite(args, device):
 
     depth, eager_flops = (f" depth {args.depth}" if args.depth else ""), {}
 
-    def sampling(model, compiled):
+    def sampling(model, compiled, mode=args.compile_mode):
         case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 64,
-                                     "compile": compiled})
+                                     "compile": compiled, "compile_mode": mode})
+        label = compile_label(case, device)
         with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
             stages, _, pipe = speed_sampling(case, device, autocast, out)
             seconds, flops, memory = measure(stages, device, repeats, count_flops=not compiled)
             eager_flops.setdefault(model, flops)                          # the same math: eager's count applies
-            add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}"
-                          f"{', torch.compile' if compiled else ''}", case.batch_size, seconds, eager_flops[model],
-                          memory, peak))
+            add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}{f', {label}' if label else ''}",
+                          case.batch_size, seconds, eager_flops[model], memory, peak))
         add(loop_row(case, pipe, device, args.loop_batches))
 
     for model in SPEED_SUITES[args.suite]:
         sampling(model, compiled=False)
     for model in SPEED_SUITES[args.suite]:
         case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 128,
-                                     "grad_checkpointing": False})
+                                     "grad_checkpointing": False, "compile": False})   # --compile: sampling rows
         stages, _, dit = speed_training(case, device, autocast)
         for checkpointing in (False, True):
             dit.grad_checkpointing = checkpointing
@@ -1532,6 +1551,8 @@ def run_speed_suite(args, device):
         del stages, dit
     for model in SPEED_SUITES[args.suite] if args.compile else ():     # last: compiling takes the longest
         sampling(model, compiled=True)
+    if args.compile and device.type == "cuda" and args.compile_mode != "reduce-overhead":   # graphs need a GPU
+        sampling(SPEED_SUITES[args.suite][0], compiled=True, mode="reduce-overhead")        # XL: CUDA graphs
     print(f"\nTFLOP/s: FLOPs counted by torch's FlopCounterMode (matmuls and attention; with gradient "
           f"checkpointing the recomputed forward counts too) over the whole time. Memory: "
           f"{peak_memory(device)[1]}.")
@@ -1619,6 +1640,11 @@ def add_speed_parser(sub):
     speed.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder (sampling; "
                        "the suite adds compiled text-to-image rows), or the DiT and projector (--train); the warm-up "
                        "pass compiles")
+    speed.add_argument("--compile-mode", choices=sample.COMPILE_MODES, default="default", help="torch.compile's "
+                       "mode for sampling, only with --compile (--train compiles as train.py does): reduce-overhead "
+                       "adds CUDA graphs on a GPU, which need fixed shapes (sample.py's loop pads its last batch); on "
+                       "a CPU it runs as default. --suite gpu --compile adds XL rows with reduce-overhead on a GPU "
+                       "(default: %(default)s)")
     speed.add_argument("--repeats", type=positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
     speed.add_argument("--matmul-size", type=positive_int, help="n of the n x n peak matmul "
                        "(default: 8192 on GPU, 2048 on CPU)")

@@ -297,11 +297,12 @@ def sampling_schedule(steps, device=None):
 
 
 @torch.no_grad()
-def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False):
+def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False, before_step=None):
     """Integrate dx/dt = v from x0 (t = 0) to t = 1 with classifier-free guidance done as ONE batched pass.
 
     v = v_u + cfg * (v_c - v_u); cfg == 1 runs the conditional branch alone. Returns x1 (B, 77, 16), or the
-    (steps + 1, B, 77, 16) trajectory.
+    (steps + 1, B, 77, 16) trajectory. before_step() runs before each DiT call (sample.py marks a CUDA graph step
+    there); each step reads the DiT's output before the next call, so a graph may reuse its output buffer.
     """
     B = len(x0)
     t_eval, dt = sampling_schedule(steps, x0.device)
@@ -310,6 +311,8 @@ def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False
     x, traj = x0, [x0]
     for i in range(steps):
         inp = torch.cat([x, x]) if guided else x
+        if before_step is not None:
+            before_step()
         v = dit(inp, t_eval[i].expand(len(inp)), null).float()
         if guided:
             v_c, v_u = v.chunk(2)

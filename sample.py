@@ -38,6 +38,11 @@ OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
 PNG_COMPRESSION = 1    # zlib level: 1.4x faster than PIL's 6 on a noisy 512 px image, +9% bytes, same pixels
 OFFICIAL = {"FlowTok-XL": ("FlowTok-XL.pth", "FlowTiTok_512.bin"), "FlowTok-H": ("FlowTok-H.pth", "FlowTiTok_512.bin")}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")     # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")          # the modes that replay CUDA graphs on a GPU
+COMPILE_MODE_HELP = ("torch.compile's mode, only with --compile: reduce-overhead adds CUDA graphs on a GPU (less "
+                     "launch overhead per DiT step), which need fixed shapes: --compile pads the last batch to the "
+                     "batch size; on a CPU it runs as default (default: %(default)s)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ class FlowTokPipeline:
         self.clip, self.projector, self.dit, self.tokenizer = clip, projector, dit, tokenizer
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
         self.decode_precision = decode_precision    # fp32: the official decode_tokens runs outside autocast
-        self.info, self._identity, self.compiled = {}, None, False
+        self.info, self._identity, self.compiled, self.compile_mode = {}, None, False, None
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
                 m.eval()
@@ -197,13 +202,18 @@ class FlowTokPipeline:
     def device(self):
         return next(self.tokenizer.parameters()).device
 
-    def compile(self):
-        """torch.compile the DiTs and the image decoder; generate_folder then pads its last batch (one shape)."""
+    def compile(self, mode=None):
+        """torch.compile (with `mode`) the DiTs and the image decoder; generate_folder then pads its last batch."""
         self.identity()          # hashed before: compiled modules rename their weights (_orig_mod.)
-        self.dit, self.i2t_dit = [m if m is None else torch.compile(m) for m in (self.dit, self.i2t_dit)]
-        self.tokenizer.decoder = torch.compile(self.tokenizer.decoder)
-        self.compiled = True
+        self.dit, self.i2t_dit = [m if m is None else torch.compile(m, mode=mode) for m in (self.dit, self.i2t_dit)]
+        self.tokenizer.decoder = torch.compile(self.tokenizer.decoder, mode=mode)
+        self.compiled, self.compile_mode = True, mode
         return self
+
+    def step_begin(self):
+        """Before each call of a compiled DiT or decoder: with CUDA graphs, a new step (no-op otherwise)."""
+        if self.compile_mode in CUDA_GRAPH_MODES:   # the replay may overwrite the last call's output: read by now
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _autocast(self, precision=None):
         return amp(self.device, precision or self.precision)
@@ -226,10 +236,11 @@ class FlowTokPipeline:
             eps = torch.randn((len(prompts), 77, 16), generator=generator)
         with self._autocast():
             z, _, _ = self.projector(feats, eps.to(self.device))                        # x0, (B, 77, 16)
-            x1 = flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg)                # float32
+            x1 = flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg, before_step=self.step_begin)  # float32
         with self._autocast(self.decode_precision):
+            self.step_begin()
             images = self.tokenizer.decode_flow_tokens(x1, feats)
-        return images.float().clamp(0, 1)
+        return images.float().clamp(0, 1)       # a new tensor: a CUDA graph's output buffer never leaves here
 
     @torch.no_grad()
     def caption(self, images, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, generator=None, eps=None):
@@ -241,7 +252,8 @@ class FlowTokPipeline:
         with self._autocast():
             mean, logvar = self.tokenizer.encode(images.to(self.device))
             x0 = self.tokenizer.flow_tokens(mean, logvar, eps.to(self.device))         # image tokens, t = 0
-            latent = flow_dit.euler_sample(self.i2t_dit, x0, steps=steps, cfg=cfg)     # text latent, t = 1
+            latent = flow_dit.euler_sample(self.i2t_dit, x0, steps=steps, cfg=cfg,     # text latent, t = 1
+                                           before_step=self.step_begin)
             ids = self.text_decoder.decode(latent)                                      # (B, 77) CLIP ids
         return projector.detokenize(ids)
 
@@ -477,7 +489,9 @@ def build_pipeline(args, device, precision):
     else:
         raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
     pipe.decode_precision = args.decode_precision
-    return pipe.compile() if args.compile else pipe
+    if args.compile_mode != "default" and not args.compile:
+        print(f"warning: --compile-mode {args.compile_mode} is ignored without --compile", file=sys.stderr)
+    return pipe.compile(args.compile_mode) if args.compile else pipe
 
 
 def add_model_args(p):
@@ -502,6 +516,7 @@ def add_model_args(p):
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder: the first batch "
                    "compiles (minutes), later ones run faster; outputs equal eager within float rounding")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help=COMPILE_MODE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------------------

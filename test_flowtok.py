@@ -554,6 +554,28 @@ def test_fresh_rope_and_position_tables_equal_the_official_ones(official):
             assert e[i, 128 + k].item() == pytest.approx(math.sin(t * f), abs=1e-6)
 
 
+def test_rope_on_the_grid_tokens_only_equals_the_padded_identity_tables():
+    """Attention rotates q, k of the grid tokens only; the former formula padded the tables with identity rows
+    (cos 1, sin 0) for the latent and text tokens and rotated every token: the outputs are bitwise equal in fp32."""
+    torch.manual_seed(0)
+    for grid, extra, width, heads in ((4, 2 * 77, 64, 4), (3, 5, 32, 2), (4, 0, 64, 4)):
+        attn = tokenizer.Attention(width, heads).eval()
+        cos, sin = tokenizer.rope_2d_tables(grid, width // heads)                   # (g*g, d)
+        pad_cos = F.pad(cos, (0, 0, 0, extra), value=1.0)                           # (g*g + extra, d)
+        pad_sin = F.pad(sin, (0, 0, 0, extra), value=0.0)
+        x = torch.randn(2, grid * grid + extra, width)                              # (B, N, W)
+        B, N, _ = x.shape
+        with torch.no_grad():
+            q, k, v = attn.qkv(x).view(B, N, 3, heads, width // heads).permute(2, 0, 3, 1, 4)   # (B, H, N, d)
+            old_q, old_k = (t * pad_cos + tokenizer.rotate_pairs(t) * pad_sin for t in (q, k))
+            old = attn.proj(F.scaled_dot_product_attention(old_q, old_k, v).transpose(1, 2).reshape(B, N, width))
+            assert torch.equal(attn(x, cos, sin), old)
+            rotated = tokenizer.apply_rope(q, cos, sin)
+        assert torch.equal(rotated, old_q)
+        assert torch.equal(rotated[..., grid * grid:, :], q[..., grid * grid:, :])        # the others untouched
+        assert not torch.equal(rotated[..., 1:grid * grid, :], q[..., 1:grid * grid, :])  # cell 0 has angle 0
+
+
 def _std_close(t, std, rel):
     return t.float().std().item() == pytest.approx(std, rel=rel)
 
@@ -4301,11 +4323,14 @@ def test_swiglu_padded_hidden_width_equals_the_plain_one():
     assert set(mlp.state_dict()) == {"w12.weight", "w12.bias", "w3.weight", "w3.bias"}
 
 
-def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
-    """`speed --suite gpu` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds."""
+def test_gpu_speed_suite_runs_at_depth_1_on_cpu(monkeypatch):
+    """`speed --suite gpu --compile` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds;
+    on a CPU without the CUDA graph rows. torch.compile is a stand-in here (the compiled test compiles for real)."""
     argv = ["speed", "--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "128",
-            "--loop-batches", "2"]
+            "--loop-batches", "2", "--compile"]
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or m)
     rows, stdout, _ = in_process(argv)
     cases = [r["case"] for r in rows]
     assert cases == ["XL depth 1 text to image, batch 2", "XL sample.py's loop, 2 x 2 prompts to PNGs",
@@ -4313,7 +4338,12 @@ def test_gpu_speed_suite_runs_at_depth_1_on_cpu():
                      "XL depth 1 training step, micro-batch 2",
                      "XL depth 1 training step, micro-batch 2, gradient checkpointing",
                      "H depth 1 training step, micro-batch 2",
-                     "H depth 1 training step, micro-batch 2, gradient checkpointing"]
+                     "H depth 1 training step, micro-batch 2, gradient checkpointing",
+                     "XL depth 1 text to image, batch 2, torch.compile",
+                     "XL sample.py's loop, torch.compile, 2 x 2 prompts to PNGs",
+                     "H depth 1 text to image, batch 2, torch.compile",
+                     "H sample.py's loop, torch.compile, 2 x 2 prompts to PNGs"]
+    assert modes == ["default"] * 4                  # the DiT and the decoder of XL and H; training rows eager
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows) and all(line.count("|") == 7 for line in table)
     for r in rows:
@@ -4344,22 +4374,32 @@ def test_thread_pool_png_writer_writes_the_same_files(tmp_path):
             writer.submit(images[:1], [str(tmp_path / "missing" / "0.png")])
 
 
-def test_compiled_sampling_equals_eager(tmp_path):
-    """sample.py --compile: generate_folder pads the last batch to one shape; PNGs equal eager's within rounding."""
+def test_compiled_sampling_equals_eager(tmp_path, monkeypatch):
+    """sample.py --compile --compile-mode reduce-overhead: generate_folder pads the last batch to one shape, a CUDA
+    graph step is marked before each DiT and decoder call (on a CPU: no graphs); PNGs equal eager's within rounding."""
     torch.manual_seed(0)
     clip = CLIPTextEncoder("tiny", "random")
     parts = (TextProjector(clip_dim=64), FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1}),
              Tokenizer.from_preset("tiny"))
     prompts = ["a red circle", "a blue square", "a green triangle"]
     (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
+    modes, marks = [], []
+    compile_, mark = torch.compile, torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or compile_(m, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or mark())
     eager = sample.FlowTokPipeline(clip, *parts)
     sample.generate_folder(eager, prompts, tmp_path / "eager", steps=2, batch_size=2)
-    compiled = sample.FlowTokPipeline(clip, *copy.deepcopy(parts)).compile()
+    assert not marks
+    compiled = sample.FlowTokPipeline(clip, *copy.deepcopy(parts)).compile(mode="reduce-overhead")
     sample.generate_folder(compiled, prompts, tmp_path / "compiled", steps=2, batch_size=2)
     for i in range(3):
         a, b = (sample.read_png(tmp_path / d / f"{i:05d}_00.png").int() for d in ("eager", "compiled"))
         assert (a - b).abs().max() <= 1                    # uint8: one level of rounding at most
     assert compiled.tokenizer.decoder._orig_mod is not None and eager.compiled is False
+    assert modes == ["reduce-overhead"] * 2 and compiled.compile_mode == "reduce-overhead"
+    assert len(marks) == 2 * (2 + 1)                        # 2 batches x (2 DiT steps + 1 decoder call)
+    assert sample.build_parser().parse_args(["--compile-mode", "reduce-overhead", "a"]).compile_mode == \
+        "reduce-overhead" and sample.build_parser().parse_args(["a"]).compile_mode == "default"
 
 
 # ==========================================================================================================

@@ -78,8 +78,17 @@ class SwiGLU(nn.Module):
         return F.linear(F.silu(a) * b, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
+def apply_rope(x, cos, sin):
+    """RoPE on the first len(cos) tokens of x (B, H, N, d), the grid; the latent and text tokens pass unchanged.
+
+    The same values as identity rows (cos 1, sin 0) for those tokens (x * 1 + r * 0 == x) without computing them.
+    """
+    grid = x[..., :len(cos), :]                                                     # (B, H, g*g, d)
+    return torch.cat([grid * cos + rotate_pairs(grid) * sin, x[..., len(cos):, :]], dim=-2)
+
+
 class Attention(nn.Module):
-    """Bidirectional multi-head attention with RoPE on q and k (tables already padded to the sequence)."""
+    """Bidirectional multi-head attention with RoPE on q and k of the first len(cos) tokens (the grid)."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -91,8 +100,7 @@ class Attention(nn.Module):
         B, N, W = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)   # (B, H, N, d)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)     # bf16 under autocast: fp32 tables would promote q and k
-        q = q * cos + rotate_pairs(q) * sin
-        k = k * cos + rotate_pairs(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, W))
 
@@ -127,9 +135,7 @@ class ViT(nn.Module):
 
     def run_blocks(self, x):
         """(B, N, W) with the grid tokens first -> (B, N, W)."""
-        extra = x.shape[1] - self.grid_tokens
-        cos = F.pad(self.rope_cos, (0, 0, 0, extra), value=1.0)     # identity rotation for latent/text tokens
-        sin = F.pad(self.rope_sin, (0, 0, 0, extra), value=0.0)
+        cos, sin = self.rope_cos, self.rope_sin         # (g*g, d): apply_rope leaves the latent/text tokens alone
         x = self.ln_pre(x)
         for block in self.transformer:
             if self.grad_checkpointing and torch.is_grad_enabled():
