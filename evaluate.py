@@ -1394,14 +1394,13 @@ def measure(stages, device, repeats, count_flops=True):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    flops = {}
-    for name, fn, steps in stages:
-        if count_flops:                # the flow runs 1 step here (every step is alike) and is scaled
-            flops[name] = _flops(lambda: fn(1))[1] * steps
-        else:                          # twice: CUDA graphs (reduce-overhead) record on a stage's second call
-            fn(steps)
-            fn(steps)
-            flops[name] = 0
+    flops = dict.fromkeys([name for name, _, _ in stages], 0)
+    for warm_up in range(1 if count_flops else 2):   # compiled: twice, CUDA graphs record on a stage's second call
+        for name, fn, steps in stages:               # whole passes in order: a stage may consume the last one's output
+            if count_flops:            # the flow runs 1 step here (every step is alike) and is scaled
+                flops[name] = _flops(lambda: fn(1))[1] * steps
+            else:
+                fn(steps)
     seconds = dict.fromkeys(flops, 0.0)
     for _ in range(repeats):
         for name, fn, steps in stages:

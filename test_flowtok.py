@@ -4283,11 +4283,13 @@ def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
                     tmp_path / "tinyclip.json", "--clip-weights", tmp_path / "tinyclip.pt"])
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_speed_benchmark_tiny(train):
+@pytest.mark.parametrize("train, compiled", [(False, False), (True, False), (True, True)])
+def test_speed_benchmark_tiny(train, compiled, monkeypatch):
+    """speed and speed --train [--compile] (torch.compile stubbed: the warm-up passes run whole passes in order)."""
     argv = ["speed", "--model", "S", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "256"]
-    rows, stdout, _ = in_process(argv + (["--train"] if train else []))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    rows, stdout, _ = in_process(argv + (["--train"] if train else []) + (["--compile"] if compiled else []))
     stages = ["forward", "backward", "optimizer"] if train else ["text encoding", "projector", "flow (2 steps)",
                                                                   "decoding", "PNG writing"]
     assert [r["stage"] for r in rows] == stages + ["total"]
@@ -4297,7 +4299,9 @@ def test_speed_benchmark_tiny(train):
     assert sum(r["seconds"] for r in rows[:-1]) == pytest.approx(rows[-1]["seconds"])
     assert "samples/s" in stdout and "peak memory" in stdout and "matmul peak" in stdout
     flops = {r["stage"]: r["flops"] for r in rows}
-    if train:   # backward ~ 2x forward; AdamW is elementwise (no counted FLOPs)
+    if compiled:  # compiled stages are not counted (the eager count applies)
+        assert set(flops.values()) == {0}
+    elif train:   # backward ~ 2x forward; AdamW is elementwise (no counted FLOPs)
         assert flops["backward"] == pytest.approx(2 * flops["forward"], rel=0.1) and flops["optimizer"] == 0
     else:       # the DiT: 2 steps x 2B tokens x 2 FLOPs per MAC x its weights, at least
         dit = FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1})
