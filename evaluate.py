@@ -1395,7 +1395,7 @@ def measure(stages, device, repeats, count_flops=True):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     flops = dict.fromkeys([name for name, _, _ in stages], 0)
-    for warm_up in range(1 if count_flops else 2):   # compiled: twice, CUDA graphs record on a stage's second call
+    for _ in range(1 if count_flops else 2):         # compiled: twice, CUDA graphs record on a stage's second call
         for name, fn, steps in stages:               # whole passes in order: a stage may consume the last one's output
             if count_flops:            # the flow runs 1 step here (every step is alike) and is scaled
                 flops[name] = _flops(lambda: fn(1))[1] * steps
