@@ -57,7 +57,7 @@ DEMO = {   # stage -> (steps, steps with --smoke, arguments); {out} is the demo 
                               "--w-kl", "0", "--w-perceptual", "0", "--w-gan", "0", "--no-random-crop",
                               "--no-flip"]),
     "flow": (1800, 150, [*DEMO_FLOW, *DEMO_TEXT, "--caption-groups", "--w-kl", "1e-5", "--align-hidden", "128"]),
-    "text-ae": (300, 100, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
+    "text-ae": (300, 40, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
                            "--decoder-vocab", "data", "--global-batch", "128", "--lr", "1e-3", "--w-kl", "0",
                            "--projector-dropout", "0"]),
     "flow-i2t": (1000, 60, [*DEMO_FLOW, *DEMO_TEXT[-4:], "--text-ae", "{out}/text-ae", "--lr", "3e-3"]),
