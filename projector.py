@@ -58,7 +58,7 @@ def _bpe():
     return open_clip.SimpleTokenizer()
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=4096)    # a few MB per loader worker even for long recaptions
 def _bpe_ids(text):
     """One caption -> its BPE ids (a tuple), cached: captions repeat across epochs and, in the demo, within a batch."""
     return tuple(_bpe().encode(text))
