@@ -1426,8 +1426,7 @@ def speed_setup(args, device):
 def run_speed(args):
     """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
     device = pick_device(args.device)
-    if args.compile_mode != "default" and not args.compile:
-        print(f"warning: --compile-mode {args.compile_mode} is ignored without --compile", file=sys.stderr)
+    sample.warn_unused_compile_mode(args)
     if args.suite:
         return run_speed_suite(args, device)
     autocast, repeats, size, setup = speed_setup(args, device)

@@ -489,9 +489,14 @@ def build_pipeline(args, device, precision):
     else:
         raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
     pipe.decode_precision = args.decode_precision
+    warn_unused_compile_mode(args)
+    return pipe.compile(args.compile_mode) if args.compile else pipe
+
+
+def warn_unused_compile_mode(args):
+    """--compile-mode without --compile: say so (sample.py and evaluate.py speed)."""
     if args.compile_mode != "default" and not args.compile:
         print(f"warning: --compile-mode {args.compile_mode} is ignored without --compile", file=sys.stderr)
-    return pipe.compile(args.compile_mode) if args.compile else pipe
 
 
 def add_model_args(p):
