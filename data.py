@@ -724,11 +724,21 @@ class CacheSource:
 
     def get(self, index, generator=None):
         """Row `index` as float32 / long tensors."""
-        part = int(np.searchsorted(self.starts, index, side="right")) - 1
-        row, a = index - self.starts[part], self._open()[part]
-        out = {k: torch.from_numpy(a[k][row].astype(np.int64 if k == "ids" else np.float32)) for k in self.keys}
-        out["caption"] = self.captions[index]
-        return out
+        return self.get_many([index])[0]
+
+    def get_many(self, indices):
+        """Rows `indices` read with one fancy index per array and part (a batch of single-row reads costs ~4x)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        parts = np.searchsorted(self.starts, indices, side="right") - 1
+        columns = {}
+        for k in self.keys:
+            column = np.empty((len(indices), *self._open()[0][k].shape[1:]), np.int64 if k == "ids" else np.float32)
+            for part in np.unique(parts):
+                at = np.nonzero(parts == part)[0]
+                column[at] = self._open()[part][k][indices[at] - self.starts[part]]
+            columns[k] = torch.from_numpy(column)
+        return [{**{k: columns[k][j] for k in self.keys}, "caption": self.captions[int(i)]}
+                for j, i in enumerate(indices)]
 
 
 # ----------------------------------------------------------------------------- the shapes world
@@ -819,7 +829,9 @@ def _render(p, size, chunk=256):
             pick = p["shape"][c] == shape
             if pick.any():
                 inside[pick] = _inside(shape, u[pick], v[pick])
-        cover = inside.reshape(-1, size, 4, size, 4).mean((2, 4), dtype=np.float32)  # (m, S, S)
+        sub = inside.view(np.uint8).reshape(-1, size, 4, size, 4)  # (m, S, 4, S, 4) sub-pixels of each pixel
+        rows = sub[:, :, 0] + sub[:, :, 1] + sub[:, :, 2] + sub[:, :, 3]  # (m, S, S, 4): slice adds, ~50x a mean()
+        cover = (rows[..., 0] + rows[..., 1] + rows[..., 2] + rows[..., 3]) * np.float32(1 / 16)  # (m, S, S), exact
         bg, fg = p["background"][c, :, None, None], p["rgb"][c, :, None, None]  # (m, 3, 1, 1)
         out[c] = bg + (fg - bg) * cover[:, None]
     return out
@@ -1009,7 +1021,7 @@ class _MapBatches(torch.utils.data.Dataset):
         rendered = iter(self.source.get_many([i for _, i in pairs])) if hasattr(self.source, "get_many") else None
         for position, index in pairs:
             try:
-                if rendered is not None:     # sources that render a batch at once (shapes)
+                if rendered is not None:     # sources that read or render a batch at once (shapes, cache)
                     sample = next(rendered)
                 else:
                     sample = self.source.get(index, _generator(self.seed, "augment", position))

@@ -317,21 +317,27 @@ class TextDecoder(nn.Module):
     Non-causal: every position sees the whole latent and predicts its CLIP id in one shot; decoding reads
     the ids up to the first EOT (see detokenize). The classes are all 49408 CLIP ids, or (vocab_ids, a CPU
     speed knob) only the ids that occur in the training captions: the head then costs a few hundred outputs
-    per position instead of 49408.
+    per position instead of 49408. patch_size (another CPU knob, 1 in the official layout) reads p consecutive
+    latent tokens into one transformer token and predicts p positions from it.
     """
 
-    def __init__(self, channels=16, width=768, depth=6, heads=8, d_ff=3072, dropout=0.1, vocab_ids=None):
+    def __init__(self, channels=16, width=768, depth=6, heads=8, d_ff=3072, dropout=0.1, vocab_ids=None,
+                 patch_size=1):
         super().__init__()
+        if CONTEXT_LENGTH % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide the {CONTEXT_LENGTH} tokens")
         self.config = dict(channels=channels, width=width, depth=depth, heads=heads, d_ff=d_ff, dropout=dropout,
-                           vocab_ids=vocab_ids)
-        self.embed = nn.Linear(channels, width)
-        self.pos = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * width ** -0.5)
+                           vocab_ids=vocab_ids, patch_size=patch_size)
+        self.patch_size = patch_size
+        # patch_size > 1 (the demo): p consecutive latent tokens in, p positions' logits out of each transformer token
+        self.embed = nn.Linear(patch_size * channels, width)
+        self.pos = nn.Parameter(torch.randn(CONTEXT_LENGTH // patch_size, width) * width ** -0.5)
         self.layers = nn.ModuleList([EncoderLayer(width, heads, d_ff, dropout) for _ in range(depth)])
         ids = torch.arange(CLIP_VOCAB) if vocab_ids is None else torch.tensor(sorted(set(vocab_ids) | {SOT, EOT}))
         self.register_buffer("vocab_ids", ids, persistent=False)                         # class -> CLIP id
         self.register_buffer("class_of", torch.full((CLIP_VOCAB,), -100).index_put_(   # CLIP id -> class
             (ids,), torch.arange(len(ids))), persistent=False)                           # (-100: not a class)
-        self.head = nn.Linear(width, len(ids))
+        self.head = nn.Linear(width, len(ids) * patch_size)
 
     def forward(self, z, keep=None):
         """(B, 77, 16) -> (B, 77, classes) logits; with keep (B, 77) bool only those positions: (N, classes).
@@ -339,10 +345,15 @@ class TextDecoder(nn.Module):
         With all 49408 classes the head dominates the cost: training asks only for the positions of real
         tokens (SOT..EOT, see caption_mask), typically 10-20 of the 77.
         """
-        h = self.embed(z) + self.pos
+        B, L, C = z.shape
+        p = self.patch_size
+        h = self.embed(z.reshape(B, L // p, p * C)) + self.pos                   # (B, 77 / p, width)
         for layer in self.layers:
             h = layer(h)
-        return self.head(h if keep is None else h[keep])
+        if p == 1:
+            return self.head(h if keep is None else h[keep])
+        logits = self.head(h).view(B, L, -1)          # (B, 77, classes): p positions per transformer token
+        return logits if keep is None else logits[keep]
 
     def decode(self, z):
         """(B, 77, 16) latent -> (B, 77) CLIP ids (most likely class at each position)."""

@@ -767,6 +767,24 @@ def test_text_decoder_and_reconstruction_loss():
     assert set(small.decode(z).flatten().tolist()) <= set(vocab)
 
 
+def test_text_decoder_patches_read_and_predict_consecutive_tokens():
+    """patch_size p: transformer token j reads latent tokens p*j .. p*j + p - 1 and predicts exactly those positions
+    (checked without layers, where nothing else mixes positions); with layers the keep path equals the full one."""
+    torch.manual_seed(0)
+    dec = TextDecoder(width=32, depth=0, heads=4, d_ff=64, vocab_ids=[5, 6, 7], patch_size=7)
+    assert dec.pos.shape == (11, 32) and dec.head.out_features == 7 * 5 and dec.config["patch_size"] == 7
+    z = torch.randn(2, 77, 16)
+    moved = z.clone()
+    moved[:, 9] += 1.0                                      # a token of the second group (positions 7..13)
+    changed = (dec(moved) - dec(z)).abs().amax((0, 2)) > 0  # (77,) which positions' logits moved
+    assert changed.nonzero().flatten().tolist() == list(range(7, 14))
+    deep = TextDecoder(width=32, depth=2, heads=4, d_ff=64, dropout=0.0, vocab_ids=[5, 6, 7], patch_size=7).eval()
+    keep = torch.rand(2, 77) < 0.3
+    assert torch.equal(deep(z, keep), deep(z)[keep]) and deep(z).shape == (2, 77, 5)
+    with pytest.raises(ValueError, match="divide"):
+        TextDecoder(width=32, depth=1, heads=4, d_ff=64, patch_size=5)
+
+
 # ==========================================================================================================
 # data.py: decoding, sources and skip counts, the tar stream, the resumable loader, shapes, cache
 # ==========================================================================================================
@@ -1657,6 +1675,16 @@ def test_cache_write_append_and_read(tmp_path):
     assert sample["ids"].dtype == torch.long and sample["ids"].tolist() == ids[4].tolist()
     assert sample["caption"] == "cached caption 4"
     assert len(pickle.dumps(source)) < 4000  # memory maps are not pickled into workers
+    # rows spread over two parts, read in one call per array and part (as the loader does), in the asked order
+    data.write_cache(tmp_path / "p" / "part-00000", posterior[:2], clip[:2], ids[:2], captions[:2])
+    data.write_cache(tmp_path / "p" / "part-00001", posterior[2:], clip[2:], ids[2:], captions[2:])
+    parts = data.build_dataset(f"cache:{tmp_path / 'p'}", 32)
+    order = [4, 0, 3, 0, 1]
+    many = parts.get_many(order)
+    assert [m["caption"] for m in many] == [captions[i] for i in order]
+    assert all(torch.equal(m["posterior"], torch.from_numpy(posterior[i].astype(np.float16).astype(np.float32)))
+               and torch.equal(m["clip"], clip[i].float().half().float()) and m["ids"].tolist() == ids[i].tolist()
+               for m, i in zip(many, order))
     batch = next(iter(data.Loader(source, 5, rank=0, world=1, noise_dim=2)))
     assert batch["posterior"].shape == (5, 77, 32) and batch["posterior"].dtype == torch.float32
     assert batch["clip"].shape == (5, 77, 8) and "image" not in batch and batch["ids"].shape == (5, 77)
@@ -1717,6 +1745,22 @@ def test_shapes_deterministic_and_splits():
     assert (parsed["colour"], parsed["shape"]) in held
     with pytest.raises(ValueError, match="unknown split"):
         data.build_dataset("shapes:split=test", 32)
+
+
+def test_shapes_render_is_the_sub_pixel_coverage():
+    """Each pixel blends shape and background by the fraction of its 4x4 sub-pixels inside the shape (a plain
+    per-image mean here; the renderer adds slices in a batch), for every shape, at two sizes."""
+    for size in (16, 32):
+        images, _ = data.shapes_batch("train", range(24), size=size)
+        p = data._shape_params("train", range(24), 0)
+        grid = (np.arange(4 * size) + 0.5) / (4 * size)
+        assert set(p["shape"].tolist()) == {0, 1, 2, 3}
+        for i in range(24):
+            u = (grid[None, :] - p["centre"][i, 0]) / p["radius"][i]        # (1, 4S)
+            v = (grid[:, None] - p["centre"][i, 1]) / p["radius"][i]        # (4S, 1)
+            cover = data._inside(p["shape"][i], u, v).reshape(size, 4, size, 4).mean((1, 3))
+            bg, fg = p["background"][i][:, None, None], p["rgb"][i][:, None, None]
+            np.testing.assert_allclose(images[i].numpy(), bg + (fg - bg) * cover, rtol=0, atol=1e-6)
 
 
 def test_shapes_captions_round_trip():
@@ -4446,7 +4490,7 @@ def i2t_demo(tmp_path_factory):
     clip = demo / "tokenizer" / "clip_text.safetensors"   # every stage shares the tokenizer run's random tower
     _train("--stage", "text-ae", "--clip-weights", clip, "--data", spec, "--out", demo / "text-ae", "--steps",
            TAE_STEPS, "--decoder-width", 32, "--decoder-depth", 1, "--decoder-ff", 64, "--decoder-vocab", "data",
-           "--lr", 3e-3, "--ema", 0.9)
+           "--decoder-patch-size", 7, "--lr", 3e-3, "--ema", 0.9)   # grouped like the demo's (sampling reads it)
     _train("--stage", "flow-i2t", "--model", "tiny", "--tokenizer", demo / "tokenizer", "--text-ae", demo / "text-ae",
            "--clip-weights", clip, "--data", spec, "--out", demo / "flow-i2t", "--steps", 3, "--lr", 1e-3)
     return {"demo": demo, "clip": clip, "captions": captions, "images": paths, "root": root}

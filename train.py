@@ -96,9 +96,9 @@ OFFICIAL_MICRO_BATCH = 128   # the official flow run's batch per process: 4096 =
 RESUME_FIXED = ("stage", "data", "image_size", "random_crop", "flip", "model", "dit_patch_size", "tokenizer_preset",
                 "scale_factor", "tokenizer", "text_ae", "clip_tower", "clip_weights", "projector_depth",
                 "projector_heads", "projector_ff", "projector_dropout", "projector_patch_size", "align_hidden",
-                "decoder_width", "decoder_depth", "decoder_ff", "decoder_vocab", "w_con", "kl", "w_kl", "cfg_prob",
-                "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan", "gan_start",
-                "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed", "size_filter")
+                "decoder_width", "decoder_depth", "decoder_ff", "decoder_patch_size", "decoder_vocab", "w_con", "kl",
+                "w_kl", "cfg_prob", "gather_negatives", "caption_groups", "w_perceptual", "perceptual_weights", "w_gan",
+                "gan_start", "adaptive_gan", "w_lecam", "lecam_decay", "disc_width", "seed", "size_filter")
 # applied: optimisation and schedule; a new value acts from the resumed step on (AdamW's settings and the schedule's
 # peak are replaced, the moments and the schedule's position kept), is said in the log and recorded in checkpoints
 RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2",
@@ -464,7 +464,8 @@ class TextAEStage(Stage):
         proj = TextProjector(**projector_kwargs(args, clip), align_hidden=0)      # built first: the RNG order
         vocab = caption_vocabulary(args) if args.decoder_vocab == "data" else None
         decoder = TextDecoder(width=args.decoder_width, depth=args.decoder_depth, heads=args.projector_heads,
-                              d_ff=args.decoder_ff, dropout=args.projector_dropout, vocab_ids=vocab)
+                              d_ff=args.decoder_ff, dropout=args.projector_dropout, vocab_ids=vocab,
+                              patch_size=args.decoder_patch_size)
         return {"projector": proj, "text_decoder": decoder}
 
     def inputs(self, batch, noise, clip, frozen, args, device):
@@ -592,7 +593,7 @@ def build_perceptual(args, device, rank, world, say):
 # the flags that shape the trained parts: an --init file that does not fit is told by those that differ
 SHAPE_FLAGS = ("model", "dit_patch_size", "clip_tower", "projector_depth", "projector_heads", "projector_ff",
                "projector_patch_size", "align_hidden", "w_con", "decoder_width", "decoder_depth", "decoder_ff",
-               "decoder_vocab")
+               "decoder_patch_size", "decoder_vocab")
 
 
 def _misfit(own, src):
@@ -1702,6 +1703,8 @@ def build_parser():
     p.add_argument("--decoder-width", type=positive_int, default=768, help="TextDecoder width (text-ae)")
     p.add_argument("--decoder-depth", type=positive_int, default=6, help="TextDecoder blocks (text-ae)")
     p.add_argument("--decoder-ff", type=positive_int, default=3072, help="TextDecoder feed-forward width (text-ae)")
+    p.add_argument("--decoder-patch-size", type=positive_int, default=1,
+                   help="TextDecoder: this many latent tokens per transformer token (CPU speed)")
     p.add_argument("--decoder-vocab", choices=["all", "data"], default="all",
                    help="TextDecoder classes: all 49408 CLIP ids, or only those in the training captions (fast)")
     # objective
