@@ -830,7 +830,7 @@ def _render(p, size, chunk=256):
             if pick.any():
                 inside[pick] = _inside(shape, u[pick], v[pick])
         sub = inside.view(np.uint8).reshape(-1, size, 4, size, 4)  # (m, S, 4, S, 4) sub-pixels of each pixel
-        rows = sub[:, :, 0] + sub[:, :, 1] + sub[:, :, 2] + sub[:, :, 3]  # (m, S, S, 4): slice adds, ~50x a mean()
+        rows = sub[:, :, 0] + sub[:, :, 1] + sub[:, :, 2] + sub[:, :, 3]  # (m, S, S, 4): slice adds, ~20x a mean()
         cover = (rows[..., 0] + rows[..., 1] + rows[..., 2] + rows[..., 3]) * np.float32(1 / 16)  # (m, S, S), exact
         bg, fg = p["background"][c, :, None, None], p["rgb"][c, :, None, None]  # (m, 3, 1, 1)
         out[c] = bg + (fg - bg) * cover[:, None]
