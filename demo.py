@@ -44,7 +44,7 @@ from projector import run_cli
 # targets here (a KL of 1e-6 on the text autoencoder lowered caption accuracy), and the demo never samples from the
 # priors. The text projector drops dropout (on a CPU it cost a third of the text autoencoder's time, and captions
 # came out better without it: 93.8% against 91.4%). Every stage decays its learning rate to 0 on a cosine, from a
-# higher peak than a constant rate allows: for the same held-out numbers that took fewer steps (measured with the
+# higher peak than a constant rate allows: comparable held-out numbers in fewer steps (measured with the
 # previous stages fixed: tokenizer 1100 steps at 4e-3 gave 30.8 dB where 1500 at 2e-3 gave 30.4; text to image
 # 1200 steps at 3e-3 gave 93.6% prompt accuracy where the constant 2e-3 needed 1800, 1500 at 2e-3: 91.1%). The
 # grouped text decoder trains 4x faster than one of 77 tokens and captions came out better (93.6% against 91.4%).
