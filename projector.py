@@ -648,6 +648,8 @@ positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite
 non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0",
                               "non_negative_float")
 fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "fraction")
+token_group = _checked(int, lambda v: v >= 1 and CONTEXT_LENGTH % v == 0,          # the --*-patch-size flags
+                       f"a divisor of the {CONTEXT_LENGTH} tokens (1, 7, 11 or 77)", "token_group")
 
 
 def multiple_of(n):

@@ -2765,7 +2765,10 @@ def test_resume_with_a_new_lr_applies_and_logs_it(tmp_path):
     (["--log-every", "0"], "--log-every: must be >= 1"), (["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
     (["--lr", "inf"], "--lr: must be a finite number >= 0"), (["--ema", "1.5"], "--ema: must be in [0, 1]"),
     (["--cfg-prob", "-0.1"], "--cfg-prob: must be in [0, 1]"), (["--warmup", "x"], "--warmup: 'x' is not an integer"),
-    (["--grad-clip", "nan"], "--grad-clip: must be a finite number >= 0")])
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number >= 0"),
+    (["--dit-patch-size", "5"], "--dit-patch-size: must be a divisor of the 77 tokens (1, 7, 11 or 77), got 5"),
+    (["--projector-patch-size", "0"], "--projector-patch-size: must be a divisor of the 77 tokens"),
+    (["--decoder-patch-size", "14"], "--decoder-patch-size: must be a divisor of the 77 tokens")])
 def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
     """A bad number stops argparse (exit 2, one line) instead of training nothing, dividing by 0 or writing NaN."""
     with pytest.raises(SystemExit) as exit_:

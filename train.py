@@ -72,7 +72,7 @@ from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT
 from projector import (CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextDecoder, TextProjector,
                        UserError, agree, amp, broadcast, default_precision, finite_float, fraction, fused_if_available,
                        load_checkpoint, non_negative_float, non_negative_int, on_every_rank, one_line, positive_float,
-                       positive_int, reparameterize, run_cli, short_hash, use_cuda, weights_sha256)
+                       positive_int, reparameterize, run_cli, short_hash, token_group, use_cuda, weights_sha256)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
 
 try:
@@ -1681,7 +1681,7 @@ def build_parser():
                    "beyond 2 or a longer side below --image-size, TA-TiTok's (default: on for the tokenizer stage)")
     # models
     p.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (flow stages)")
-    p.add_argument("--dit-patch-size", type=positive_int, default=1, help="group this many latent tokens per DiT token")
+    p.add_argument("--dit-patch-size", type=token_group, default=1, help="group this many latent tokens per DiT token")
     p.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-256",
                    help="tokenizer size (stage tokenizer)")
     p.add_argument("--scale-factor", type=scale_factor, default="auto", help="tokenizer stage: the flow-space scale "
@@ -1696,14 +1696,14 @@ def build_parser():
     p.add_argument("--projector-heads", type=positive_int, default=8, help="TextProjector (and TextDecoder) heads")
     p.add_argument("--projector-ff", type=positive_int, default=1024, help="TextProjector feed-forward width")
     p.add_argument("--projector-dropout", type=fraction, default=0.1, help="TextProjector (and TextDecoder) dropout")
-    p.add_argument("--projector-patch-size", type=positive_int, default=1,
+    p.add_argument("--projector-patch-size", type=token_group, default=1,
                    help="group this many CLIP tokens (CPU speed)")
     p.add_argument("--align-hidden", type=non_negative_int, default=512,
                    help="hidden width of the alignment MLP (official 512)")
     p.add_argument("--decoder-width", type=positive_int, default=768, help="TextDecoder width (text-ae)")
     p.add_argument("--decoder-depth", type=positive_int, default=6, help="TextDecoder blocks (text-ae)")
     p.add_argument("--decoder-ff", type=positive_int, default=3072, help="TextDecoder feed-forward width (text-ae)")
-    p.add_argument("--decoder-patch-size", type=positive_int, default=1,
+    p.add_argument("--decoder-patch-size", type=token_group, default=1,
                    help="TextDecoder: this many latent tokens per transformer token (CPU speed)")
     p.add_argument("--decoder-vocab", choices=["all", "data"], default="all",
                    help="TextDecoder classes: all 49408 CLIP ids, or only those in the training captions (fast)")
