@@ -728,14 +728,14 @@ class CacheSource:
 
     def get_many(self, indices):
         """Rows `indices` read with one fancy index per array and part (a batch of single-row reads costs ~4x)."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices, arrays = np.asarray(indices, dtype=np.int64), self._open()
         parts = np.searchsorted(self.starts, indices, side="right") - 1
         columns = {}
         for k in self.keys:
-            column = np.empty((len(indices), *self._open()[0][k].shape[1:]), np.int64 if k == "ids" else np.float32)
+            column = np.empty((len(indices), *arrays[0][k].shape[1:]), np.int64 if k == "ids" else np.float32)
             for part in np.unique(parts):
                 at = np.nonzero(parts == part)[0]
-                column[at] = self._open()[part][k][indices[at] - self.starts[part]]
+                column[at] = arrays[part][k][indices[at] - self.starts[part]]
             columns[k] = torch.from_numpy(column)
         return [{**{k: columns[k][j] for k in self.keys}, "caption": self.captions[int(i)]}
                 for j, i in enumerate(indices)]
