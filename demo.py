@@ -2,6 +2,7 @@
 
   # 1 CPU: tokenizer -> pre-tokenised cache -> text to image -> text autoencoder -> image to text, then a report
   python demo.py --out runs/demo
+  python demo.py --out runs/demo-seed1 --seed 1    # another seed: data order, initialisation, noise of every stage
   python demo.py --out runs/smoke --smoke        # a few steps per stage: a quick check that everything runs
   python sample.py --ckpt runs/demo "a large red circle on the left"    # sample from the result
 
@@ -29,7 +30,7 @@ import sample
 import tokenizer
 import train
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS
-from projector import run_cli
+from projector import UserError, non_negative_int, run_cli
 
 # The demo: the whole FlowTok pipeline on the built-in shapes world, on a laptop CPU.
 # Small sizes and the speed knobs of the real modules (a linear 77-token layout in the tokenizer, 7 latent
@@ -48,7 +49,9 @@ from projector import run_cli
 # previous stages fixed: tokenizer 1100 steps at 4e-3 gave 30.8 dB where 1500 at 2e-3 gave 30.4; text to image
 # 1200 steps at 3e-3 gave 93.6% prompt accuracy where the constant 2e-3 needed 1800, 1500 at 2e-3: 91.1%). The
 # grouped text decoder trains 4x faster than one of 77 tokens and captions came out better (93.6% against 91.4%).
-DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--seed", "0", "--log-every", "100",
+DEMO_SPIKE_STEPS = 100     # a loss above 2x its best for this many steps: the stage diverged (train.SpikeWatch)
+DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--log-every", "50",
+               "--spike-steps", str(DEMO_SPIKE_STEPS),
                "--ckpt-every", "250", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.99",
                "--ema", "0.99", "--schedule", "cosine", "--min-lr", "0"]
 DEMO_TEXT = ["--projector-depth", "2", "--projector-heads", "4", "--projector-ff", "256", "--projector-patch-size", "7",
@@ -162,20 +165,22 @@ def shapes_caption_accuracy(captions, attrs):
 # The demo: every stage in sequence, then the report
 # ----------------------------------------------------------------------------------------------------------
 
-def demo_args(stage, out, smoke):
+def demo_args(stage, out, smoke, seed=0):
     """The parsed arguments of one demo stage."""
     steps, smoke_steps, extra = DEMO[stage]
     argv = DEMO_COMMON + [a.format(out=out) for a in extra] + ["--stage", stage, "--out", os.path.join(out, stage),
-                                                              "--steps", str(smoke_steps if smoke else steps)]
+                                                              "--steps", str(smoke_steps if smoke else steps),
+                                                              "--seed", str(seed)]
     return train.build_parser().parse_args(argv)
 
 
 def run_demo(args):
     """The demo: tokenizer -> pre-tokenised cache -> text-to-image -> text autoencoder -> image-to-text,
     then a report (report.json + a printed table) and a sample grid; a rerun continues an interrupted demo."""
-    out, times = args.out, {}
+    out, times, spikes = args.out, {}, {}
     os.makedirs(out, exist_ok=True)
-    print(f"FlowTok demo in {out}: the built-in shapes world, {'smoke-test sizes' if args.smoke else 'full run'}")
+    print(f"FlowTok demo in {out}: the built-in shapes world, {'smoke-test sizes' if args.smoke else 'full run'}, "
+          f"seed {args.seed}")
     print("note: the CLIP text tower is random (untrained, no download); captions become fixed features")
     for stage in ("tokenizer", "pretokenize", "flow", "text-ae", "flow-i2t"):
         t0 = time.time()
@@ -188,31 +193,43 @@ def run_demo(args):
                     "--out", os.path.join(out, "cache"), "--num-workers", "0"]))
                 open(os.path.join(out, "cache", "done"), "w").close()
         else:
-            stage_args = demo_args(stage, out, args.smoke)
+            stage_args = demo_args(stage, out, args.smoke, args.seed)
             last = os.path.join(stage_args.out, "last.pt")
-            if os.path.exists(last) and torch.load(last, weights_only=True)["step"] >= stage_args.steps:
+            ckpt = torch.load(last, weights_only=True) if os.path.exists(last) else None
+            if ckpt is not None and ckpt["args"]["seed"] != args.seed:
+                raise UserError(f"{out} holds a demo of --seed {ckpt['args']['seed']}: run it again with that seed, "
+                                f"or give this seed its own --out")
+            spikes[stage] = ckpt["stats"].get("spikes", {}).get("episodes", []) if ckpt else []
+            if ckpt is not None and ckpt["step"] >= stage_args.steps:
                 print(f"{stage}: already trained ({last})")
                 continue
-            stage_args.resume = os.path.exists(last)
+            stage_args.resume = ckpt is not None
             print(f"--- {stage}: {stage_args.steps} steps")
             result = train.main(stage_args)
+            spikes[stage] = result["spikes"]
             if result["stopped"]:                                 # a signal: the stage saved; stop the demo too
                 print(f"demo stopped during {stage}; run the same command again to continue")
                 return result
         times[stage] = time.time() - t0
     t0 = time.time()
-    report = demo_report(out, args.smoke)
+    report = demo_report(out, args.smoke, args.seed)
     times["evaluation"] = time.time() - t0
+    report["loss_spikes"] = spikes          # per stage: the episodes train.SpikeWatch recorded (none: a sound run)
+    report["diverged"] = [stage for stage, episodes in spikes.items() if episodes]
     report["wall_time_s"] = {k: round(v, 1) for k, v in times.items()}
     report["wall_time_s"]["total"] = round(sum(times.values()), 1)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_report(report, out)
+    if report["diverged"]:
+        raise UserError(f"the {', '.join(report['diverged'])} stage diverged (a loss spike it did not recover from "
+                        f"within {DEMO_SPIKE_STEPS} steps; see {out}/<stage>/log.txt): the report above is not the "
+                        f"recipe's result")
     return report
 
 
 @torch.no_grad()
-def demo_report(out, smoke=False):
+def demo_report(out, smoke=False, seed=0):
     """Held-out numbers: tokenizer PSNR, prompt accuracy (CFG 2, no CFG, novel pairs), caption accuracy, CIDEr."""
     pipe = sample.load_pipeline(out)
     n_img, per_prompt = (32, 1) if smoke else (512, 4)
@@ -222,12 +239,12 @@ def demo_report(out, smoke=False):
     psnr = tokenizer.psnr(((recon - images) ** 2).mean(dim=(1, 2, 3))).mean().item()
     prompts = data.shapes_prompts("heldout")[::8 if smoke else 1]          # 25 of the 200 with --smoke
     novel = data.shapes_prompts("novel")[::4 if smoke else 1]
-    report = {"tokenizer_psnr_db": round(psnr, 2), "samples_per_prompt": per_prompt,
+    report = {"seed": seed, "tokenizer_psnr_db": round(psnr, 2), "samples_per_prompt": per_prompt,
               "heldout_prompts": len(prompts), "novel_prompts": len(novel)}
-    report["prompt_accuracy_cfg2"] = shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=DEFAULT_CFG)
-    report["prompt_accuracy_no_cfg"] = shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=1.0)
-    report["novel_pair_accuracy_cfg2"] = shapes_prompt_accuracy(pipe, novel, per_prompt, cfg=DEFAULT_CFG)
-    eps = torch.stack([sample.sample_noise(i, 0, 0) for i in range(n_img)])
+    report["prompt_accuracy_cfg2"] = shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=DEFAULT_CFG, seed=seed)
+    report["prompt_accuracy_no_cfg"] = shapes_prompt_accuracy(pipe, prompts, per_prompt, cfg=1.0, seed=seed)
+    report["novel_pair_accuracy_cfg2"] = shapes_prompt_accuracy(pipe, novel, per_prompt, cfg=DEFAULT_CFG, seed=seed)
+    eps = torch.stack([sample.sample_noise(i, 0, seed) for i in range(n_img)])
     captions = pipe.caption(images, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, eps=eps)
     report["caption_accuracy"] = shapes_caption_accuracy(captions, attrs)
     truth = [data.caption_for(a) for a in attrs]
@@ -235,7 +252,7 @@ def demo_report(out, smoke=False):
                                                        {i: [t] for i, t in enumerate(truth)}), 3)
     report["caption_examples"] = [f"{t} -> {c}" for t, c in list(zip(truth, captions))[:5]]
     grid_prompts = prompts[::max(1, len(prompts) // 16)][:16]
-    eps = torch.stack([sample.sample_noise(i, j, 0) for i in range(len(grid_prompts)) for j in range(4)])
+    eps = torch.stack([sample.sample_noise(i, j, seed) for i in range(len(grid_prompts)) for j in range(4)])
     grid = pipe.generate([p for p in grid_prompts for _ in range(4)], cfg=DEFAULT_CFG, eps=eps)
     report["grid"] = sample.save_grid(grid, os.path.join(out, "heldout_grid.png"), nrow=4)
     with open(os.path.join(out, "heldout_grid.txt"), "w") as f:
@@ -247,7 +264,7 @@ def print_report(r, out):
     """The demo's report as a table."""
     acc = lambda d: f"both {d['both']:.1%}  colour {d['colour']:.1%}  shape {d['shape']:.1%}  " \
                     f"size {d['size']:.1%}  position {d['position']:.1%}"
-    rows = [("tokenizer PSNR, held-out images", f"{r['tokenizer_psnr_db']:.2f} dB"),
+    rows = [("seed", str(r["seed"])), ("tokenizer PSNR, held-out images", f"{r['tokenizer_psnr_db']:.2f} dB"),
             (f"prompt accuracy, {r['heldout_prompts']} held-out prompts x {r['samples_per_prompt']}, CFG 2",
              acc(r["prompt_accuracy_cfg2"])),
             ("  same, no CFG (CFG 1)", acc(r["prompt_accuracy_no_cfg"])),
@@ -255,6 +272,9 @@ def print_report(r, out):
             ("caption accuracy (image to text)", acc(r["caption_accuracy"])),
             ("caption CIDEr-D vs the true captions", f"{r['caption_cider_d']:.3f}")]
     rows += [(f"wall time: {k}", f"{v:.0f} s") for k, v in r["wall_time_s"].items()]
+    rows += [(f"DIVERGED: {stage}", "; ".join(f"steps {e['start']}-{e['end'] or 'end'}, loss peak "
+                                               f"{train._num(e['peak'])} against a best of {train._num(e['best'])}"
+                                               for e in r["loss_spikes"][stage])) for stage in r["diverged"]]
     width = max(len(a) for a, _ in rows)
     print("\n" + "\n".join(f"{a:<{width}}  {b}" for a, b in rows))
     print("\nexamples: " + "\n          ".join(r["caption_examples"][:3]))
@@ -272,6 +292,8 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="the demo folder: one subfolder per stage, the report")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and 25 prompts (a quick check)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seeds every stage: data order, initialisation (the random CLIP tower too), noise")
     return p
 
 

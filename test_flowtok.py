@@ -2689,6 +2689,46 @@ def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_h
     assert not (out / ".lock").exists()
 
 
+def test_spike_watch_records_long_excursions_above_the_best_and_their_end():
+    """Known answers: a spike shorter than `steps` is not recorded; a longer one is, once; its end when the loss
+    is back under factor x the best; a NaN mean counts as above; the state survives a round trip (resume)."""
+    watch = train.SpikeWatch(2.0, 100)
+    said = [watch.update(step, v) for step, v in [(50, 1.0), (100, 0.5), (150, 0.4), (200, 0.9), (250, 0.3)]]
+    assert said == [None] * 5 and watch.episodes == [] and (watch.best, watch.best_step) == (0.3, 250)
+    assert [watch.update(step, v) for step, v in [(300, 0.7), (350, 0.5)]] == [None, None]   # 50 steps: brief
+    said = [watch.update(step, v) for step, v in [(400, 0.7), (450, float("nan")), (500, 5.0)]]
+    assert said[0] is None and said[2] is None and "above 2x its best for 100 steps" in said[1]
+    assert "diverged at step 350" in said[1]
+    assert watch.episodes == [{"start": 350, "end": None, "best": 0.3, "best_step": 250, "peak": 5.0}]
+    assert watch.diverged() == "steps 350-end (never recovered): peak 5 against a best of 0.3"
+    again = train.SpikeWatch(2.0, 100, watch.state_dict())          # what a checkpoint carries
+    assert again.state_dict() == watch.state_dict()
+    assert again.update(550, 0.8) is None and again.episodes[0]["peak"] == 5.0
+    assert "back under 2x its best" in again.update(600, 0.5) and again.episodes[0]["end"] == 600
+    assert again.update(650, 0.25) is None and (again.best, again.best_step) == (0.25, 650)
+    assert again.diverged() == "steps 350-600: peak 5 against a best of 0.3"
+    off = train.SpikeWatch(0.0, 1)                                  # --spike-factor 0: never
+    assert [off.update(s, v) for s, v in [(1, 1.0), (2, 100.0), (3, 100.0)]] == [None] * 3 and not off.episodes
+
+
+def test_a_diverging_run_says_so_in_its_log_checkpoint_and_result(tiny_tokenizer, tmp_path):
+    """Through the real loop: a loss above 1.0001x its best for 2 logged steps (a tiny run's loss wanders) is
+    recorded, logged, returned and checkpointed; a resume carries the record on."""
+    out = tmp_path / "run"
+    result = run_train(*flow_args(tiny_tokenizer, out, "--steps", 12, "--spike-factor", 1.0001, "--spike-steps", 2,
+                                  "--ckpt-every", 6))
+    assert result["spikes"] and all(e["peak"] > 1.0001 * e["best"] for e in result["spikes"])
+    log = (out / "log.txt").read_text()
+    assert "warning: the loss has been above 1.0001x its best for 2 steps" in log
+    assert "warning: this run diverged (steps" in log
+    saved = torch.load(out / "last.pt", weights_only=True)["stats"]["spikes"]
+    assert saved["episodes"] == result["spikes"]
+    resumed = run_train(*flow_args(tiny_tokenizer, out, "--steps", 13, "--spike-factor", 1.0001, "--spike-steps",
+                                   2, "--resume"))
+    starts = [e["start"] for e in result["spikes"]]
+    assert [e["start"] for e in resumed["spikes"]][:len(starts)] == starts     # carried on, not started afresh
+
+
 def test_every_train_flag_has_a_resume_class():
     """A new flag must be put in one of train.py's resume classes (fixed, applied, kept, free), and in one only."""
     classes = train.RESUME_FIXED + train.RESUME_APPLIED + train.RESUME_KEPT + train.RESUME_FREE
@@ -4797,6 +4837,7 @@ def test_demo_preset_smoke_run(tmp_path):
     report = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
     saved = json.loads((out / "report.json").read_text())
     assert saved["tokenizer_psnr_db"] == report["tokenizer_psnr_db"] > 12
+    assert saved["seed"] == 0 and saved["diverged"] == [] and set(saved["loss_spikes"]) == set(demo.DEMO)
     for key in ("prompt_accuracy_cfg2", "prompt_accuracy_no_cfg", "novel_pair_accuracy_cfg2", "caption_accuracy"):
         assert set(saved[key]) >= {"colour", "shape", "both", "size", "position"}
         assert all(0 <= v <= 1 for v in saved[key].values())
@@ -4816,6 +4857,33 @@ def test_demo_preset_smoke_run(tmp_path):
     again = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
     assert set(again["wall_time_s"]) == {"evaluation", "total", "pretokenize"}
     assert again["prompt_accuracy_cfg2"] == report["prompt_accuracy_cfg2"]
+    # another seed is another run: its own folder, not this one's
+    with pytest.raises(UserError, match=r"holds a demo of --seed 0: run it again with that seed, or give this seed"):
+        demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out), "--seed", "1"]))
+
+
+def test_demo_seed_reaches_every_stage_and_a_diverged_stage_is_not_a_result(tmp_path, monkeypatch):
+    """--seed N is every stage's --seed and the evaluation noise's; a stage whose SpikeWatch recorded an episode
+    is named in report.json and on screen, and the demo exits 1 (UserError) instead of presenting the numbers."""
+    seen, spike = {}, {"start": 350, "end": None, "best": 0.001, "best_step": 300, "peak": 0.05}
+
+    def fake_train(args):
+        seen[args.stage] = args.seed
+        return {"stopped": None, "spikes": [spike] if args.stage == "tokenizer" else []}
+
+    monkeypatch.setattr(train, "main", fake_train)
+    monkeypatch.setattr(data, "pretokenize", lambda args: os.makedirs(args.out, exist_ok=True))
+    acc = dict.fromkeys(("colour", "shape", "both", "size", "position"), 0.5)
+    monkeypatch.setattr(demo, "demo_report", lambda out, smoke, seed: {
+        "seed": seed, "tokenizer_psnr_db": 20.0, "samples_per_prompt": 1, "heldout_prompts": 1, "novel_prompts": 1,
+        "prompt_accuracy_cfg2": acc, "prompt_accuracy_no_cfg": acc, "novel_pair_accuracy_cfg2": acc,
+        "caption_accuracy": acc, "caption_cider_d": 0.0, "caption_examples": [], "grid": "grid.png"})
+    with pytest.raises(UserError, match=r"^the tokenizer stage diverged .* the report above is not the recipe's"):
+        demo.run_demo(demo.build_parser().parse_args(["--out", str(tmp_path / "d"), "--seed", "7"]))
+    assert seen == dict.fromkeys(demo.DEMO, 7)
+    saved = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert saved["seed"] == 7 and saved["diverged"] == ["tokenizer"] and saved["loss_spikes"]["tokenizer"] == [spike]
+    assert demo.demo_args("flow", "x", False, 3).seed == 3
 
 
 # ==========================================================================================================

@@ -107,7 +107,7 @@ RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup",
 RESUME_KEPT = ("init", "init_from_ema")
 # free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
 RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
-               "max_bad_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
+               "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
                "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref",
                "eval_samples", "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model", "eval_clip_weights")
 
@@ -325,8 +325,9 @@ def projector_kwargs(args, clip):
 class Stage:
     """One training stage. `defaults`: the official (or closest public) recipe, every value one flag away;
     `noise`: what the per-sample noise vector holds (data.py draws it from the sample's stream position);
-    `micro_batch`: the per-process batch when --batch-size is not given (None: global batch / processes)."""
-    defaults, noise, micro_batch = {}, {}, None
+    `micro_batch`: the per-process batch when --batch-size is not given (None: global batch / processes);
+    `watched`: the logged loss term that SpikeWatch follows."""
+    defaults, noise, micro_batch, watched = {}, {}, None, "loss"
 
     def build(self, args, clip, frozen, config, device):
         """-> the trainable parts {name: module}; frozen encoders go into `frozen`, paths into `config`."""
@@ -350,7 +351,7 @@ class TokenizerStage(Stage):
     defaults = dict(lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5,
                     ema=0.999, grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1,
                     w_gan=0.1, gan_start=200_000, random_crop=True, flip=True, size_filter=True)
-    noise = dict(img=T)
+    noise, watched = dict(img=T), "mse"     # the GAN term joins the loss late and moves it by design
 
     def build(self, args, clip, frozen, config, device):
         overrides = dict(text_dim=clip.width, image_size=args.image_size)
@@ -777,6 +778,7 @@ class Run:
         self.step, self.skips, self.sums, self.seen, self.n_steps, self.bad_in_a_row = 0, Counter(), Counter(), 0, 0, 0
         self.bar, self.log_file, self.scale_images, self.t_log = None, os.path.join(args.out, "log.txt"), None, 0.0
         self.metrics = self.evaluation = None       # rank 0's MetricsLog and TrainingEval, once the step is known
+        self.watch = SpikeWatch(args.spike_factor, args.spike_steps)   # restore() replaces it on a resume
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)   # setup_run enables it for fp16
         # set by main, section by section: frozen, config, objective, ema, params, optimizer, scheduler, disc,
         # loader, model
@@ -827,6 +829,70 @@ class MetricsLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+class SpikeWatch:
+    """A loss far above its best for many steps: a run that diverged, reported in the log and the checkpoint.
+
+    Fed the watched loss's mean at every log line. An episode starts when the mean exceeds `factor` x the best mean
+    before it and ends when it falls back under that; one lasting `steps` steps or more is recorded (a brief spike
+    that recovers is not). An episode still open at the end of training is a spike the run never recovered from.
+    """
+
+    def __init__(self, factor, steps, state=None):
+        self.factor, self.steps = factor, steps
+        self.best = self.best_step = self.start = self.peak = None   # start, peak: of the excursion under way
+        self.last_step, self.episodes = 0, []   # episodes: {"start", "end" (None: open), "best", "best_step", "peak"}
+        if state:
+            for k in ("best", "best_step", "start", "peak", "last_step"):
+                setattr(self, k, state[k])
+            self.episodes = [dict(e) for e in state["episodes"]]
+
+    def state_dict(self):
+        keys = ("best", "best_step", "start", "peak", "last_step")
+        return {**{k: getattr(self, k) for k in keys}, "episodes": [dict(e) for e in self.episodes]}
+
+    def update(self, step, value):
+        """The mean over the steps since the last call -> a line to log when an episode is recorded or ends."""
+        since, self.last_step = self.last_step, step
+        if not self.factor:
+            return None
+        above = not math.isfinite(value) or (self.best is not None and value > self.factor * self.best)
+        open_ = self.episodes[-1] if self.episodes and self.episodes[-1]["end"] is None else None
+        if not above:
+            self.start = self.peak = None
+            if self.best is None or value < self.best:
+                self.best, self.best_step = value, step
+            if open_ is None:
+                return None
+            open_["end"] = step
+            return (f"step {step}: the loss is back under {self.factor:g}x its best ({value:.4g}; the spike lasted "
+                    f"steps {open_['start']}-{step})")
+        self.start = since if self.start is None else self.start
+        if math.isfinite(value):                                  # a non-finite mean: above, not a peak
+            self.peak = value if self.peak is None else max(self.peak, value)
+        if open_ is not None:
+            open_["peak"] = self.peak
+        elif step - self.start >= self.steps:
+            self.episodes.append({"start": self.start, "end": None, "best": self.best, "best_step": self.best_step,
+                                  "peak": self.peak})
+            return (f"step {step}: warning: the loss has been above {self.factor:g}x its best for {step - self.start} "
+                    f"steps ({value:.4g} against {_num(self.best)} at step {self.best_step}): the run diverged at "
+                    f"step {self.start}; a result of this run is not the recipe's (lower --lr, raise --warmup, or "
+                    f"resume from a checkpoint before step {self.start})")
+        return None
+
+    def diverged(self):
+        """The recorded episodes -> a one-line summary, or None when there were none."""
+        if not self.episodes:
+            return None
+        return "; ".join(f"steps {e['start']}-{e['end'] if e['end'] is not None else 'end (never recovered)'}: "
+                         f"peak {_num(e['peak'])} against a best of {_num(e['best'])}" for e in self.episodes)
+
+
+def _num(x):
+    """A logged loss value, or 'non-finite' for None."""
+    return "non-finite" if x is None else f"{x:.4g}"
 
 
 def stop_signals():
@@ -1194,6 +1260,8 @@ def restore(run, ckpt):
     except ValueError as e:                    # a tar stream continues exactly only with the same GPUs and workers
         raise UserError(f"--resume: {e}") from None
     run.skips = Counter(ckpt["stats"]["skips"][mine]) if run.rank < len(ckpt["rng"]) else Counter()
+    if "spikes" in ckpt["stats"]:               # runs saved before the watch existed start it afresh
+        run.watch = SpikeWatch(run.args.spike_factor, run.args.spike_steps, ckpt["stats"]["spikes"])
     set_rng_state(ckpt["rng"][mine])
     run.say(f"resumed {run.args.out} at step {run.step}")
     if applied_changes(ckpt, run.args):
@@ -1310,6 +1378,9 @@ def log_metrics(run):
     metrics = " ".join(f"{k} {v:.4g}" for k, v in means.items())
     run.say(f"step {run.step}/{run.args.steps} | {metrics} | lr {lr:.3g} | {speed:.1f} samples/s | "
             f"skipped: {data.format_skips(total_skips)}")
+    spike = run.watch.update(run.step, means.get(STAGES[run.args.stage].watched, 0.0))  # every rank: same means
+    if spike:
+        run.say(spike)
     if run.metrics is not None:
         run.metrics.write({"step": run.step, **means, "lr": lr, "samples_per_s": speed, "time": time.time(),
                            "skipped": dict(total_skips)})
@@ -1338,7 +1409,7 @@ def checkpoint(run):
                  "model": {k: v.state_dict() for k, v in run.objective.parts.items()},
                  "ema": {k: v.state_dict() for k, v in run.ema.items()}, "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "rng": rngs, "data_state": positions,
-                 "stats": {"skips": all_skips}}
+                 "stats": {"skips": all_skips, "spikes": run.watch.state_dict()}}
         if run.disc is not None:
             state["discriminator"] = run.disc.state_dict()
         if run.scaler.is_enabled():
@@ -1468,7 +1539,10 @@ def train_loop(run, source):
             run.bar.close()
         if run.metrics is not None:
             run.metrics.close()
-    return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None}
+    if rank == 0 and run.watch.diverged() and run.step >= args.steps:
+        run.say(f"warning: this run diverged ({run.watch.diverged()}): its numbers are not the recipe's")
+    return {"step": run.step, "skips": dict(run.skips), "out": args.out, "stopped": stop[0] if stop else None,
+            "spikes": run.watch.episodes}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1735,6 +1809,10 @@ def build_parser():
                    help="max gradient norm (0: no clipping; the norm is logged anyway)")
     p.add_argument("--max-bad-steps", type=positive_int, default=5,
                    help="stop after this many non-finite steps in a row")
+    p.add_argument("--spike-factor", type=non_negative_float, default=2.0, help="warn when the logged loss stays "
+                   "above this many times its best (0: never); recorded in checkpoints as a diverged run")
+    p.add_argument("--spike-steps", type=positive_int, default=500,
+                   help="... for at least this many steps (a shorter spike that recovers is not reported)")
     # system
     p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (default: bf16 on GPUs that compute it "
                    "natively, fp16 with a gradient scaler on older ones, fp32 on CPU)")
