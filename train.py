@@ -107,8 +107,8 @@ RESUME_APPLIED = ("steps", "global_batch", "lr", "min_lr", "schedule", "warmup",
 RESUME_KEPT = ("init", "init_from_ema")
 # free: how the run is executed, logged, saved and previewed (numerics up to rounding); changes at will
 RESUME_FREE = ("out", "resume", "batch_size", "num_workers", "precision", "compile", "grad_checkpointing",
-               "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
-               "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref",
+               "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every",
+               "sample_steps", "cfg", "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref",
                "eval_samples", "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model", "eval_clip_weights")
 
 
