@@ -13,13 +13,11 @@ import argparse
 import collections
 import functools
 import glob
-import hashlib
 import io
 import itertools
 import json
 import os
 import re
-import signal
 import sys
 import tarfile
 import warnings
@@ -31,9 +29,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
-from projector import (CLIPTextEncoder, OFFICIAL_CLIP_TOWER, UserError, load_checkpoint, non_negative_int, one_line,
-                       pick_device, positive_int, resolve_path, run_cli, short_hash, tokenize, weights_sha256,
-                       write_json_atomic)
+from projector import CLIPTextEncoder, OFFICIAL_CLIP_TOWER, tokenize
+from runtime import (UserError, append_npy, dist_env, expand_braces, format_skips, generator,
+                     leave_signals_to_the_trainer, load_checkpoint, non_negative_int, one_line, pick_device,
+                     positive_int, rank_world, resolve_path, run_cli, short_hash, weights_sha256, write_json_atomic)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -51,17 +50,6 @@ class BadSample(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
-
-
-def _seed(*parts):
-    """Mix ints and strings into a 63-bit seed, e.g. (seed, "noise", position): one independent stream each."""
-    digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _generator(*parts):
-    """A torch.Generator seeded by _seed(*parts)."""
-    return torch.Generator().manual_seed(_seed(*parts))
 
 
 def res_ratio_filter(width, height, min_longer):
@@ -206,30 +194,6 @@ def transform(image, size, random_crop=False, flip=False, generator=None):
     if flip and torch.rand((), generator=generator) < 0.5:
         pixels = pixels.flip(-1)
     return pixels.float() / 255
-
-
-def expand_braces(pattern):
-    """'a-{00..02}.tar' -> ['a-00.tar', 'a-01.tar', 'a-02.tar']; '{x,y}' lists too; zero padding is kept."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if span:
-        lo, hi = span.groups()
-        padded = any(len(end) > 1 and end.startswith("0") for end in (lo, hi))  # "000..099" but not "0..10"
-        width = max(len(lo), len(hi)) if padded else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    return [out for item in items for out in expand_braces(head + item + tail)]
-
-
-def format_skips(counts):
-    """{reason: count} -> 'missing file: 5, empty caption: 2' (largest first), or 'none'."""
-    items = sorted(((n, reason) for reason, n in counts.items() if n), key=lambda t: (-t[0], t[1]))
-    return ", ".join(f"{reason}: {n}" for n, reason in items) or "none"
 
 
 def _no_samples(name, total, counts):
@@ -544,7 +508,7 @@ class TarSource:
         epoch, shard, offset, seen = cursor["epoch"], cursor["shard"], cursor["offset"], cursor["seen"]
         counts, dry = collections.Counter(), 0  # dry: shards read in a row without a usable sample
         while True:
-            order = torch.randperm(len(self.shards), generator=_generator(seed, "shards", epoch)).tolist()
+            order = torch.randperm(len(self.shards), generator=generator(seed, "shards", epoch)).tolist()
             share = order[reader::readers]  # indices into self.shards
             while shard < len(share):
                 usable = False
@@ -554,8 +518,8 @@ class TarSource:
                             continue
                         seen += 1
                         try:
-                            sample = self.decode(files, _generator(seed, "augment", reader, seen),
-                                                 _generator(seed, "caption", epoch, share[shard], k))
+                            sample = self.decode(files, generator(seed, "augment", reader, seen),
+                                                 generator(seed, "caption", epoch, share[shard], k))
                             usable = True
                         except BadSample as e:
                             sample = e
@@ -609,31 +573,6 @@ def _numpy(x):
     return np.asarray(x)
 
 
-def _append_npy(path, rows):
-    """Append rows to an .npy file in place (numpy leaves header room for the first axis to grow)."""
-    if not os.path.exists(path):
-        np.save(path, rows)
-        return
-    fmt = np.lib.format
-    with open(path, "r+b") as f:
-        version = fmt.read_magic(f)
-        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
-                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}[version]
-        shape, fortran, dtype = read(f)
-        data_start = f.tell()
-        if fortran or dtype != rows.dtype or shape[1:] != rows.shape[1:]:
-            raise ValueError(f"{path}: cannot append {rows.dtype}{rows.shape[1:]} rows to {dtype}{shape[1:]}")
-        header = io.BytesIO()
-        grown = (shape[0] + len(rows),) + shape[1:]
-        write(header, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": grown})
-        if len(header.getvalue()) != data_start:
-            raise ValueError(f"{path}: the .npy header has no room to grow; rewrite the cache")
-        f.seek(data_start + int(np.prod(shape)) * dtype.itemsize)
-        f.write(rows.tobytes())  # data first, header last: an interrupted append leaves the old array
-        f.seek(0)
-        f.write(header.getvalue())
-
-
 def write_cache(directory, posterior, clip, ids, captions):
     """Append n rows to a pre-tokenised cache (created if needed).
 
@@ -648,7 +587,7 @@ def write_cache(directory, posterior, clip, ids, captions):
         value = np.ascontiguousarray(_numpy(value).astype(dtype))
         if len(value) != len(captions):
             raise ValueError(f"write_cache: {name} has {len(value)} rows for {len(captions)} captions")
-        _append_npy(os.path.join(directory, name + ".npy"), value)
+        append_npy(os.path.join(directory, name + ".npy"), value)
     with open(os.path.join(directory, "captions.jsonl"), "a", encoding="utf-8") as f:
         f.writelines(json.dumps({"caption": c}) + "\n" for c in captions)
 
@@ -758,9 +697,9 @@ SPLITS = ("train", "heldout", "novel")
 RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)  # per COLOURS
 RADIUS = np.array([0.20, 0.28], np.float32)  # per SIZES, fraction of the image side
 CENTRE = np.array([[0.33, 0.5], [0.67, 0.5], [0.5, 0.33], [0.5, 0.67], [0.5, 0.5]], np.float32)  # (x, y) per POSITIONS
-_WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")  # per POSITIONS
+WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")  # per POSITIONS
 AREA = (np.pi, 4 * 0.85 ** 2, 0.75 * np.sqrt(3) * 1.1 ** 2, 2 * 1.1 ** 2)  # shape area / radius^2, per SHAPES
-_CAPTION = re.compile(rf"an? ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(_WHERE)})")
+CAPTION_PATTERN = re.compile(rf"an? ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(WHERE)})")
 
 
 def _inside(shape, u, v):
@@ -776,16 +715,7 @@ def _inside(shape, u, v):
 
 def caption_for(attrs):
     """{"colour", "shape", "size", "position"} -> 'a large red circle on the left'."""
-    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {_WHERE[POSITIONS.index(attrs['position'])]}"
-
-
-def parse_caption(text):
-    """A shapes caption (any case, extra spaces, final '.') -> attrs dict, or None if it is not one."""
-    match = _CAPTION.fullmatch(" ".join(str(text).lower().split()).rstrip("."))
-    if match is None:
-        return None
-    size, colour, shape, where = match.groups()
-    return {"colour": colour, "shape": shape, "size": size, "position": POSITIONS[_WHERE.index(where)]}
+    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {WHERE[POSITIONS.index(attrs['position'])]}"
 
 
 def shapes_prompts(split):
@@ -944,22 +874,57 @@ def build_dataset(spec, image_size=32, min_size=None, random_crop=False, flip=Fa
     return source
 
 
-def _leave_signals_to_the_trainer(worker_id):
-    """DataLoader workers ignore SIGTERM / SIGINT / SIGUSR1: a scheduler signals the whole process group on
-    preemption, and a worker that died first would crash the trainer before it saves its checkpoint."""
-    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-        if hasattr(signal, name):                  # SIGUSR1 does not exist on Windows
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+def open_dataset(spec, image_size=32, **options):
+    """build_dataset, a spec that cannot be used (an unknown kind, option or split) as one line naming it."""
+    try:
+        return build_dataset(spec, image_size=image_size, **options)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(str(e)) from None
 
 
-def _rank_world(rank, world):
-    """Explicit rank and world size, or torch.distributed's, or (0, 1)."""
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if world is None:
-        world = torch.distributed.get_world_size() if initialised else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if initialised else 0
-    return rank, world
+def extent(source, spec):
+    """(how many, of what) a source holds, for comparing ranks: (samples, 'samples in --data SPEC') or shards."""
+    if hasattr(source, "__len__"):
+        return len(source), f"samples in --data {spec}"
+    return len(getattr(source, "shards", [])), f"shards in --data {spec}"
+
+
+def caption_vocabulary(source, spec):
+    """The CLIP ids of every caption a map-style source can give, recaptions and all sentences included (the
+    TextDecoder's classes with --decoder-vocab data)."""
+    if isinstance(source, CacheSource):
+        return sorted({int(i) for a in source._open() for i in np.unique(a["ids"])})
+    if isinstance(source, ShapesSource):
+        captions = shapes_prompts(source.split)
+    elif hasattr(source, "texts"):
+        captions = source.texts()
+    else:
+        raise UserError(f"--decoder-vocab data needs a map-style source, not {spec}")
+    ids = torch.cat([tokenize(captions[i:i + 4096])[0] for i in range(0, len(captions), 4096)])
+    return sorted(int(i) for i in ids.unique())
+
+
+def check_cache_identity(source, spec, encoders, rank=0):
+    """A `cache:` source must come from the run's tokenizer and CLIP weights (pretokenize records their hashes):
+    another encoder's features would train the flow on latents that its tokenizer never decodes, silently.
+    encoders: {"tokenizer" / "clip": (the frozen module or None, how the run names it)}."""
+    if not isinstance(source, CacheSource):
+        return
+    if source.identity is None:
+        if rank == 0:
+            print(f"warning: --data {spec} records no tokenizer or CLIP identity (made before caches recorded "
+                  f"it): nothing checks that it matches this run's; pre-tokenise again to get the check",
+                  file=sys.stderr)
+        return
+    needed = {"tokenizer": "posterior", "clip": "clip"}
+    ours = {name: (weights_sha256(module), what) for name, (module, what) in encoders.items()
+            if module is not None and needed[name] in source.keys}
+    differ = [f"{name} {short_hash(source.identity.get(name))} in the cache vs {short_hash(mine)} of {what}"
+              for name, (mine, what) in ours.items() if source.identity.get(name) != mine]
+    if differ:
+        raise UserError(f"--data {spec} was pre-tokenised with other weights ({'; '.join(differ)}): pre-tokenise "
+                        f"again with this run's (python data.py pretokenize --tokenizer ...), or train with the "
+                        f"tokenizer and CLIP the cache was made with")
 
 
 def _as_is(batch):
@@ -989,7 +954,7 @@ def _collate(samples, skipped):
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def _epoch_order(n, seed, epoch):
     """Epoch `epoch` of the stream: a permutation of range(n) seeded by (seed, epoch)."""
-    return torch.randperm(n, generator=_generator(seed, "epoch", epoch)).numpy()
+    return torch.randperm(n, generator=generator(seed, "epoch", epoch)).numpy()
 
 
 class _Positions(torch.utils.data.Sampler):
@@ -1024,13 +989,13 @@ class _MapBatches(torch.utils.data.Dataset):
                 if rendered is not None:     # sources that read or render a batch at once (shapes, cache)
                     sample = next(rendered)
                 else:
-                    sample = self.source.get(index, _generator(self.seed, "augment", position))
+                    sample = self.source.get(index, generator(self.seed, "augment", position))
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue
             sample["position"], sample["index"] = position, index
             if self.noise_dim:
-                sample["noise"] = torch.randn(self.noise_dim, generator=_generator(self.seed, "noise", position))
+                sample["noise"] = torch.randn(self.noise_dim, generator=generator(self.seed, "noise", position))
             samples.append(sample)
         return _collate(samples, skipped)
 
@@ -1049,7 +1014,7 @@ class Loader:
 
     def __init__(self, source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
         self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
-        self.rank, self.world = _rank_world(rank, world)
+        self.rank, self.world = rank_world(rank, world)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.position = 0
 
@@ -1065,8 +1030,8 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             _MapBatches(self.source, self.seed, self.noise_dim), batch_size=None, collate_fn=_as_is,
             sampler=_Positions(len(self.source), self.batch_size, self.rank, self.world, self.seed, start),
-            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=_generator(self.seed, "workers"),
-            worker_init_fn=_leave_signals_to_the_trainer)
+            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator(self.seed, "workers"),
+            worker_init_fn=leave_signals_to_the_trainer)
         pending, usable = collections.Counter(), 0
         for batch in loader:
             self.position += self.batch_size * self.world
@@ -1108,7 +1073,7 @@ class _TarBatches(torch.utils.data.IterableDataset):
                     skipped[sample.reason] += 1
                     continue
                 if self.noise_dim:
-                    noise = _generator(self.seed, "noise", reader, cursor["seen"])
+                    noise = generator(self.seed, "noise", reader, cursor["seen"])
                     sample["noise"] = torch.randn(self.noise_dim, generator=noise)
                 samples.append(sample)
             batch = _collate(samples, skipped)
@@ -1124,7 +1089,7 @@ class TarLoader:
 
     def __init__(self, source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
         self.source, self.batch_size, self.seed, self.noise_dim = source, batch_size, seed, noise_dim
-        self.rank, self.world = _rank_world(rank, world)
+        self.rank, self.world = rank_world(rank, world)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         if len(source.shards) < self.world:
             raise UserError(f"{source.name}: {len(source.shards)} shards for {self.world} ranks (each reads shards of "
@@ -1155,8 +1120,8 @@ class TarLoader:
                               self.batches, list(self.cursors))
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                                              num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                             generator=_generator(self.seed, "workers"),
-                                             worker_init_fn=_leave_signals_to_the_trainer)
+                                             generator=generator(self.seed, "workers"),
+                                             worker_init_fn=leave_signals_to_the_trainer)
         for batch in loader:
             if "error" in batch:
                 raise UserError(batch["error"])
@@ -1209,7 +1174,7 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         try:  # a generator per index: a caption drawn per sample (recaptions, Karpathy) is the same on every run
-            return self.source.get(index, _generator("pretokenize", index))
+            return self.source.get(index, generator("pretokenize", index))
         except BadSample as e:
             return e
 
@@ -1253,8 +1218,8 @@ def pretokenize(args):
     stopped (rows already in a part are not recomputed). Each part records its identity (tokenizer and CLIP weight
     hashes, data spec, settings) in identity.json; a run of another identity never appends to it.
     """
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", 0)))   # also this rank's current GPU (TF32 on)
+    rank, world, local = dist_env()
+    device = pick_device("auto", local)   # also this rank's current GPU (TF32 on)
     tok = tokenizer_lib.load_tokenizer(args.tokenizer).to(device)
     clip_cfg = dict(tower=OFFICIAL_CLIP_TOWER, weights="openai")   # the official tokenizer's text tower
     if os.path.isdir(args.tokenizer) or args.tokenizer.endswith(".pt"):

@@ -25,12 +25,12 @@ import torch
 from scipy import ndimage
 
 import data
-import evaluate
+import projector
 import sample
 import tokenizer
 import train
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS
-from projector import UserError, non_negative_int, run_cli
+from runtime import UserError, loss_text, non_negative_int, run_cli
 
 # The demo: the whole FlowTok pipeline on the built-in shapes world, on a laptop CPU.
 # Small sizes and the speed knobs of the real modules (a linear 77-token layout in the tokenizer, 7 latent
@@ -122,11 +122,20 @@ def analyse_shape(image):
             "position": data.POSITIONS[position]}
 
 
+def parse_caption(text):
+    """A shapes caption (any case, extra spaces, final '.') -> attrs dict, or None if it is not one."""
+    match = data.CAPTION_PATTERN.fullmatch(" ".join(str(text).lower().split()).rstrip("."))
+    if match is None:
+        return None
+    size, colour, shape, where = match.groups()
+    return {"colour": colour, "shape": shape, "size": size, "position": data.POSITIONS[data.WHERE.index(where)]}
+
+
 def shape_accuracy(images, attrs):
     """Fraction of images whose analysed colour, shape, both, size, position match attrs (dicts or captions)."""
     hits = Counter()
     for image, want in zip(images, attrs):
-        want = data.parse_caption(want) if isinstance(want, str) else want
+        want = parse_caption(want) if isinstance(want, str) else want
         got = analyse_shape(image)
         for key in ("colour", "shape", "size", "position"):
             hits[key] += want is not None and got[key] == want[key]
@@ -153,7 +162,7 @@ def shapes_caption_accuracy(captions, attrs):
     """Generated captions vs the true attributes of their images -> {colour, shape, both, size, position, parsed}."""
     hits, n = Counter(), max(len(captions), 1)
     for caption, want in zip(captions, attrs):
-        got = data.parse_caption(caption) or {}
+        got = parse_caption(caption) or {}
         hits["parsed"] += bool(got)
         for key in ("colour", "shape", "size", "position"):
             hits[key] += got.get(key) == want[key]
@@ -248,7 +257,7 @@ def demo_report(out, smoke=False, seed=0):
     captions = pipe.caption(images, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, eps=eps)
     report["caption_accuracy"] = shapes_caption_accuracy(captions, attrs)
     truth = [data.caption_for(a) for a in attrs]
-    report["caption_cider_d"] = round(evaluate.cider_d(dict(enumerate(captions)),
+    report["caption_cider_d"] = round(projector.cider_d(dict(enumerate(captions)),
                                                        {i: [t] for i, t in enumerate(truth)}), 3)
     report["caption_examples"] = [f"{t} -> {c}" for t, c in list(zip(truth, captions))[:5]]
     grid_prompts = prompts[::max(1, len(prompts) // 16)][:16]
@@ -273,7 +282,7 @@ def print_report(r, out):
             ("caption CIDEr-D vs the true captions", f"{r['caption_cider_d']:.3f}")]
     rows += [(f"wall time: {k}", f"{v:.0f} s") for k, v in r["wall_time_s"].items()]
     rows += [(f"DIVERGED: {stage}", "; ".join(f"steps {e['start']}-{e['end'] or 'end'}, loss peak "
-                                               f"{train._num(e['peak'])} against a best of {train._num(e['best'])}"
+                                               f"{loss_text(e['peak'])} against a best of {loss_text(e['best'])}"
                                                for e in r["loss_spikes"][stage])) for stage in r["diverged"]]
     width = max(len(a) for a, _ in rows)
     print("\n" + "\n".join(f"{a:<{width}}  {b}" for a, b in rows))

@@ -1,4 +1,4 @@
-"""FlowTok evaluation: FID, COCO-30K, MJHQ-30K, CLIP score, image-to-text captions, tokenizer rFID and speed.
+"""FlowTok evaluation: FID, COCO-30K, MJHQ-30K, CLIP score, image-to-text captions, tokenizer rFID.
 
     python evaluate.py fid real_images/ samples/ --device cpu
     python evaluate.py mjhq30k --ckpt runs/xl --mjhq-meta meta_data.json --mjhq-images mjhq30k_imgs --out eval/mjhq
@@ -7,7 +7,8 @@
 
 The first compares two image folders on a CPU; the second runs MJHQ-30K on one GPU; the third COCO-30K on 8 GPUs
 (each rank generates its slice, rank 0 computes the FID). `python evaluate.py SUBCOMMAND --help` lists the flags;
-README.md's "Evaluation" section is the manual (FID resize modes, protocols, CLIP score, captions, speed).
+README.md's "Evaluation" section is the manual (FID resize modes, protocols, CLIP score, captions); the speed
+benchmark is bench.py.
 """
 import argparse
 import contextlib
@@ -16,7 +17,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -30,24 +30,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-try:
-    import resource          # Unix only: peak memory on CPU
-except ImportError:
-    resource = None
-
 import data
+import projector
 import sample
 import tokenizer as tokenizer_lib
-from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, FlowDiT, draw_time_and_null, euler_sample, flowtok_loss
+from flow_dit import DEFAULT_CFG, DEFAULT_STEPS
 from data import IMAGE_EXTENSIONS
-from projector import (AMP_DTYPES, CLIPTextEncoder, CLIP_TOWERS, OFFICIAL_CLIP_TOWER, PRECISIONS, TextProjector,
-                       UserError, amp, barrier, check_writable, default_precision, file_sha256, finite_float,
-                       fused_if_available, load_checkpoint, non_negative_int, on_every_rank, one_line, pick_device,
-                       positive_int, ranks, read_weights, resolve_path, run_cli, tokenize, user_errors)
-from tokenizer import TOKENIZER_PRESETS, Tokenizer
+from projector import CLIPTextEncoder, OFFICIAL_CLIP_TOWER, tokenize
+from runtime import (PRECISIONS, MetricsLog, UserError, barrier, check_writable, default_precision, dist_env,
+                     file_sha256, finite_float, load_checkpoint, non_negative_int, on_every_rank, one_line, pick_device,
+                     positive_int, ranks, read_weights, resolve_path, rng_state, run_cli, set_rng_state, user_errors)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -518,126 +512,8 @@ def psnr(x, y):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Caption metrics (COCO caption evaluation toolkit: BLEU-4 and CIDEr-D)
-# ----------------------------------------------------------------------------------------------------------------
-
-# tokens the toolkit drops after PTB tokenisation. Its list spells the brackets -LRB- etc., but its tokenizer runs
-# with -lowerCase and writes -lrb- etc.: brackets stay in the scored text as -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-
-PTB_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-PTB_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
-                   "gimme": ["gim", "me"], "lemme": ["lem", "me"], "'tis": ["'t", "is"], "'twas": ["'t", "was"]}
-# words that keep their final period (as do single letters and letter-period runs: a. u.s. e.g.; "no." before digits)
-PTB_ABBREVIATIONS = set("mr mrs ms dr st jr sr prof gen capt mt ft sq ave co inc ltd corp vs etc "
-                        "jan feb mar apr jun jul aug sep sept oct nov dec".split())
-_PTB_END = r"[.,;:?!]*(?:\s|$)"        # the end of a word, allowing for the punctuation that follows it
-
-
-def _ptb_periods(tokens):
-    """Split a word's final period off, unless the word is an abbreviation (see PTB_ABBREVIATIONS)."""
-    out = []
-    for k, t in enumerate(tokens):
-        stem = t[:-1]
-        keep = (not t.endswith(".") or t in PTB_PUNCTUATION or re.fullmatch(r"[a-z](?:\.[a-z])*", stem)
-                or stem in PTB_ABBREVIATIONS or stem == "no" and tokens[k + 1:k + 2] and tokens[k + 1][0].isdigit())
-        out += [t] if keep else [stem, "."]
-    return out
-
-
-def ptb_tokenize(caption):
-    """Caption -> lower-case PTB tokens without the toolkit's punctuation (the Java tokenizer's common rules)."""
-    s = re.sub(r"(?<![A-Z])&|&(?![A-Z])", " & ", caption.replace("\n", " ")).lower()   # AT&T whole, b&w split
-    s = re.sub(r"\"|``|''", " ", s)                         # double quotes (`` and '' there, then dropped)
-    s = re.sub(r"[()\[\]{}]", lambda m: f" {PTB_BRACKETS[m.group()]} ", s)
-    s = re.sub(r"[$%#+=*^~|\\]|/(?!\S)", r" \g<0> ", s)      # symbols are tokens ($ 5, 50 %, w /; a/b stays)
-    s = re.sub(r"-{2,}", " -- ", s)
-    s = re.sub(r"\.{2,}", " ... ", s)
-    s = re.sub(r"(\d:\d\d)([ap]m)\b", r"\1 \2", s)          # 10:30pm -> 10:30 pm
-    s = re.sub(r"(?<=\d)'(?=\d)", " ", s)                    # 6'2 -> 6 2
-    s = re.sub(r"(\w)'n'(\w)", r"\1 'n' \2", s)             # rock'n'roll -> rock 'n' roll
-    s = re.sub(r"(\w)(n't)\b", r"\1 \2", s)                 # don't -> do n't
-    s = re.sub(r"(\w)('s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", s)  # dog's -> dog 's
-    # quote marks: a leading ' (unless it begins 's 're ... 'em 'n' 'tis '90s), a trailing ' (unless it ends 'n')
-    s = re.sub(rf"(?<!\S)'(?!(?:s|re|ve|ll|d|m|em|n'|tis|twas){_PTB_END}|\d)", " ", s)
-    s = re.sub(rf"(?<!'n)'(?={_PTB_END})", " ", s)
-    s = re.sub(r"[?!]+(?=\s|$)", r" \g<0> ", s)              # is it?! -> is it ?! (a?b stays whole)
-    s = re.sub(r";|(?<!\d)[,:]|[,:](?!\d)", r" \g<0> ", s)   # keep 1,000 and 12:30
-    tokens = [w for t in s.split() for w in PTB_SPLIT_WORDS.get(t, [t])]
-    return [t for t in _ptb_periods(tokens) if t not in PTB_PUNCTUATION]
-
-
-def _ngram_counts(tokens, n=4):
-    """Counter of all k-grams (tuples), k = 1..n."""
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
-
-
-def _tokenized(candidates, references):
-    """Check the two dicts match and tokenise: id -> candidate tokens, id -> list of reference token lists."""
-    if candidates.keys() != references.keys():
-        raise ValueError("candidates and references must have the same ids")
-    if not candidates or any(len(references[i]) == 0 for i in candidates):
-        raise ValueError("need at least one id, and at least one reference per id")
-    return ({i: ptb_tokenize(c) for i, c in candidates.items()},
-            {i: [ptb_tokenize(r) for r in refs] for i, refs in references.items()})
-
-
-def bleu4(candidates, references):
-    """Corpus BLEU-4 as the COCO toolkit's Bleu scorer ('closest' reference length for the brevity penalty)."""
-    cands, refs = _tokenized(candidates, references)
-    correct, guess, cand_len, ref_len = [0] * 4, [0] * 4, 0, 0
-    for i, cand in cands.items():
-        max_ref = Counter()
-        for ref in refs[i]:
-            max_ref |= _ngram_counts(ref)  # union = per-n-gram max count over the references
-        for gram, count in _ngram_counts(cand).items():
-            correct[len(gram) - 1] += min(count, max_ref[gram])  # clipped matches
-        for k in range(4):
-            guess[k] += max(0, len(cand) - k)
-        cand_len += len(cand)
-        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in refs[i])[1]  # closest; ties -> the shorter
-    # the toolkit's smoothing constants: a zero count gives ~0 (not an error), an empty order ~1e-6
-    tiny, small = 1e-15, 1e-9
-    score = math.prod((c + tiny) / (g + small) for c, g in zip(correct, guess)) ** (1 / 4)
-    ratio = (cand_len + tiny) / (ref_len + small)
-    return score * math.exp(1 - 1 / ratio) if ratio < 1 else score
-
-
-def cider_d(candidates, references, sigma=6.0):
-    """Corpus CIDEr-D as the COCO toolkit's Cider scorer (idf from the references of all ids; x10 scale)."""
-    cands, refs = _tokenized(candidates, references)
-    # document frequency: in how many ids' reference sets an n-gram occurs
-    df = Counter(gram for i in refs for gram in set().union(*(_ngram_counts(r) for r in refs[i])))
-    log_n = math.log(len(refs))  # a single id gives idf 0 everywhere, hence CIDEr 0: score a whole corpus
-
-    def tfidf(tokens):
-        """-> per-order {n-gram: tf * idf} (4 dicts), their L2 norms, and the toolkit's length (# of bigrams)."""
-        vec = [{} for _ in range(4)]
-        for gram, tf in _ngram_counts(tokens).items():
-            vec[len(gram) - 1][gram] = tf * (log_n - math.log(max(1.0, df[gram])))
-        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
-        return vec, norms, max(len(tokens) - 1, 0)  # the toolkit counts bigrams as the caption length
-
-    scores = []
-    for i, cand in cands.items():
-        vec_c, norm_c, len_c = tfidf(cand)
-        total = [0.0] * 4
-        for ref in refs[i]:
-            vec_r, norm_r, len_r = tfidf(ref)
-            penalty = math.exp(-((len_c - len_r) ** 2) / (2 * sigma ** 2))  # Gaussian length penalty
-            for k in range(4):
-                # cosine similarity with the candidate's tf-idf clipped by the reference's ("-D": no gaming by repeats)
-                dot = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec_c[k].items())
-                if norm_c[k] != 0 and norm_r[k] != 0:
-                    dot /= norm_c[k] * norm_r[k]
-                total[k] += dot * penalty
-        scores.append(10.0 * sum(total) / 4 / len(refs[i]))  # mean over n, mean over references, x10
-    return sum(scores) / len(scores)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLIP score (open_clip): prompt-image agreement of generated images
 # ----------------------------------------------------------------------------------------------------------------
-
 
 
 def load_clip_scorer(model="ViT-B-32", pretrained="openai", weights=None, device="cpu"):
@@ -881,61 +757,6 @@ def locate_images(items, images_dir):
                         f"and IMAGES/filename, --images {images_dir}): {names}")
 
 
-def _caption_record(item, caption):
-    """One line of OUT/captions.jsonl."""
-    return json.dumps(dict(id=item["id"], file=item["file"], caption=caption, references=item["references"])) + "\n"
-
-
-def read_captions(path, items):
-    """The captions already in OUT/captions.jsonl for these items (same id and file) -> {id: caption}."""
-    files, done = {it["id"]: it["file"] for it in items}, {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                    if files.get(record["id"]) == record["file"] and isinstance(record["caption"], str):
-                        done[record["id"]] = record["caption"]
-                except (ValueError, KeyError, TypeError):   # a line torn by a kill
-                    continue
-    return done
-
-
-def write_captions(path, items, captions):
-    """Rewrite OUT/captions.jsonl atomically: the captioned items, in split order."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(_caption_record(it, captions[it["id"]]) for it in items if it["id"] in captions)
-    os.replace(tmp, path)
-
-
-def caption_items(pipe, items, captions, path, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=64,
-                  progress=False):
-    """Caption the items missing from `captions` (filled in place, appended to `path` batch by batch) -> count.
-
-    Item k (its position in the split) gets the noise sample_noise(k, 0, seed), as image k of `sample.py
-    --caption`: a caption depends neither on the batch size nor on --limit.
-    """
-    todo = [k for k, it in enumerate(items) if it["id"] not in captions]
-    with open(path, "a", encoding="utf-8") as log, \
-            tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not todo) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk, images = todo[start:start + batch_size], []
-            for k in chunk:
-                try:   # as in training: shorter side to the tokenizer's size (bicubic), centre crop
-                    images.append(data.transform(data.load_image(items[k]["path"]), pipe.tokenizer.image_size))
-                except data.BadSample as err:
-                    raise UserError(f"{items[k]['path']}: {err.reason} (the {len(captions)} captions made so far are "
-                                    f"kept in {path}: replace the image and rerun to continue)") from None
-            eps = torch.stack([sample.sample_noise(k, 0, seed) for k in chunk])                # (b, 77, 16)
-            for k, text in zip(chunk, pipe.caption(torch.stack(images), steps, cfg, eps=eps)):  # (b, 3, S, S)
-                captions[items[k]["id"]] = text
-                log.write(_caption_record(items[k], text))
-            log.flush()                          # a killed run keeps every finished batch
-            bar.update(len(chunk))
-    return len(todo)
-
-
 def i2t_checkpoint(path):
     """The image-to-text checkpoint load_pipeline takes from `path`: a demo folder's flow-i2t/, else path."""
     sub = os.path.join(path, "flow-i2t")
@@ -943,162 +764,105 @@ def i2t_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Speed: samples/s, per-stage time, FLOP/s and peak memory of sampling (or of one training step)
+# FID during training (train.py --eval-every, as the official trainer): the EMA weights through sample.py's
+# generation, this file's FID; every rank generates its share, rank 0 measures. No draw from the training RNG.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _sync(device):
-    """Wait for the device's queued work (timings on GPU are meaningless without it)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+class TrainingEval:
+    """--eval-every N: FID (and CLIP score with --eval-clip-weights) of the EMA weights every N steps."""
 
+    def __init__(self, args, rank, world, device, step):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.prompts = read_eval_prompts(args)
+        self.folder = os.path.join(args.out, "eval", "samples")
+        self.history = MetricsLog(args.out, step, False, name="eval.jsonl") if rank == 0 else None
+        self.ref = load_stats(args.eval_ref) if rank == 0 else None
+        self.net = self.scorer = None                       # loaded at the first evaluation (rank 0)
 
-def _timed(fn, device):
-    """-> (fn(), seconds), synchronised on both ends."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
+    def __call__(self, run):
+        """Evaluate with the RNG states saved and restored around it: building Inception or CLIP draws random
+        initial weights, which would otherwise shift dropout and break the exact resume."""
+        state = rng_state()
+        try:
+            return self.evaluate(run)
+        finally:
+            set_rng_state(state)
 
+    def evaluate(self, run):
+        """Generate OUT/eval/samples from the EMA weights, then (rank 0) FID and CLIP score -> the record or None."""
+        args, t0 = self.args, time.time()
+        pipe = sample.FlowTokPipeline(run.stage.frozen["clip"], run.ema["projector"], run.ema["dit"],
+                                      run.stage.frozen["tokenizer"], precision=args.precision)
+        pipe._identity = f"step {run.step}"                 # records name the step; hashing the weights is not needed
+        os.makedirs(self.folder, exist_ok=True)
+        sample.generate_folder(pipe, self.prompts, self.folder, 1, args.seed, args.eval_steps, args.eval_cfg,
+                               args.batch_size, self.rank, self.world)
+        barrier(self.world)                                 # every rank's images are on disk
+        record = None
+        if self.rank == 0:
+            files = [sample.sample_path(self.folder, i, 0) for i in range(len(self.prompts))]
+            if self.net is None:
+                self.net = load_inception(args.eval_inception).to(self.device)
+            stats = files_stats(files, self.net, device=self.device, name=f"eval at step {run.step}")
+            record = {"step": run.step, "fid": frechet_distance(self.ref.mu, self.ref.sigma, stats.mu,
+                                                                          stats.sigma), "eval_samples": len(files)}
+            if args.eval_clip_weights:
+                if self.scorer is None:
+                    self.scorer = load_clip_scorer(args.eval_clip_model, weights=args.eval_clip_weights,
+                                                            device=self.device)
+                record["clip_score"] = float(clip_scores(files, self.prompts, self.scorer,
+                                                                  self.device).mean())
+            record["eval_seconds"] = time.time() - t0
+            self.history.write(record)
+            if run.metrics is not None:
+                run.metrics.write(record)
+            clip = f", CLIP score {record['clip_score']:.2f}" if "clip_score" in record else ""
+            run.say(f"eval at step {run.step}: FID {record['fid']:.3f}{clip} ({len(files)} samples vs "
+                    f"{self.ref.n or '?'} reference images, {record['eval_seconds']:.0f} s)")
+        barrier(self.world)
+        return record
 
-def _flops(fn):
-    """-> (fn(), FLOPs of its matmuls, convolutions and attention, counted by torch's FlopCounterMode)."""
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return out, counter.get_total_flops()
+def read_eval_prompts(args):
+    """The first --eval-samples prompts of --eval-prompts (one per line, blank lines skipped)."""
+    try:
+        with open(args.eval_prompts, encoding="utf-8") as f:
+            prompts = [" ".join(line.split()) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--eval-prompts {args.eval_prompts}: {one_line(e)}") from None
+    return prompts[:args.eval_samples] if args.eval_samples else prompts
 
+def check_eval_args(args):
+    """--eval-every needs the flow stage, a prompt file and reference statistics: checked before any training."""
+    if not args.eval_every:
+        return
+    missing = [flag for flag, value in (("--eval-prompts", args.eval_prompts), ("--eval-ref", args.eval_ref))
+               if not value]
+    if missing:
+        raise UserError(f"--eval-every needs {' and '.join(missing)} (reference statistics: py fid "
+                        f"REFERENCE_IMAGES --save-stats ref.npz)")
+    if not read_eval_prompts(args):
+        raise UserError(f"--eval-prompts {args.eval_prompts}: no prompts")
+    load_stats(args.eval_ref)                          # a missing or broken file stops here, not later
 
-def matmul_peak(device, dtype, n):
-    """FLOP/s of an n x n x n matmul in `dtype` on `device`, timed for ~0.5 s after a warm-up."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    c = a @ b
-    _, once = _timed(lambda: torch.matmul(a, b, out=c), device)
-    iters = max(1, min(200, math.ceil(0.5 / max(once, 1e-6))))
-    _, seconds = _timed(lambda: [torch.matmul(a, b, out=c) for _ in range(iters)], device)
-    return 2 * n ** 3 * iters / seconds
-
-
-def peak_memory(device):
-    """(bytes or None, what): CUDA max_memory_allocated, else the process's max RSS (not on Windows)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    if resource is None:
-        return None, "not measured (Windows has no getrusage)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "process max RSS"   # macOS: bytes; Linux, BSD: KiB
-
-
-def gib(nbytes):
-    """Bytes -> '1.23 GiB'; None (not measured) -> 'n/a'."""
-    return "n/a" if nbytes is None else f"{nbytes / 2 ** 30:.2f} GiB"
-
-
-def _params(*modules):
-    """Parameter count in millions."""
-    return sum(p.numel() for m in modules for p in m.parameters()) / 1e6
-
-
-def _speed_dit(args):
-    """FlowDiT of size --model (random weights), --depth overriding its depth -> (model, its name)."""
-    dit = FlowDiT(**{**FLOW_MODELS[args.model], **({"depth": args.depth} if args.depth else {})})
-    return dit, f"DiT-{args.model}{f' (depth {args.depth})' if args.depth else ''} {_params(dit):.1f}M"
-
-
-def compile_label(args, device):
-    """How a sampling case runs: '' (eager), 'torch.compile', 'torch.compile, CUDA graphs' or 'torch.compile MODE'."""
-    if not args.compile:
-        return ""
-    if args.compile_mode == "default":
-        return "torch.compile"
-    if args.compile_mode == "reduce-overhead" and device.type == "cuda":
-        return "torch.compile, CUDA graphs"
-    return f"torch.compile {args.compile_mode}"                   # on a CPU reduce-overhead records no graphs
-
-
-def speed_sampling(args, device, autocast, out):
-    """Text -> image as FlowTokPipeline.generate, then PNGs into `out`, random weights -> (stages, models, pipeline).
-
-    stages: [(name, fn(steps), steps)]; the flow stage's FLOPs are counted on 1 step and scaled (all steps alike).
-    """
-    clip = CLIPTextEncoder(args.clip_tower, "random").to(device)
-    proj = TextProjector(clip_dim=clip.width).to(device).eval()
-    dit, dit_name = _speed_dit(args)
-    dit = dit.to(device).eval()
-    tok = Tokenizer.from_preset(args.tokenizer_preset, text_dim=clip.width)
-    del tok.encoder                     # sampling only decodes: keep the encoder out of the memory figure
-    tok = tok.to(device).eval()
-    pipe = sample.FlowTokPipeline(clip, proj, dit, tok, precision=args.precision,
-                                  decode_precision=args.decode_precision)
-    pipe._identity = "random weights"   # no sample records: skip hashing the weights
-    if args.compile:                    # as sample.py --compile: the DiT and the decoder (tok.decoder in place)
-        pipe.compile(args.compile_mode)
-    prompts = [f"a photo of object number {i} on a wooden table" for i in range(args.batch_size)]
-    eps = torch.randn(args.batch_size, 77, 16, device=device)
-    state = {}
-
-    def text(steps):
-        state["feats"] = clip.encode(prompts)                                  # (B, 77, C), fp32 as in sampling
-
-    def project(steps):
-        with torch.no_grad(), autocast():
-            state["z"] = proj(state["feats"], eps)[0]                          # (B, 77, 16)
-
-    def flow(steps):
-        with torch.no_grad(), autocast():
-            state["x1"] = euler_sample(pipe.dit, state["z"], steps=steps, cfg=args.cfg,  # 2B rows per DiT call
-                                       before_step=pipe.step_begin)
-
-    def decode(steps):
-        with torch.no_grad(), autocast(args.decode_precision):
-            pipe.step_begin()
-            state["images"] = tok.decode_flow_tokens(state["x1"], state["feats"]).float().clamp(0, 1)
-
-    def write(steps):                   # as sample.py writes them: uint8 on the host, zlib on a thread pool
-        with sample.PNGWriter() as writer:
-            writer.submit(sample.uint8_images(state["images"]), [os.path.join(out, f"{i:05d}.png")
-                                                                 for i in range(args.batch_size)])
-
-    models = (f"{dit_name} | text projector {_params(proj):.1f}M | CLIP {args.clip_tower} text tower "
-              f"{_params(clip):.1f}M | tokenizer decoder {args.tokenizer_preset} {_params(tok):.1f}M")
-    stages = [("text encoding", text, 1), ("projector", project, 1),
-              (f"flow ({args.steps} steps)", flow, args.steps), ("decoding", decode, 1), ("PNG writing", write, 1)]
-    label = compile_label(args, device)
-    return stages, models + (f" ({label})" if label else ""), pipe
-
-
-def speed_training(args, device, autocast):
-    """One flow training step (flowtok_loss, backward, AdamW) on random features -> (stages, models)."""
-    width, b = CLIP_TOWERS[args.clip_tower]["width"], args.batch_size
-    proj = TextProjector(clip_dim=width).to(device).train()
-    dit, dit_name = _speed_dit(args)
-    dit = dit.to(device).train()
-    dit.grad_checkpointing = args.grad_checkpointing           # the official trainer forces it on
-    if args.grad_checkpointing:
-        dit_name += " with gradient checkpointing"
-    params = list(dit.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03, **fused_if_available(device))
-    model, text = (torch.compile(dit), torch.compile(proj)) if args.compile else (dit, proj)   # train.py --compile
-    feats = torch.randn(b, 77, width, device=device)                           # frozen CLIP features
-    x1 = torch.randn(b, 77, 16, device=device)                                 # flow-space image tokens
-    t, null = draw_time_and_null(torch.randn(b, device=device), torch.randn(b, device=device))
-    eps, state = torch.randn(b, 77, 16, device=device), {}
-
-    def forward(steps):
-        with autocast():
-            state["loss"] = flowtok_loss(model, text, feats, x1, t, null, eps)["loss"]
-
-    def backward(steps):
-        state.pop("loss").backward()
-
-    def step(steps):
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    models = f"{dit_name} + text projector {_params(proj):.1f}M, trained with AdamW" + (
-        " (torch.compile)" if args.compile else "")
-    return [("forward", forward, 1), ("backward", backward, 1), ("optimizer", step, 1)], models, dit
+def add_eval_args(p):
+    """The flags of FID during training (TrainingEval)."""
+    p.add_argument("--eval-every", type=non_negative_int, default=0, help="flow stage: FID of the EMA weights every "
+                   "N steps and at the end, as the official trainer (0: off; default: %(default)s)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="prompts of the FID samples, one per line")
+    p.add_argument("--eval-ref", metavar="STATS.npz", help="reference statistics of images at the training size, "
+                   "bilinear to 299 (py fid IMAGES --save-stats STATS.npz)")
+    p.add_argument("--eval-samples", type=non_negative_int, default=0, help="use the first N prompts (0: all; "
+                   "default: %(default)s)")
+    p.add_argument("--eval-steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-cfg", type=finite_float, default=DEFAULT_CFG, help="guidance of the FID samples "
+                   "(default: %(default)s)")
+    p.add_argument("--eval-inception", metavar="FILE", help="local pt_inception-2015-12-05 weights (default: the "
+                   "torch hub cache, else a download)")
+    p.add_argument("--eval-clip-model", default="ViT-B-32", help="CLIP of the CLIP score: an open_clip name or "
+                   "model-config .json (default: %(default)s)")
+    p.add_argument("--eval-clip-weights", metavar="FILE", help="its weights; given, every evaluation also reports "
+                   "the CLIP score")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1264,7 +1028,7 @@ def run_clipscore(args):
 
 def run_captions(args):
     """`captions`: caption a Karpathy split (or a COCO captions file), score it -> the results dict."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if dist_env()[1] > 1:
         raise UserError("captions runs in one process (a 5,000-image split takes minutes on one GPU): no torchrun")
     if args.karpathy_split:
         split = args.split or "test"
@@ -1296,8 +1060,8 @@ def run_captions(args):
                     precision=precision, model=os.path.abspath(args.ckpt), weights="raw" if args.no_ema else "EMA")
     check_settings(args.out, settings)               # after loading: a wrong --ckpt leaves OUT reusable
     path = os.path.join(args.out, "captions.jsonl")
-    captions = read_captions(path, items)
-    write_captions(path, items, captions)            # without torn lines, before appending to it
+    captions = sample.read_captions(path, items)
+    sample.write_captions(path, items, captions)            # without torn lines, before appending to it
     size = pipe.tokenizer.image_size
     refs = sum(len(it["references"]) for it in items)
     print("\n".join([
@@ -1316,13 +1080,15 @@ def run_captions(args):
         print(f"warning: {n} of the {scope}'s {full} images: BLEU-4 and CIDEr-D of a subset are not comparable "
               f"with published full-{scope} numbers" + (" (CIDEr-D is 0 for a single image)" if n == 1 else ""),
               file=sys.stderr)
-    made = caption_items(pipe, items, captions, path, args.seed, args.steps, args.cfg, args.batch_size, progress=True)
-    write_captions(path, items, captions)            # split order
+    made = sample.caption_items(pipe, items, captions, path, args.seed, args.steps, args.cfg, args.batch_size,
+                                progress=True)
+    sample.write_captions(path, items, captions)            # split order
     print(f"captioned {made}, reused {n - made} images -> {path}")
     candidates = {it["id"]: captions[it["id"]] for it in items}
     references = {it["id"]: it["references"] for it in items}
     result = dict(settings, source=source, split=split, images=n, split_images=full, image_size=size,
-                  bleu4=bleu4(candidates, references), cider_d=cider_d(candidates, references), captions=path)
+                  bleu4=projector.bleu4(candidates, references), cider_d=projector.cider_d(candidates, references),
+                  captions=path)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"BLEU-4: {result['bleu4']:.4f}  CIDEr-D: {result['cider_d']:.4f} ({n} images; papers print both x100; "
@@ -1384,179 +1150,6 @@ def run_rfid(args):
     return result
 
 
-def measure(stages, device, repeats, count_flops=True):
-    """A warm-up pass that counts FLOPs, then `repeats` timed passes -> ({stage: seconds}, {stage: FLOPs}, bytes).
-
-    bytes: the peak memory from the warm-up on (CUDA max_memory_allocated; on CPU the process's max RSS so far).
-    Compiled stages (count_flops False) warm up outside FlopCounterMode, which would make them compile twice;
-    their FLOPs are reported as 0 (the eager stages' count applies).
-    """
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    flops = dict.fromkeys([name for name, _, _ in stages], 0)
-    for _ in range(1 if count_flops else 2):         # compiled: twice, CUDA graphs record on a stage's second call
-        for name, fn, steps in stages:               # whole passes in order: a stage may consume the last one's output
-            if count_flops:            # the flow runs 1 step here (every step is alike) and is scaled
-                flops[name] = _flops(lambda: fn(1))[1] * steps
-            else:
-                fn(steps)
-    seconds = dict.fromkeys(flops, 0.0)
-    for _ in range(repeats):
-        for name, fn, steps in stages:
-            seconds[name] += _timed(lambda: fn(steps), device)[1] / repeats
-    return seconds, flops, peak_memory(device)[0]
-
-
-def speed_setup(args, device):
-    """-> (autocast factory, timed passes, matmul size, the setup line shared by both reports)."""
-    def autocast(precision=None):
-        return amp(device, precision or args.precision)
-
-    repeats = args.repeats or (3 if device.type == "cuda" else 1)
-    size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
-    where = (f"{torch.get_num_threads()} threads" if device.type == "cpu" else
-             f"{torch.cuda.get_device_name(device)}, TF32 {tf32}")
-    decoder = "" if args.train else f" (decoder {args.decode_precision})"
-    setup = f"{device.type} ({where}), {args.precision}{decoder}, torch {torch.__version__}"
-    return autocast, repeats, size, setup
-
-
-def run_speed(args):
-    """`speed`: time the stages (after a warm-up that also counts their FLOPs) and print a table; -> the rows."""
-    device = pick_device(args.device)
-    sample.warn_unused_compile_mode(args)
-    if args.suite:
-        return run_speed_suite(args, device)
-    autocast, repeats, size, setup = speed_setup(args, device)
-    batch_size = args.batch_size or 64
-    args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
-    with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
-        if args.train:
-            stages, models, _ = speed_training(args, device, autocast)
-        else:
-            stages, models, _ = speed_sampling(args, device, autocast, out)
-        seconds, flops, memory = measure(stages, device, repeats, count_flops=not args.compile)
-    memory_kind = peak_memory(device)[1]
-    peak = matmul_peak(device, AMP_DTYPES.get(args.precision, torch.float32), size)
-
-    total = sum(seconds.values())
-    what = "one flow training step" if args.train else "text-to-image sampling"
-    batch = (f"batch {batch_size}" if args.train else
-             f"batch {batch_size}, {args.steps} Euler steps, cfg {args.cfg} as one batched pass")
-    lines = [f"FlowTok speed: {what}, random weights, 1 warm-up pass, mean of {repeats} timed pass(es)",
-             f"models   {models}", f"setup    {setup}, {batch}", "",
-             f"{'stage':<20}{'seconds':>10}{'share':>8}{'GFLOP':>12}{'TFLOP/s':>10}{'of peak':>9}"]
-    rows = []
-
-    def row(name, sec, flop):
-        """One table line; '-' where FlopCounterMode sees no FLOPs (elementwise-only work such as AdamW)."""
-        rate = flop / sec if sec > 0 else 0.0
-        rows.append(dict(stage=name, seconds=sec, share=sec / total, flops=flop, flops_per_s=rate))
-        nums = (f"{flop / 1e9:>12.1f}{rate / 1e12:>10.3f}{100 * rate / peak:>8.1f}%" if flop else
-                f"{'-':>12}{'-':>10}{'-':>9}")
-        lines.append(f"{name:<20}{sec:>10.3f}{100 * sec / total:>7.1f}%{nums}")
-
-    for name in seconds:
-        row(name, seconds[name], flops[name])
-    row("total", total, sum(flops.values()))
-    lines += ["", f"samples/s    {batch_size / total:.3f} end to end (" +
-              ("forward + backward + optimizer" if args.train else "prompts to PNG files, stages in sequence")
-              + ")",
-              f"peak memory  {gib(memory)} ({memory_kind})",
-              f"matmul peak  {peak / 1e12:.3f} TFLOP/s ({size}x{size} {args.precision} matmul timed in this run)",
-              "FLOPs        torch FlopCounterMode (matmul, convolution, attention; elementwise work not counted)"]
-    print("\n".join(lines))
-    return rows
-
-
-SPEED_SUITES = {"gpu": ("XL", "H")}    # text to image at batch 64, training at micro-batch 128 (--batch-size: both)
-SHORT_STAGES = {"text encoding": "text", "projector": "projector", "decoding": "decoder", "PNG writing": "PNG"}
-
-
-def suite_row(case, batch_size, seconds, flops, memory, peak):
-    """One markdown row: samples/s, each stage's share of the time, counted TFLOP/s, share of peak, memory."""
-    total = sum(seconds.values())
-    shares = " · ".join(f"{SHORT_STAGES.get(k, k.split(' (')[0])} {100 * v / total:.0f}%" for k, v in seconds.items())
-    rate = sum(flops.values()) / total
-    row = dict(case=case, samples_per_s=batch_size / total, seconds=seconds, flops_per_s=rate, memory=memory)
-    tflops = f"{rate / 1e12:.1f}" if rate >= 1e13 else f"{rate / 1e12:.3g}"
-    return row, (f"| {case} | {batch_size / total:.1f} | {shares} | {tflops} | {100 * rate / peak:.0f}% | "
-                 f"{gib(memory)} |")
-
-
-def loop_row(args, pipe, device, batches):
-    """sample.generate_folder over `batches` batches (PNGs written while the next batch runs) -> (row, line)."""
-    prompts = [f"a photo of object number {i} on a wooden table" for i in range(batches * args.batch_size)]
-    warm_up = (2 if pipe.compiled else 1) * args.batch_size     # CUDA graphs record on the second batch
-    with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
-        sample.generate_folder(pipe, prompts[:warm_up], out, steps=args.steps, cfg=args.cfg,
-                               batch_size=args.batch_size)                              # warm-up batches
-        _, sec = _timed(lambda: sample.generate_folder(pipe, prompts, out, steps=args.steps, cfg=args.cfg, seed=1,
-                                                       batch_size=args.batch_size), device)
-    label = compile_label(args, device)
-    case = (f"{args.model} sample.py's loop{f', {label}' if label else ''}, {batches} x "
-            f"{args.batch_size} prompts to PNGs")
-    return (dict(case=case, samples_per_s=len(prompts) / sec),
-            f"| {case} | {len(prompts) / sec:.1f} | PNG writing overlaps the next batch | - | - | - |")
-
-
-def run_speed_suite(args, device):
-    """`speed --suite gpu`: XL and H text to image and training steps (with and without gradient checkpointing).
-
-    Prints one markdown table (README's GPU table) and returns its rows.
-    """
-    autocast, repeats, size, setup = speed_setup(args, device)
-    peak = matmul_peak(device, AMP_DTYPES.get(args.precision, torch.float32), size)
-    lines = [f"FlowTok speed suite `{args.suite}`: {setup}, random weights, mean of {repeats} timed pass(es) after a "
-             f"warm-up; {args.steps} Euler steps with cfg {args.cfg}, decoder {args.tokenizer_preset}; matmul peak "
-             f"{peak / 1e12:.1f} TFLOP/s ({size}^3)", "",
-             "| case | samples/s | time per stage | TFLOP/s | of matmul peak | peak memory |",
-             "|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    rows = []
-
-    def add(row_line):
-        rows.append(row_line[0])
-        print(row_line[1], flush=True)    # row by row: a crash in a later case keeps the earlier numbers
-
-    depth, eager_flops = (f" depth {args.depth}" if args.depth else ""), {}
-
-    def sampling(model, compiled, mode=args.compile_mode):
-        case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 64,
-                                     "compile": compiled, "compile_mode": mode})
-        label = compile_label(case, device)
-        with tempfile.TemporaryDirectory(prefix="flowtok-speed-") as out:
-            stages, _, pipe = speed_sampling(case, device, autocast, out)
-            seconds, flops, memory = measure(stages, device, repeats, count_flops=not compiled)
-            eager_flops.setdefault(model, flops)                          # the same math: eager's count applies
-            add(suite_row(f"{model}{depth} text to image, batch {case.batch_size}{f', {label}' if label else ''}",
-                          case.batch_size, seconds, eager_flops[model], memory, peak))
-        add(loop_row(case, pipe, device, args.loop_batches))
-
-    for model in SPEED_SUITES[args.suite]:
-        sampling(model, compiled=False)
-    for model in SPEED_SUITES[args.suite]:
-        case = argparse.Namespace(**{**vars(args), "model": model, "batch_size": args.batch_size or 128,
-                                     "grad_checkpointing": False, "compile": False})   # --compile: sampling rows
-        stages, _, dit = speed_training(case, device, autocast)
-        for checkpointing in (False, True):
-            dit.grad_checkpointing = checkpointing
-            name = (f"{model}{depth} training step, micro-batch {case.batch_size}"
-                    f"{', gradient checkpointing' if checkpointing else ''}")
-            add(suite_row(name, case.batch_size, *measure(stages, device, repeats), peak))
-        del stages, dit
-    for model in SPEED_SUITES[args.suite] if args.compile else ():     # last: compiling takes the longest
-        sampling(model, compiled=True)
-    if args.compile and device.type == "cuda" and args.compile_mode != "reduce-overhead":   # graphs need a GPU
-        sampling(SPEED_SUITES[args.suite][0], compiled=True, mode="reduce-overhead")        # XL: CUDA graphs
-    print(f"\nTFLOP/s: FLOPs counted by torch's FlopCounterMode (matmuls and attention; with gradient "
-          f"checkpointing the recomputed forward counts too) over the whole time. Memory: "
-          f"{peak_memory(device)[1]}.")
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: main(args) runs a parsed command line, build_parser() makes it, cli() is the entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -1572,7 +1165,8 @@ def main(args):
     if args.command == "captions":
         return run_captions(args)
     if args.command == "speed":
-        return run_speed(args)
+        raise UserError("the speed benchmark moved to bench.py: python bench.py " + " ".join(args.rest) + " (the same "
+                        "flags)")
     if args.command == "rfid":
         return run_rfid(args)
     raise UserError(f"unknown command {args.command}")
@@ -1605,47 +1199,6 @@ def add_captions_parser(sub):
     cap.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on GPUs that compute it natively, "
                      "fp16 on older ones, fp32 on CPU and MPS")
     cap.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
-
-
-def add_speed_parser(sub):
-    """The `speed` subcommand's flags."""
-    speed = sub.add_parser("speed", help="samples/s, per-stage time, FLOP/s and memory (random weights)")
-    speed.add_argument("--model", choices=list(FLOW_MODELS), default="XL", help="DiT size (default: %(default)s)")
-    speed.add_argument("--depth", type=positive_int, help="override the DiT depth (quick runs)")
-    speed.add_argument("--batch-size", type=positive_int, help="prompts (or training samples) per pass "
-                       "(default: 64; the suite: 64 to sample, 128 to train)")
-    speed.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                       help="bf16 or fp16 autocast, or full fp32 (default: %(default)s)")
-    speed.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
-    speed.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                       help="Euler steps (default: %(default)s)")
-    speed.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
-                       help="guidance scale (1: no unconditional branch) (default: %(default)s)")
-    speed.add_argument("--decode-precision", choices=PRECISIONS, default="fp32",
-                       help="of the image decoder, as sample.py's flag (default: %(default)s)")
-    speed.add_argument("--train", action="store_true", help="time one flow training step instead of sampling")
-    speed.add_argument("--grad-checkpointing", action="store_true", help="with --train: checkpoint every DiT block "
-                       "(the official trainer's setting)")
-    speed.add_argument("--tokenizer-preset", choices=list(TOKENIZER_PRESETS), default="bl77-512",
-                       help="the decoder to time (default: %(default)s, the released models' decoder)")
-    speed.add_argument("--clip-tower", choices=list(CLIP_TOWERS), default=OFFICIAL_CLIP_TOWER,
-                       help="the text tower to time (default: %(default)s)")
-    speed.add_argument("--suite", choices=list(SPEED_SUITES), help="gpu: XL and H text to image at batch 64 "
-                       "and training steps at micro-batch 128 with and without gradient checkpointing, as one "
-                       "markdown table (README's GPU table; under 8 minutes on one GPU)")
-    speed.add_argument("--loop-batches", type=positive_int, default=3, help="with --suite: batches timed through "
-                       "sample.py's loop, PNG writing included (default: %(default)s)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder (sampling; "
-                       "the suite adds compiled text-to-image rows), or the DiT and projector (--train); the warm-up "
-                       "pass compiles")
-    speed.add_argument("--compile-mode", choices=sample.COMPILE_MODES, default="default", help="torch.compile's "
-                       "mode for sampling, only with --compile (--train compiles as train.py does): reduce-overhead "
-                       "adds CUDA graphs on a GPU, which need fixed shapes (sample.py's loop pads its last batch); on "
-                       "a CPU it runs as default. --suite gpu --compile adds XL rows with reduce-overhead on a GPU "
-                       "(default: %(default)s)")
-    speed.add_argument("--repeats", type=positive_int, help="timed passes (default: 3 on GPU, 1 on CPU)")
-    speed.add_argument("--matmul-size", type=positive_int, help="n of the n x n peak matmul "
-                       "(default: 8192 on GPU, 2048 on CPU)")
 
 
 def build_parser():
@@ -1720,7 +1273,8 @@ def build_parser():
                       "(default: %(default)s)")
     rfid.add_argument("--device", default="auto", help=sample.DEVICE_HELP)
 
-    add_speed_parser(sub)
+    speed = sub.add_parser("speed", help="moved: python bench.py (the same flags)")
+    speed.add_argument("rest", nargs=argparse.REMAINDER, help="the flags, for bench.py")
     return parser
 
 

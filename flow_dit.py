@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import KL_TERMS, TextProjector, contrastive_loss, load_strict, read_state_dict
+from projector import KL_TERMS, TextProjector, contrastive_loss
+from runtime import load_strict, read_state_dict
 
 SIGMA_MIN = 1e-5
 CFG_PROB = 0.1           # fraction of training samples that get the null indicator
@@ -199,6 +200,24 @@ FLOW_MODELS = {
     "tiny": dict(depth=2, width=64, heads=4),
     "demo": dict(depth=4, width=128, heads=4),
 }
+
+
+# The registry of velocity networks v(x_t (B, 77, 16), t (B,), null (B,) bool) -> (B, 77, 16): name -> class. A new
+# network is one class with that forward and a `config` dict of its constructor's arguments, registered here
+# (or by a test: VELOCITY_NETS["toy"] = Toy); train.py --backbone NAME trains it, and every loader builds it by the
+# name its checkpoint records.
+VELOCITY_NETS = {"dit": FlowDiT}
+
+
+def velocity_net(backbone="dit", **config):
+    """The one place a velocity network is built: VELOCITY_NETS[backbone](**config), its `config` recording the
+    backbone's name. Configs recorded before backbones had names (no `backbone`) are the DiT."""
+    if backbone not in VELOCITY_NETS:
+        raise ValueError(f"unknown velocity network {backbone!r} (registered in flow_dit.VELOCITY_NETS: "
+                         f"{', '.join(VELOCITY_NETS)})")
+    net = VELOCITY_NETS[backbone](**config)
+    net.config = {"backbone": backbone, **net.config}
+    return net
 
 
 def build_flowtok(size, projector_kwargs=None, **dit_kwargs):

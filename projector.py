@@ -13,24 +13,21 @@ autoencoder used for image-to-text.
 Official names: TextProjector is the official `context_encoder` (+ `context_projector` = our `align_mlp`,
 `t2t_temperature` = our `log_temperature`); see flow_dit.load_official_flowtok for the key mapping.
 """
-import argparse
-import contextlib
-import datetime
 import functools
-import hashlib
-import json
 import math
 import os
-import sys
+import re
+from collections import Counter
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import open_clip
 from huggingface_hub import hf_hub_download
 from open_clip.transformer import QuickGELU, TextTransformer
-from safetensors.torch import load_file
+from safetensors.torch import save_file
+
+from runtime import UserError, atomic_path, checked, fp32_region, read_weights
 
 CONTEXT_LENGTH = 77
 SOT, EOT = 49406, 49407                    # CLIP's start/end-of-text ids; padding is 0
@@ -46,6 +43,9 @@ CLIP_TOWERS = {
 }
 CLIP_HF_REPO = "timm/vit_large_patch14_clip_336.openai"
 CLIP_HF_FILE = "open_clip_model.safetensors"
+# argparse type of the --*-patch-size flags: groups of consecutive tokens must tile the 77
+token_group = checked(int, lambda v: v >= 1 and CONTEXT_LENGTH % v == 0,
+                      f"a divisor of the {CONTEXT_LENGTH} tokens (1, 7, 11 or 77)", "token_group")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +149,28 @@ class CLIPTextEncoder(nn.Module):
         """Captions -> (B, 77, width) on the tower's device."""
         ids, _ = tokenize(texts)
         return self(ids.to(self.text.token_embedding.weight.device))
+
+
+def clip_for_run(tower, weights, seed, out, rank=0):
+    """The frozen CLIP text tower of a training run -> (encoder, the weights its checkpoints record).
+
+    A random tower (tests, the demo) is drawn from `seed` on every rank and saved (rank 0) as
+    out/clip_text.safetensors, so that later stages and sample.py use exactly the same one (that file is what
+    they record and what --clip-weights takes).
+    """
+    if weights != "random":
+        try:
+            return CLIPTextEncoder(tower, weights), weights
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(str(e)) from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPTextEncoder(tower, "random")
+    path = os.path.join(out, "clip_text.safetensors")
+    if rank == 0 and not os.path.exists(path):
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in clip.text.state_dict().items()}, tmp)
+    return clip, path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,334 +395,117 @@ def text_reconstruction_loss(logits, targets, keep):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared runtime (the lowest file, so every file may import it): user errors, checkpoint files, devices, ranks
+# Caption metrics (COCO caption evaluation toolkit: BLEU-4 and CIDEr-D)
 # ----------------------------------------------------------------------------------------------------------
 
-class UserError(Exception):
-    """A user's mistake (a bad file, flag or input): every CLI prints it as one line and exits with status 1."""
+# tokens the toolkit drops after PTB tokenisation. Its list spells the brackets -LRB- etc., but its tokenizer runs
+# with -lowerCase and writes -lrb- etc.: brackets stay in the scored text as -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-
+PTB_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
+                   "gimme": ["gim", "me"], "lemme": ["lem", "me"], "'tis": ["'t", "is"], "'twas": ["'t", "was"]}
+# words that keep their final period (as do single letters and letter-period runs: a. u.s. e.g.; "no." before digits)
+PTB_ABBREVIATIONS = set("mr mrs ms dr st jr sr prof gen capt mt ft sq ave co inc ltd corp vs etc "
+                        "jan feb mar apr jun jul aug sep sept oct nov dec".split())
+_PTB_END = r"[.,;:?!]*(?:\s|$)"        # the end of a word, allowing for the punctuation that follows it
 
 
-def one_line(err):
-    """An exception -> one line: its first line, plus up to three more joined with '; '."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    more = "; ".join(lines[1:4]) + ("; ..." if len(lines) > 4 else "")
-    return lines[0] + (f" ({more})" if more else "")
-
-
-@contextlib.contextmanager
-def user_errors(what):
-    """Turn the errors of loading user-given files (bad shapes, missing keys, no file) into a UserError."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-        raise UserError(f"{what}: {one_line(e)}") from None
-
-
-def fp32_region(x):
-    """A context with autocast off on x's device: code inside that casts its inputs with .float() runs in float32.
-
-    Under bf16 autocast a .float() input alone is not enough: matmuls and Linear layers still run in bf16.
-    """
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def read_weights(path):
-    """A weights file -> its contents, read safely: safetensors, or torch.load(weights_only=True). A missing, corrupt
-    or unsafe file is a UserError of one line (never the advice to load it unsafely that torch's message carries)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    try:
-        return load_file(path) if str(path).endswith(".safetensors") else torch_load(path)
-    except Exception as e:     # pickle, zip, safetensors and OS errors alike: the file cannot be used
-        why = one_line(e)[:200]
-        if "weights_only" in str(e):
-            why = "it holds Python objects besides tensors and plain types, which are not loaded (unsafe)"
-        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why})") from None
-
-
-def torch_load(path):
-    """torch.load(weights_only=True) to CPU, memory-mapped where the file's format and filesystem allow."""
-    # mapped, a checkpoint's tensors are pages of the OS file cache that all ranks of a node share, not one private
-    # copy of many GB per rank; legacy-format files (and filesystems without mmap) are read the ordinary way.
-    # Not on Windows: it can neither replace nor delete a mapped file, as a resumed run does to its last.pt.
-    if os.name != "nt":
-        with contextlib.suppress(Exception):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_state_dict(src):
-    """A path or a dict -> a flat state dict: unwraps {ema, nnet_ema, model, state_dict} and module./_orig_mod."""
-    sd = read_weights(src) if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__") else src
-    for key in ("ema", "nnet_ema", "model", "state_dict"):     # EMA weights preferred when both are present
-        if isinstance(sd.get(key), dict):
-            return read_state_dict(sd[key])
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        out[k] = v
+def _ptb_periods(tokens):
+    """Split a word's final period off, unless the word is an abbreviation (see PTB_ABBREVIATIONS)."""
+    out = []
+    for k, t in enumerate(tokens):
+        stem = t[:-1]
+        keep = (not t.endswith(".") or t in PTB_PUNCTUATION or re.fullmatch(r"[a-z](?:\.[a-z])*", stem)
+                or stem in PTB_ABBREVIATIONS or stem == "no" and tokens[k + 1:k + 2] and tokens[k + 1][0].isdigit())
+        out += [t] if keep else [stem, "."]
     return out
 
 
-def load_strict(model, sd, what):
-    """Load every key with matching shapes, or raise one error that lists everything that does not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{what} checkpoint does not fit the model:"]
-        lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  shape: {w}" for w in wrong]
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(sd, strict=True, assign=True)
+def ptb_tokenize(caption):
+    """Caption -> lower-case PTB tokens without the toolkit's punctuation (the Java tokenizer's common rules)."""
+    s = re.sub(r"(?<![A-Z])&|&(?![A-Z])", " & ", caption.replace("\n", " ")).lower()   # AT&T whole, b&w split
+    s = re.sub(r"\"|``|''", " ", s)                         # double quotes (`` and '' there, then dropped)
+    s = re.sub(r"[()\[\]{}]", lambda m: f" {PTB_BRACKETS[m.group()]} ", s)
+    s = re.sub(r"[$%#+=*^~|\\]|/(?!\S)", r" \g<0> ", s)      # symbols are tokens ($ 5, 50 %, w /; a/b stays)
+    s = re.sub(r"-{2,}", " -- ", s)
+    s = re.sub(r"\.{2,}", " ... ", s)
+    s = re.sub(r"(\d:\d\d)([ap]m)\b", r"\1 \2", s)          # 10:30pm -> 10:30 pm
+    s = re.sub(r"(?<=\d)'(?=\d)", " ", s)                    # 6'2 -> 6 2
+    s = re.sub(r"(\w)'n'(\w)", r"\1 'n' \2", s)             # rock'n'roll -> rock 'n' roll
+    s = re.sub(r"(\w)(n't)\b", r"\1 \2", s)                 # don't -> do n't
+    s = re.sub(r"(\w)('s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", s)  # dog's -> dog 's
+    # quote marks: a leading ' (unless it begins 's 're ... 'em 'n' 'tis '90s), a trailing ' (unless it ends 'n')
+    s = re.sub(rf"(?<!\S)'(?!(?:s|re|ve|ll|d|m|em|n'|tis|twas){_PTB_END}|\d)", " ", s)
+    s = re.sub(rf"(?<!'n)'(?={_PTB_END})", " ", s)
+    s = re.sub(r"[?!]+(?=\s|$)", r" \g<0> ", s)              # is it?! -> is it ?! (a?b stays whole)
+    s = re.sub(r";|(?<!\d)[,:]|[,:](?!\d)", r" \g<0> ", s)   # keep 1,000 and 12:30
+    tokens = [w for t in s.split() for w in PTB_SPLIT_WORDS.get(t, [t])]
+    return [t for t in _ptb_periods(tokens) if t not in PTB_PUNCTUATION]
 
 
-def load_checkpoint(path):
-    """A checkpoint file or a run folder (its last.pt) -> dict, read safely (tensors and plain types only)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "last.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    ckpt = read_weights(path)
-    if not isinstance(ckpt, dict) or "stage" not in ckpt:
-        raise UserError(f"{path} is not a train.py checkpoint (for the official files use --official)")
-    ckpt["path"] = path
-    return ckpt
+def _ngram_counts(tokens, n=4):
+    """Counter of all k-grams (tuples), k = 1..n."""
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
 
 
-def resolve_path(path, ckpt_path):
-    """A path recorded in a checkpoint: as recorded if it exists, else found by its tail next to the run.
-
-    Lets a run folder be moved or copied: runs/demo/tokenizer recorded by runs/demo/flow/last.pt is found
-    as <wherever runs/demo is now>/tokenizer.
-    """
-    if path in (None, "openai", "random") or os.path.exists(path):
-        return path
-    parts = os.path.normpath(path).split(os.sep)
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    for ancestor in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-        for k in range(1, min(3, len(parts)) + 1):
-            candidate = os.path.join(ancestor, *parts[-k:])
-            if os.path.exists(candidate):
-                return candidate
-    raise UserError(f"{ckpt_path} refers to {path}, which is missing")
+def _tokenized(candidates, references):
+    """Check the two dicts match and tokenise: id -> candidate tokens, id -> list of reference token lists."""
+    if candidates.keys() != references.keys():
+        raise ValueError("candidates and references must have the same ids")
+    if not candidates or any(len(references[i]) == 0 for i in candidates):
+        raise ValueError("need at least one id, and at least one reference per id")
+    return ({i: ptb_tokenize(c) for i, c in candidates.items()},
+            {i: [ptb_tokenize(r) for r in refs] for i, refs in references.items()})
 
 
-def find_runs(path):
-    """A run folder, a checkpoint file, or a demo folder holding stage subfolders -> {stage: checkpoint path}."""
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "last.pt")):
-        return {load_checkpoint(path)["stage"]: path}
-    found = {s: os.path.join(path, s) for s in ("flow", "flow-i2t", "text-ae", "tokenizer")
-             if os.path.isfile(os.path.join(path, s, "last.pt"))}
-    if not found:
-        raise UserError(f"no checkpoint at {path} (expected a file, a run folder with last.pt, or a demo "
-                              f"folder with flow/last.pt)")
-    return found
+def bleu4(candidates, references):
+    """Corpus BLEU-4 as the COCO toolkit's Bleu scorer ('closest' reference length for the brevity penalty)."""
+    cands, refs = _tokenized(candidates, references)
+    correct, guess, cand_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for i, cand in cands.items():
+        max_ref = Counter()
+        for ref in refs[i]:
+            max_ref |= _ngram_counts(ref)  # union = per-n-gram max count over the references
+        for gram, count in _ngram_counts(cand).items():
+            correct[len(gram) - 1] += min(count, max_ref[gram])  # clipped matches
+        for k in range(4):
+            guess[k] += max(0, len(cand) - k)
+        cand_len += len(cand)
+        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in refs[i])[1]  # closest; ties -> the shorter
+    # the toolkit's smoothing constants: a zero count gives ~0 (not an error), an empty order ~1e-6
+    tiny, small = 1e-15, 1e-9
+    score = math.prod((c + tiny) / (g + small) for c, g in zip(correct, guess)) ** (1 / 4)
+    ratio = (cand_len + tiny) / (ref_len + small)
+    return score * math.exp(1 - 1 / ratio) if ratio < 1 else score
 
 
-def pick_device(name, local_rank=0):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; auto: CUDA, then MPS, then CPU; under torchrun,
-    auto / cuda mean the local rank's GPU."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return use_cuda(torch.device("cuda", local_rank))
-    if name == "auto":                                   # then Apple's GPU, then the CPU
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: Apple's MPS is not available here")
-    return use_cuda(device) if device.type == "cuda" else device
+def cider_d(candidates, references, sigma=6.0):
+    """Corpus CIDEr-D as the COCO toolkit's Cider scorer (idf from the references of all ids; x10 scale)."""
+    cands, refs = _tokenized(candidates, references)
+    # document frequency: in how many ids' reference sets an n-gram occurs
+    df = Counter(gram for i in refs for gram in set().union(*(_ngram_counts(r) for r in refs[i])))
+    log_n = math.log(len(refs))  # a single id gives idf 0 everywhere, hence CIDEr 0: score a whole corpus
 
+    def tfidf(tokens):
+        """-> per-order {n-gram: tf * idf} (4 dicts), their L2 norms, and the toolkit's length (# of bigrams)."""
+        vec = [{} for _ in range(4)]
+        for gram, tf in _ngram_counts(tokens).items():
+            vec[len(gram) - 1][gram] = tf * (log_n - math.log(max(1.0, df[gram])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        return vec, norms, max(len(tokens) - 1, 0)  # the toolkit counts bigrams as the caption length
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}     # --precision choices besides fp32
-PRECISIONS = ["bf16", "fp16", "fp32"]
-
-
-def default_precision(device):
-    """bf16 where the GPU computes it natively (Ampere and later), fp16 on older CUDA GPUs (V100, T4), fp32 on CPU
-    and Apple's MPS."""
-    if device.type != "cuda":
-        return "fp32"
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:                        # older torch: no emulation to exclude
-        native = torch.cuda.is_bf16_supported()
-    return "bf16" if native else "fp16"
-
-
-def amp(device, precision):
-    """Autocast to `precision` (bf16 | fp16) on `device`; fp32: a disabled context."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision, torch.bfloat16), enabled=precision in AMP_DTYPES)
-
-
-def use_cuda(device):
-    """Make `device` this process's current GPU and let fp32 matmuls use TF32, as every entry point does."""
-    torch.cuda.set_device(device)            # NCCL and bare .cuda() calls go to this rank's GPU, not GPU 0
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-@contextlib.contextmanager
-def ranks():
-    """-> (rank, world, local rank) from torchrun's environment, (0, 1, 0) without it; world > 1 joins a gloo group.
-
-    The group only serves barriers (wait for every rank's images) and agreements on errors (agree), so gloo works on
-    CPU and GPU alike.
-    """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        # hours: a barrier waits for the slowest rank's whole share of the samples (uneven after --skip-existing)
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    try:
-        yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier(world):
-    """Wait for every rank (no-op alone)."""
-    if world > 1:
-        dist.barrier()
-
-
-def broadcast(obj, world):
-    """Rank 0's picklable `obj` on every rank (as is alone): one decision for all, never one per rank."""
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def agree(problem, world):
-    """Every rank calls this at the same point with None or its one-line problem; a problem on any rank raises the
-    same UserError (the lowest failing rank's) on every rank, so none waits forever for a rank that left."""
-    problems = [problem]
-    if world > 1:
-        problems = [None] * world
-        dist.all_gather_object(problems, problem)
-    failed = [p for p in problems if p]
-    if failed:
-        raise UserError(failed[0] + (f" ({len(failed)} of {world} ranks failed)" if len(failed) > 1 else ""))
-
-
-def on_every_rank(world, rank, fn, *args):
-    """fn(*args) on this rank -> its result; a UserError on any rank stops every rank with that one message."""
-    if world == 1:
-        return fn(*args)
-    try:
-        result, problem = fn(*args), None
-    except UserError as e:
-        result, problem = None, (f"rank {rank}: " if rank else "") + one_line(e)
-    agree(problem, world)
-    return result
-
-
-def check_writable(out, rank=0):
-    """Create --out and prove it writable now, before any model is loaded."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{rank}_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out} is not writable ({e.strerror or e})") from None
-
-
-def fused_if_available(device):
-    """AdamW's fused kernel where this torch has it for the device (CUDA; CPU from torch 2.4)."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError):
-        return {}
-
-
-def _checked(kind, ok, what, name):
-    """An argparse type: kind(text) that must satisfy ok, else a one-line error naming the flag (exit 2)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    parse.__name__ = name
-    return parse
-
-
-# argparse types for every numeric flag: a bad value stops at parse time, never as a wrong or crashed run
-positive_int = _checked(int, lambda v: v >= 1, ">= 1", "positive_int")
-non_negative_int = _checked(int, lambda v: v >= 0, ">= 0", "non_negative_int")
-finite_float = _checked(float, math.isfinite, "a finite number", "finite_float")
-positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0", "positive_float")
-non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0",
-                              "non_negative_float")
-fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "fraction")
-token_group = _checked(int, lambda v: v >= 1 and CONTEXT_LENGTH % v == 0,          # the --*-patch-size flags
-                       f"a divisor of the {CONTEXT_LENGTH} tokens (1, 7, 11 or 77)", "token_group")
-
-
-def multiple_of(n):
-    """An argparse type for widths split into n groups (GroupNorm(n, width)): n, 2n, 3n, ..."""
-    return _checked(int, lambda v: v >= n and v % n == 0, f"a multiple of {n}", f"multiple_of_{n}")
-
-
-def run_cli(prog, main, args):
-    """Run a CLI's main -> the exit status: 0 done, 1 a user error (one line on stderr, no traceback),
-    128 + N a run stopped by signal N after saving (main returns {"stopped": N}); argparse exits 2 on bad flags."""
-    try:
-        result = main(args)
-    except UserError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    return 128 + result["stopped"] if isinstance(result, dict) and result.get("stopped") else 0
-
-
-def weights_sha256(*modules):
-    """sha256 hex of modules' (or state dicts') tensors: key, dtype, shape and bytes, keys sorted, modules in order.
-
-    The identity of weights, not of a file: the same tensors hash the same from any file format, device or key
-    order, and a checkpoint's unused copies (raw weights beside the EMA ones, optimizer state) do not count.
-    """
-    digest = hashlib.sha256()
-    for k, module in enumerate(modules):
-        sd = module.state_dict() if isinstance(module, nn.Module) else module
-        for key in sorted(sd):
-            t = sd[key].detach().cpu().contiguous()
-            digest.update(f"{k}:{key}:{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())     # raw bytes (bfloat16 has no numpy dtype)
-    return digest.hexdigest()
-
-
-def file_sha256(path, chunk=1 << 20):
-    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def short_hash(digest):
-    """The first 12 hex digits of a hash, for messages (None -> 'none')."""
-    return digest[:12] if digest else "none"
-
-
-def write_json_atomic(path, obj):
-    """Write obj as JSON to a temporary name, then rename: readers see the old file or the whole new one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    scores = []
+    for i, cand in cands.items():
+        vec_c, norm_c, len_c = tfidf(cand)
+        total = [0.0] * 4
+        for ref in refs[i]:
+            vec_r, norm_r, len_r = tfidf(ref)
+            penalty = math.exp(-((len_c - len_r) ** 2) / (2 * sigma ** 2))  # Gaussian length penalty
+            for k in range(4):
+                # cosine similarity with the candidate's tf-idf clipped by the reference's ("-D": no gaming by repeats)
+                dot = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec_c[k].items())
+                if norm_c[k] != 0 and norm_r[k] != 0:
+                    dot /= norm_c[k] * norm_r[k]
+                total[k] += dot * penalty
+        scores.append(10.0 * sum(total) / 4 / len(refs[i]))  # mean over n, mean over references, x10
+    return sum(scores) / len(scores)

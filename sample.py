@@ -28,11 +28,11 @@ import flow_dit
 import projector
 import tokenizer as tokenizer_lib
 from data import IMAGE_EXTENSIONS
-from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FlowDiT
-from projector import (CLIPTextEncoder, OFFICIAL_CLIP_TOWER, PRECISIONS, TextDecoder, TextProjector, UserError, amp,
-                       barrier, check_writable, default_precision, find_runs, finite_float, load_checkpoint,
-                       load_strict, on_every_rank, one_line, pick_device, positive_int, ranks, resolve_path, run_cli,
-                       user_errors, weights_sha256)
+from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, velocity_net
+from projector import OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
+from runtime import (PRECISIONS, UserError, amp, atomic_path, atomic_write, barrier, check_writable, default_precision,
+                     finite_float, load_checkpoint, load_strict, on_every_rank, one_line, pick_device, positive_int,
+                     ranks, resolve_path, run_cli, user_errors, weights_sha256)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
@@ -73,6 +73,13 @@ def save_grid(images, path, nrow=8, pad=2):
     return path
 
 
+def write_lines(path, inputs, outputs):
+    """Write "input  ->  output" lines (text previews) -> path."""
+    with open(path, "w") as f:
+        f.write("\n".join(f"{a}  ->  {b}" for a, b in zip(inputs, outputs)) + "\n")
+    return path
+
+
 def sample_noise(prompt_index, sample_index, seed, shape=(77, 16)):
     """The text-latent noise of one sample, seeded by (seed, prompt, sample): batch-independent."""
     key = hashlib.blake2b(f"{seed},{prompt_index},{sample_index}".encode(), digest_size=8).digest()
@@ -106,13 +113,12 @@ def read_record(path):
 def save_png(image, path, record=None, compress_level=PNG_COMPRESSION):
     """(H, W, 3) uint8 -> PNG (with `record` in a text chunk), written to a temporary name then renamed: a kill
     never leaves half a file, and an image and its record are always written together."""
-    tmp = f"{path}.{os.getpid()}.tmp"
     info = None
     if record is not None:
         info = PngImagePlugin.PngInfo()
         info.add_text(RECORD_KEY, record)
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
 def _write_when_ready(ready, image, path, record):
@@ -234,9 +240,24 @@ class FlowTokPipeline:
         feats = self.clip.encode(prompts)                                              # (B, 77, C)
         if eps is None:
             eps = torch.randn((len(prompts), 77, 16), generator=generator)
+        return self.decode(self.flow(self.source(feats, eps), steps, cfg), feats)
+
+    # generate's stages, one method each (bench.py times them one by one)
+    @torch.no_grad()
+    def source(self, feats, eps):
+        """CLIP features (B, 77, C), noise (B, 77, 16) -> the flow's source z = mu + sigma * eps (B, 77, 16), t = 0."""
         with self._autocast():
-            z, _, _ = self.projector(feats, eps.to(self.device))                        # x0, (B, 77, 16)
-            x1 = flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg, before_step=self.step_begin)  # float32
+            return self.projector(feats, eps.to(self.device))[0]
+
+    @torch.no_grad()
+    def flow(self, z, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG):
+        """z -> image tokens x1 (B, 77, 16) at t = 1: Euler with batched CFG (flow_dit.euler_sample), float32."""
+        with self._autocast():
+            return flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg, before_step=self.step_begin)
+
+    @torch.no_grad()
+    def decode(self, x1, feats):
+        """Image tokens x1, CLIP features (the decoder's text guidance) -> images (B, 3, S, S) in [0, 1]."""
         with self._autocast(self.decode_precision):
             self.step_begin()
             images = self.tokenizer.decode_flow_tokens(x1, feats)
@@ -270,6 +291,28 @@ def _part(ckpt, name, cls, ema):
     return module
 
 
+def load_text_ae(path):
+    """A text-ae run or checkpoint (train.py --stage text-ae) -> (TextProjector, TextDecoder): EMA weights, frozen,
+    on the CPU: the text side of image to text."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != "text-ae":
+        raise UserError(f"--text-ae {path} is a '{ckpt.get('stage')}' checkpoint, not a text-ae one")
+    return tuple(_part(ckpt, name, cls, True).eval().requires_grad_(False)
+                 for name, cls in (("projector", TextProjector), ("text_decoder", TextDecoder)))
+
+
+def find_runs(path):
+    """A run folder, a checkpoint file, or a demo folder holding stage subfolders -> {stage: checkpoint path}."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "last.pt")):
+        return {load_checkpoint(path)["stage"]: path}
+    found = {s: os.path.join(path, s) for s in ("flow", "flow-i2t", "text-ae", "tokenizer")
+             if os.path.isfile(os.path.join(path, s, "last.pt"))}
+    if not found:
+        raise UserError(f"no checkpoint at {path} (expected a file, a run folder with last.pt, or a demo "
+                              f"folder with flow/last.pt)")
+    return found
+
+
 def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=None, tokenizer=None):
     """Our checkpoints -> FlowTokPipeline: a flow run (text to image), plus flow-i2t + text-ae if present; or an
     exported folder (export_pipeline), local or hf:OWNER/NAME[@REVISION] on the Hugging Face Hub."""
@@ -295,12 +338,11 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
         tok = tokenizer_lib.load_tokenizer(tok_path)
     dit = proj = i2t = decoder = None
     if "flow" in runs:
-        dit, proj = _part(main, "dit", FlowDiT, ema), _part(main, "projector", TextProjector, ema)
+        dit, proj = _part(main, "dit", velocity_net, ema), _part(main, "projector", TextProjector, ema)
     if "flow-i2t" in runs:
         ck = load_checkpoint(runs["flow-i2t"])
-        i2t = _part(ck, "dit", FlowDiT, ema)
-        text_ae = load_checkpoint(resolve_path(ck["config"]["text_ae"], ck["path"]))
-        decoder = _part(text_ae, "text_decoder", TextDecoder, True)
+        i2t = _part(ck, "dit", velocity_net, ema)
+        _, decoder = load_text_ae(resolve_path(ck["config"]["text_ae"], ck["path"]))
     with user_errors(f"moving the model to {device}"):
         mods = [m.to(device) if m is not None else None for m in (clip, proj, dit, tok, i2t, decoder)]
     pipe = FlowTokPipeline(*mods, precision=precision)
@@ -314,8 +356,8 @@ def load_pipeline(path, device="cpu", ema=True, precision="fp32", clip_weights=N
 
 EXPORT_FORMAT = "flowtok-export"
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EXPORT_PARTS = {"projector": TextProjector, "dit": FlowDiT, "tokenizer": tokenizer_lib.Tokenizer, "i2t_dit": FlowDiT,
-                "text_decoder": TextDecoder}
+EXPORT_PARTS = {"projector": TextProjector, "dit": velocity_net, "tokenizer": tokenizer_lib.Tokenizer,
+                "i2t_dit": velocity_net, "text_decoder": TextDecoder}
 
 
 def export_pipeline(pipe, out, dtype="fp32"):
@@ -336,10 +378,9 @@ def export_pipeline(pipe, out, dtype="fp32"):
                             sha256=weights_sha256(pipe.clip.text)),
                   identity=pipe.identity(), source={k: v for k, v in pipe.info.items() if v is not None})
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"model.safetensors.{os.getpid()}.tmp")
-    save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
-    os.replace(tmp, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    with atomic_path(os.path.join(out, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
+    with atomic_write(os.path.join(out, "config.json")) as f:
         json.dump(config, f, indent=1)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -475,6 +516,89 @@ def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_ST
                           [record[job] for job in chunk])                                     # next batch runs
             bar.update(len(chunk))
     return len(todo), len(jobs) - len(todo), replaced
+
+
+def _caption_record(item, caption):
+    """One line of OUT/captions.jsonl."""
+    return json.dumps(dict(id=item["id"], file=item["file"], caption=caption, references=item["references"])) + "\n"
+
+def read_captions(path, items):
+    """The captions already in OUT/captions.jsonl for these items (same id and file) -> {id: caption}."""
+    files, done = {it["id"]: it["file"] for it in items}, {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    if files.get(record["id"]) == record["file"] and isinstance(record["caption"], str):
+                        done[record["id"]] = record["caption"]
+                except (ValueError, KeyError, TypeError):   # a line torn by a kill
+                    continue
+    return done
+
+def write_captions(path, items, captions):
+    """Rewrite OUT/captions.jsonl atomically: the captioned items, in split order."""
+    with atomic_write(path) as f:
+        f.writelines(_caption_record(it, captions[it["id"]]) for it in items if it["id"] in captions)
+
+def caption_items(pipe, items, captions, path, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=64,
+                  progress=False):
+    """Caption the items missing from `captions` (filled in place, appended to `path` batch by batch) -> count.
+
+    Item k (its position in the split) gets the noise sample_noise(k, 0, seed), as image k of `sample.py
+    --caption`: a caption depends neither on the batch size nor on --limit.
+    """
+    todo = [k for k, it in enumerate(items) if it["id"] not in captions]
+    with open(path, "a", encoding="utf-8") as log, \
+            tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk, images = todo[start:start + batch_size], []
+            for k in chunk:
+                try:   # as in training: shorter side to the tokenizer's size (bicubic), centre crop
+                    images.append(data.transform(data.load_image(items[k]["path"]), pipe.tokenizer.image_size))
+                except data.BadSample as err:
+                    raise UserError(f"{items[k]['path']}: {err.reason} (the {len(captions)} captions made so far are "
+                                    f"kept in {path}: replace the image and rerun to continue)") from None
+            eps = torch.stack([sample_noise(k, 0, seed) for k in chunk])                # (b, 77, 16)
+            for k, text in zip(chunk, pipe.caption(torch.stack(images), steps, cfg, eps=eps)):  # (b, 3, S, S)
+                captions[items[k]["id"]] = text
+                log.write(_caption_record(items[k], text))
+            log.flush()                          # a killed run keeps every finished batch
+            bar.update(len(chunk))
+    return len(todo)
+
+
+def first_samples(source, n=8, look=1000):
+    """The first n usable samples of a map-style source among its first `look` ([] for a stream), each drawn with a
+    generator of its own: previews never draw from the training RNG (exact resume)."""
+    samples = []
+    for i in range(min(look, len(source)) if hasattr(source, "get") else 0):
+        try:
+            samples.append(source.get(i, torch.Generator().manual_seed(i)))
+        except data.BadSample:                  # filtered (--size-filter) or unreadable: the next one
+            continue
+        if len(samples) == n:
+            break
+    return samples
+
+
+def preview_inputs(source, prompts_file, device):
+    """Fixed inputs for a trainer's periodic previews: the first 8 usable samples of the data (their captions, ids,
+    images), and the prompts of `prompts_file` (one per line; None: those captions)."""
+    prompts = None
+    if prompts_file:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
+            raise UserError(f"--sample-prompts {prompts_file}: {getattr(e, 'strerror', None) or e.reason}") from None
+    samples = first_samples(source)
+    captions = [s["caption"] for s in samples]
+    fixed = {"prompts": prompts or captions, "captions": captions,
+             "ids": tokenize(captions)[0].to(device)}
+    if samples and "image" in samples[0]:
+        fixed["images"] = torch.stack([s["image"] for s in samples]).to(device)
+    return fixed
 
 
 def build_pipeline(args, device, precision):

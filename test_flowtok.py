@@ -34,15 +34,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
+import bench
 import data
 import demo
 import evaluate
 import flow_dit
 import projector
+import runtime
 import sample
 import tokenizer
 from flow_dit import FLOW_MODELS, FlowDiT, build_flowtok, euler_sample, flowtok_loss, load_official_flowtok
-from projector import CLIPTextEncoder, TextDecoder, TextProjector, UserError
+from projector import CLIPTextEncoder, TextDecoder, TextProjector
+from runtime import UserError
 from tokenizer import Tokenizer, load_official_tokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -65,8 +68,8 @@ def tiny_flowtok(official):
     dit_sd, proj_sd = flow_dit.convert_official_flowtok(official["flowtok_state_dict"])
     dit = FlowDiT(depth=2, width=64, heads=4)
     proj = TextProjector(clip_dim=64, depth=2, heads=4, d_ff=96, align_hidden=128)
-    projector.load_strict(dit, dit_sd, "dit")
-    projector.load_strict(proj, proj_sd, "projector")
+    runtime.load_strict(dit, dit_sd, "dit")
+    runtime.load_strict(proj, proj_sd, "projector")
     return dit.eval(), proj.eval()
 
 
@@ -145,7 +148,7 @@ def test_official_sampler(official):
 def test_official_tokenizer(official):
     d = official
     tok = Tokenizer.from_preset("tiny")
-    projector.load_strict(tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
+    runtime.load_strict(tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
     tok.eval()
     with torch.no_grad():
         mean, logvar = tok.encode(d["tok_img"])
@@ -405,7 +408,7 @@ def test_fp32_regions_hold_under_bf16_autocast(official):
     assert proj.log_temperature.grad is not None and all(torch.isfinite(g).all() for g in grads)
 
     official_tok = Tokenizer.from_preset("tiny")
-    projector.load_strict(official_tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
+    runtime.load_strict(official_tok, tokenizer.convert_official_tokenizer(d["flowtitok_state_dict"]), "tok")
     for tok in (official_tok.eval(), random_weights(Tokenizer.from_preset("demo")).eval()):   # both latent layouts
         with torch.no_grad():
             mean_32, logvar_32 = tok.encode(d["tok_img"])
@@ -947,10 +950,10 @@ def test_transform_crop_and_flip():
 
 
 def test_expand_braces_and_spec_errors():
-    assert data.expand_braces("/d/s-{000..002}.tar") == ["/d/s-000.tar", "/d/s-001.tar", "/d/s-002.tar"]
-    assert data.expand_braces("{a,b}{8..10}") == ["a8", "a9", "a10", "b8", "b9", "b10"]
-    assert data.expand_braces("{09..11}") == ["09", "10", "11"]
-    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    assert runtime.expand_braces("/d/s-{000..002}.tar") == ["/d/s-000.tar", "/d/s-001.tar", "/d/s-002.tar"]
+    assert runtime.expand_braces("{a,b}{8..10}") == ["a8", "a9", "a10", "b8", "b9", "b10"]
+    assert runtime.expand_braces("{09..11}") == ["09", "10", "11"]
+    assert runtime.expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(ValueError, match="unknown source kind"):
         data.build_dataset("csv:/x.csv", 32)
     with pytest.raises(ValueError, match="key=value"):
@@ -1339,7 +1342,7 @@ def test_tar_recaptions_official_frequency_and_the_original_and_recaption_modes(
         assert captions[3] == "a tree"                 # no recap_txt: its txt, and no draw
         for k, caption in enumerate(captions[:3]):
             # known answer: the (seed, epoch, shard, sample in shard) generator's first number against 0.95
-            u = torch.rand((), generator=data._generator(seed, "caption", 0, 0, k))
+            u = torch.rand((), generator=runtime.generator(seed, "caption", 0, 0, k))
             assert caption == (want[list(want)[k]] if u < 0.95 else list(want)[k]), (seed, k, caption)
             picks[caption in recap_of] += 1
     n = 3 * len(seeds)                                  # 2100 draws: mean 1995, sd 10.0
@@ -1365,7 +1368,7 @@ def test_tar_caption_pick_is_the_same_for_any_worker_count_and_after_resume(tmp_
     source = data.build_dataset(f"tar:{tmp_path}/shard-{{0..3}}.tar", 32)
 
     def recap(seed, epoch, s, i):
-        return bool(torch.rand((), generator=data._generator(seed, "caption", epoch, s, i)) < 0.95)
+        return bool(torch.rand((), generator=runtime.generator(seed, "caption", epoch, s, i)) < 0.95)
     # a seed whose 2 epochs keep a few originals, so that another seeding would show
     seed = next(x for x in range(500) if sum(not recap(x, e, s, i) for e in range(2) for s in range(4)
                                              for i in range(3)) >= 3)
@@ -1399,7 +1402,7 @@ def test_jsonl_recaption_field_is_drawn_per_stream_position(tmp_path):
     recaps = {"zero": "Zero things.", "one": "One thing"}
 
     def recap(seed, position):   # no crop or flip: the caption's draw is the generator's first number
-        return bool(torch.rand((), generator=data._generator(seed, "augment", position)) < 0.95)
+        return bool(torch.rand((), generator=runtime.generator(seed, "augment", position)) < 0.95)
     seed = next(x for x in range(500) if sum(not recap(x, p) for p in range(16) if p % 4 < 2) >= 2)
     source = data.build_dataset(spec, 32)                      # default captions=official
     assert sorted(source.texts()) == sorted(["zero", "one", "two", "three", "Zero things.", "One thing"])
@@ -1470,7 +1473,7 @@ def test_karpathy_source_splits_and_one_raw_sentence_per_draw(tmp_path):
     for batch in batches:
         for caption, index, position in zip(batch["caption"], batch["index"].tolist(), batch["position"].tolist()):
             group = sentences[index]   # train, restval, train: the first three
-            k = int(torch.randint(0, len(group), (), generator=data._generator(4, "augment", position)))
+            k = int(torch.randint(0, len(group), (), generator=runtime.generator(4, "augment", position)))
             assert caption == group[k], (index, position)
     for i, group in enumerate(sentences[:3]):
         assert {source.caption(i, torch.Generator().manual_seed(g)) for g in range(60)} == set(group)
@@ -1741,7 +1744,7 @@ def test_shapes_deterministic_and_splits():
     many = source.get_many([5, 3, 5])                       # rendered together, as the loader does: same samples
     assert all(torch.equal(m["image"], source.get(i)["image"]) and m["caption"] == source.get(i)["caption"]
                for m, i in zip(many, [5, 3, 5]))
-    parsed = data.parse_caption(sample["caption"])
+    parsed = demo.parse_caption(sample["caption"])
     assert (parsed["colour"], parsed["shape"]) in held
     with pytest.raises(ValueError, match="unknown split"):
         data.build_dataset("shapes:split=test", 32)
@@ -1765,13 +1768,13 @@ def test_shapes_render_is_the_sub_pixel_coverage():
 
 def test_shapes_captions_round_trip():
     for caption in data.shapes_prompts("train") + data.shapes_prompts("novel"):
-        attrs = data.parse_caption(caption)
+        attrs = demo.parse_caption(caption)
         assert attrs is not None and data.caption_for(attrs) == caption
-    assert data.parse_caption("A Large  red circle on the left.") == {"colour": "red", "shape": "circle",
+    assert demo.parse_caption("A Large  red circle on the left.") == {"colour": "red", "shape": "circle",
                                                                      "size": "large", "position": "left"}
-    assert data.parse_caption("a small blue square at the top")["position"] == "top"
+    assert demo.parse_caption("a small blue square at the top")["position"] == "top"
     for bad in ("a red circle", "a huge red circle on the left", "a large red circle on the left and more", ""):
-        assert data.parse_caption(bad) is None
+        assert demo.parse_caption(bad) is None
 
 
 @pytest.mark.parametrize("split", data.SPLITS)
@@ -2087,7 +2090,7 @@ def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch
     tiny = tmp_path / "abc.bin"
     tiny.write_bytes(b"abc")
     digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"   # sha256("abc"), FIPS 180-2
-    assert hashlib.sha256(b"abc").hexdigest() == digest == projector.file_sha256(tiny)
+    assert hashlib.sha256(b"abc").hexdigest() == digest == runtime.file_sha256(tiny)
     assert evaluate.FID_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
     assert not evaluate.is_release_inception(tiny)
     monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", "pt_inception-2015-12-05-ba7816bf.pth")
@@ -2096,7 +2099,7 @@ def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch
     path = str(fid_weights[0])                     # named like the release, random weights: loaded, with a warning
     evaluate.load_inception(path)
     assert "not comparable with published numbers" in capsys.readouterr().err
-    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", f"x-{projector.file_sha256(path)[:8]}.pth")
+    monkeypatch.setattr(evaluate, "FID_WEIGHTS_FILE", f"x-{runtime.file_sha256(path)[:8]}.pth")
     evaluate.load_inception(path)
     assert "not comparable" not in capsys.readouterr().err
 
@@ -2105,7 +2108,7 @@ def test_inception_file_is_checked_by_content(fid_weights, tmp_path, monkeypatch
 
 def test_ptb_tokenize():
     # the toolkit writes brackets as -lrb- -rrb- (lower case: its punctuation filter, upper case, keeps them)
-    assert evaluate.ptb_tokenize('A dog\'s toy, (red) "ball"... isn\'t it? 3.5 kg - 12:30.') == \
+    assert projector.ptb_tokenize('A dog\'s toy, (red) "ball"... isn\'t it? 3.5 kg - 12:30.') == \
         ["a", "dog", "'s", "toy", "-lrb-", "red", "-rrb-", "ball", "is", "n't", "it", "3.5", "kg", "12:30"]
 
 
@@ -2122,14 +2125,14 @@ def test_ptb_tokenize_equals_the_toolkit_outputs():
     # 1.99/lb (1.99 / lb), emoticons (:-rrb-)
     cases = ptb_toolkit_cases()
     assert len(cases) == 166
-    assert [(c, " ".join(evaluate.ptb_tokenize(c))) for c, _ in cases] == cases
+    assert [(c, " ".join(projector.ptb_tokenize(c))) for c, _ in cases] == cases
 
 
 def test_bleu4_identical_is_one_and_disjoint_is_zero():
     refs = {1: ["a man riding a horse on a beach"], 2: ["two dogs play in the snow", "dogs in snow"]}
-    assert evaluate.bleu4({1: "A man riding a horse on a beach.", 2: "two dogs play in the snow"},
+    assert projector.bleu4({1: "A man riding a horse on a beach.", 2: "two dogs play in the snow"},
                           refs) == pytest.approx(1.0, abs=1e-6)
-    assert evaluate.bleu4({1: "x y z w v u t s", 2: "p q r o n m"}, refs) < 1e-9
+    assert projector.bleu4({1: "x y z w v u t s", 2: "p q r o n m"}, refs) < 1e-9
 
 
 def test_bleu4_worked_examples():
@@ -2140,18 +2143,18 @@ def test_bleu4_worked_examples():
     #   4-grams: the cat sat on | cat sat on the, sat on the mat -> 1/3
     #   BLEU-4 = (5/6 * 3/5 * 2/4 * 1/3)^(1/4) = (1/12)^(1/4) = 0.537285
     cand, refs = {1: "the cat sat on the mat"}, {1: ["the cat sat on a mat"]}
-    assert evaluate.bleu4(cand, refs) == pytest.approx((1 / 12) ** 0.25, rel=1e-8)
+    assert projector.bleu4(cand, refs) == pytest.approx((1 / 12) ** 0.25, rel=1e-8)
     # corpus level: add "a dog runs" vs ["a dog runs fast", "a big dog runs in the park"]: matches 3/3, 2/2, 1/1,
     # 0/0; closest reference length 4. Counts are summed over the corpus before the precisions:
     #   (5+3)/(6+3) * (3+2)/(5+2) * (2+1)/(4+1) * (1+0)/(3+0) = 8/63; lengths 9 vs 6+4 -> BP = exp(1 - 10/9)
     cand[2], refs[2] = "a dog runs", ["a dog runs fast", "a big dog runs in the park"]
-    assert evaluate.bleu4(cand, refs) == pytest.approx((8 / 63) ** 0.25 * math.exp(-1 / 9), rel=1e-8)
+    assert projector.bleu4(cand, refs) == pytest.approx((8 / 63) ** 0.25 * math.exp(-1 / 9), rel=1e-8)
 
 
 def test_bleu4_closest_reference_length_tie_takes_the_shorter():
     # 5 words, references of 4 and 6 words, all n-grams match: the tie goes to 4 -> no brevity penalty -> 1.0
     # (taking 6 would give exp(1 - 6/5) = 0.819)
-    assert evaluate.bleu4({1: "a man rides a horse"}, {1: ["a man rides a", "a man rides a horse today"]}) == \
+    assert projector.bleu4({1: "a man rides a horse"}, {1: ["a man rides a", "a man rides a horse today"]}) == \
         pytest.approx(1.0, abs=1e-6)
 
 
@@ -2159,7 +2162,7 @@ def test_cider_d_worked_examples():
     # two ids, N = 2: "a" is in both reference sets (idf log 2 - log 2 = 0); every other n-gram has df 1 or 0,
     # hence weight tf * log 2, and log 2 cancels in the cosines. Identical two-word captions match on 1- and
     # 2-grams only (no 3-/4-grams): 10 * mean(1, 1, 0, 0) = 5
-    assert evaluate.cider_d({1: "a cat", 2: "a dog"}, {1: ["a cat"], 2: ["a dog"]}) == pytest.approx(5.0)
+    assert projector.cider_d({1: "a cat", 2: "a dog"}, {1: ["a cat"], 2: ["a dog"]}) == pytest.approx(5.0)
     # id 1: "a cat cat" vs ["a black cat", "a cat"]; id 2: "a white dog" vs ["a dog"]  (units of log 2)
     #   id 1, cand 1-grams {cat: 2} (norm 2), 2-grams {a cat: 1, cat cat: 1} (norm sqrt 2), length 2 bigrams
     #     vs "a black cat" (1-gram norm sqrt 2, length 2): 1-gram min(2, 1) * 1 / (2 sqrt 2) = 0.353553; rest 0
@@ -2172,18 +2175,18 @@ def test_cider_d_worked_examples():
     p = math.exp(-1 / 72)
     id1 = 10 * (1 / (2 * math.sqrt(2)) + p * (0.5 + 1 / math.sqrt(2))) / 4 / 2
     id2 = 10 * p / math.sqrt(2) / 4
-    assert evaluate.cider_d(cands, refs) == pytest.approx((id1 + id2) / 2, rel=1e-9)
-    assert evaluate.cider_d(cands, refs) == pytest.approx(1.836699, abs=1e-6)
+    assert projector.cider_d(cands, refs) == pytest.approx((id1 + id2) / 2, rel=1e-9)
+    assert projector.cider_d(cands, refs) == pytest.approx(1.836699, abs=1e-6)
     # clipping: repeating a matched word does not raise the score ("a cat cat" scores below "a cat" on id 1)
-    assert evaluate.cider_d({1: "a cat", 2: "a white dog"}, refs) > evaluate.cider_d(cands, refs)
-    assert evaluate.cider_d({1: "x y", 2: "z w"}, refs) == 0.0
+    assert projector.cider_d({1: "a cat", 2: "a white dog"}, refs) > projector.cider_d(cands, refs)
+    assert projector.cider_d({1: "x y", 2: "z w"}, refs) == 0.0
 
 
 def test_caption_metrics_reject_mismatched_ids():
     with pytest.raises(ValueError):
-        evaluate.bleu4({1: "a cat"}, {2: ["a cat"]})
+        projector.bleu4({1: "a cat"}, {2: ["a cat"]})
     with pytest.raises(ValueError):
-        evaluate.cider_d({1: "a cat"}, {1: []})
+        projector.cider_d({1: "a cat"}, {1: []})
 
 
 # ==========================================================================================================
@@ -2257,8 +2260,8 @@ def run_start(out):
     ck = torch.load(out / "last.pt", weights_only=True)
     args = argparse.Namespace(**ck["args"])
     torch.manual_seed(args.seed)
-    parts, frozen, _ = train.build_stage(args, torch.device("cpu"))
-    return args, parts, frozen, ck
+    stage = train.STAGES[args.stage].create(args, torch.device("cpu"))
+    return args, stage, ck
 
 
 def flat(sd):
@@ -2280,14 +2283,15 @@ def learning(out):
     """Run `out`'s loss and main term (LEARNED) on its first 16 training samples with the initial and the final
     weights (eval mode, the same noise, times and CFG draws), and the trained parameters that never moved
     -> (first, last, unmoved), first and last as tensors [loss, main term]."""
-    args, parts, frozen, ck = run_start(out)
+    args, stage, ck = run_start(out)
+    parts = stage.parts
     batch = next(iter(data.make_loader(data.build_dataset(args.data, image_size=args.image_size), 16, seed=args.seed,
                                        noise_dim=sum(train.STAGES[args.stage].noise.values()))))
-    inputs = dict(train.prepare(batch, frozen, args, torch.device("cpu")), gan=False)
+    inputs = dict(stage.prepare(batch, torch.device("cpu")), gan=False)
 
     def loss():
         with torch.no_grad():
-            terms = train.stage_loss({k: m.eval() for k, m in parts.items()}, inputs, args)
+            terms = stage.eval()(inputs)
             return torch.stack([terms["loss"], terms[LEARNED[args.stage]]])
     first = loss()
     unmoved = [f"{name}.{k}" for name, m in parts.items() for k, p in m.named_parameters()
@@ -2327,6 +2331,54 @@ def test_every_stage_trains_and_checkpoints(tiny_tokenizer, tmp_path):
     for run in (tiny_tokenizer, flow, tae, i2t):
         first, last, unmoved = learning(run)
         assert (last < 0.99 * first).all() and unmoved == [], (run.name, first, last, unmoved)
+
+
+class ToyVelocity(nn.Module):
+    """A velocity network that is not a DiT (a per-token MLP told t and the null flag), as a researcher would add
+    one: a class with forward(x, t, null) and a `config` of its constructor arguments, registered by name."""
+
+    def __init__(self, width=32, channels=16, **size):          # the size registry's other DiT numbers: unused
+        super().__init__()
+        self.config = dict(width=width, channels=channels)
+        self.net = nn.Sequential(nn.Linear(channels + 2, width), nn.GELU(), nn.Linear(width, channels))
+
+    def forward(self, x, t, null):
+        cond = torch.stack([t, null.float()], -1)[:, None].expand(*x.shape[:2], 2)
+        return self.net(torch.cat([x, cond.to(x.dtype)], -1))
+
+
+def test_a_registered_velocity_network_trains_resumes_and_samples(tiny_tokenizer, tmp_path, monkeypatch):
+    """Swapping the velocity network is one registry entry: --backbone toy trains it through train.py's loop, a
+    resume equals the uninterrupted run, the checkpoint and an export record its name, and sample.py rebuilds it
+    from them; a checkpoint made before backbones had names loads as the DiT."""
+    monkeypatch.setitem(flow_dit.VELOCITY_NETS, "toy", ToyVelocity)
+    toy = ("--backbone", "toy", "--ckpt-every", 2)
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "whole", "--steps", 4, *toy))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "part", "--steps", 2, *toy))
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "part", "--steps", 4, "--resume", *toy))
+    a, b = (all_tensors(torch.load(tmp_path / r / "last.pt", weights_only=True)) for r in ("whole", "part"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    ck = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    assert ck["config"]["dit"] == {"backbone": "toy", "width": 64, "channels": 16} and ck["args"]["backbone"] == "toy"
+    assert set(ck["model"]["dit"]) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    pipe = sample.load_pipeline(tmp_path / "whole")
+    assert type(pipe.dit) is ToyVelocity and not pipe.dit.training
+    eps = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(0))
+    images = pipe.generate(["a red circle", "a blue square"], steps=3, eps=eps)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    sample.export_pipeline(pipe, str(tmp_path / "export"))
+    again = sample.load_pipeline(tmp_path / "export")
+    assert type(again.dit) is ToyVelocity and torch.equal(again.generate(["a red circle", "a blue square"], steps=3,
+                                                                         eps=eps), images)
+    with pytest.raises(ValueError, match="unknown velocity network 'mlp' .*dit, toy"):
+        flow_dit.velocity_net("mlp")
+    # a run recorded before the registry (no "backbone" in its DiT config) is a DiT
+    run_train(*flow_args(tiny_tokenizer, tmp_path / "old", "--steps", 1))
+    old = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    assert old["config"]["dit"].pop("backbone") == "dit"
+    os.remove(tmp_path / "old" / "last.pt")
+    torch.save(old, tmp_path / "old" / "last.pt")
+    assert type(sample.load_pipeline(tmp_path / "old").dit) is FlowDiT
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_tokenizer, tmp_path):
@@ -2377,31 +2429,31 @@ def test_platform_facts_signals_memory_devices_precision(monkeypatch, tiny_token
     """Windows has no SIGUSR1 and no getrusage, macOS reports max RSS in bytes, auto prefers CUDA, then MPS, then
     the CPU, and bf16 is the default only where the GPU computes it natively (fp16 on V100 / T4)."""
     monkeypatch.delattr(signal, "SIGUSR1")
-    assert train.stop_signals() == [signal.SIGTERM, signal.SIGINT]
+    assert runtime.stop_signals() == [signal.SIGTERM, signal.SIGINT]
     assert run_train(*flow_args(tiny_tokenizer, tmp_path / "run", "--steps", 2))["step"] == 2
     usage = argparse.Namespace(ru_maxrss=1000)
-    monkeypatch.setattr(evaluate, "resource", argparse.Namespace(getrusage=lambda who: usage, RUSAGE_SELF=0))
+    monkeypatch.setattr(bench, "resource", argparse.Namespace(getrusage=lambda who: usage, RUSAGE_SELF=0))
     cpu = torch.device("cpu")
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert evaluate.peak_memory(cpu)[0] == 1000
+    assert bench.peak_memory(cpu)[0] == 1000
     monkeypatch.setattr(sys, "platform", "linux")
-    assert evaluate.peak_memory(cpu)[0] == 1000 * 1024
-    monkeypatch.setattr(evaluate, "resource", None)
-    assert evaluate.peak_memory(cpu)[0] is None and evaluate.gib(None) == "n/a"
+    assert bench.peak_memory(cpu)[0] == 1000 * 1024
+    monkeypatch.setattr(bench, "resource", None)
+    assert bench.peak_memory(cpu)[0] is None and bench.gib(None) == "n/a"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert projector.pick_device("auto") == torch.device("mps") and projector.pick_device("cpu") == cpu
+    assert runtime.pick_device("auto") == torch.device("mps") and runtime.pick_device("cpu") == cpu
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert projector.pick_device("auto") == cpu
+    assert runtime.pick_device("auto") == cpu
     with pytest.raises(UserError, match="--device mps: Apple's MPS is not available"):
-        projector.pick_device("mps")
+        runtime.pick_device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(projector, "use_cuda", lambda device: device)
-    assert projector.pick_device("auto", 3) == torch.device("cuda", 3)
+    monkeypatch.setattr(runtime, "use_cuda", lambda device: device)
+    assert runtime.pick_device("auto", 3) == torch.device("cuda", 3)
     for native, want in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
-        assert projector.default_precision(torch.device("cuda")) == want
-    assert projector.default_precision(cpu) == projector.default_precision(torch.device("mps")) == "fp32"
+        assert runtime.default_precision(torch.device("cuda")) == want
+    assert runtime.default_precision(cpu) == runtime.default_precision(torch.device("mps")) == "fp32"
 
 
 def test_fid_during_training_from_the_ema_weights(tiny_tokenizer, corpus, frechet_spy, tmp_path):
@@ -2454,7 +2506,7 @@ def test_previews_skip_unreadable_samples(tmp_path):
     args = train_args(*TOKENIZER_RUN[:-4], "--data", f"folder:{folder}", "--global-batch", 2, "--steps", 1,
                       "--out", tmp_path / "run", "--sample-every", 1)
     train.fill_defaults(args, 1)
-    fixed = train.preview_inputs(data.build_dataset(args.data, 32), args, torch.device("cpu"))
+    fixed = sample.preview_inputs(data.build_dataset(args.data, 32), args.sample_prompts, torch.device("cpu"))
     assert fixed["captions"] == ["image number 1", "image number 2", "image number 3"]
     assert train.main(args)["step"] == 1 and list((tmp_path / "run" / "samples").iterdir())
 
@@ -2496,7 +2548,7 @@ def test_metrics_jsonl_and_tensorboard_scalars(tiny_tokenizer, tmp_path, monkeyp
 
         def close(self):
             scalars.append(("close",))
-    monkeypatch.setattr(train, "SummaryWriter", FakeWriter)
+    monkeypatch.setattr(runtime, "SummaryWriter", FakeWriter)
     out = tmp_path / "run"
     run_train(*flow_args(tiny_tokenizer, out, "--steps", 4, "--log-every", 2, "--tensorboard"))
     records = metrics_records(out)
@@ -2506,7 +2558,7 @@ def test_metrics_jsonl_and_tensorboard_scalars(tiny_tokenizer, tmp_path, monkeyp
     assert "step 4/4 | " in log and f"loss {records[1]['loss']:.4g}" in log
     assert scalars[0] == ("open", str(out / "tensorboard"), 1) and scalars[-1] == ("close",)
     assert ("loss", records[1]["loss"], 4) in scalars and ("lr", records[0]["lr"], 2) in scalars
-    monkeypatch.setattr(train, "SummaryWriter", None)
+    monkeypatch.setattr(runtime, "SummaryWriter", None)
     with pytest.raises(UserError, match="--tensorboard needs the tensorboard package"):
         run_train(*flow_args(tiny_tokenizer, tmp_path / "none", "--steps", 2, "--tensorboard"))
     assert not (tmp_path / "none").exists()
@@ -2678,13 +2730,13 @@ def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_h
     with pytest.raises(UserError, match="already holds a run"):
         run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2)
     assert not (out / ".lock").exists()
-    monkeypatch.setattr(train, "fcntl", None)       # no OS lock (Windows, NFS without locks): the pid decides
+    monkeypatch.setattr(runtime, "fcntl", None)       # no OS lock (Windows, NFS without locks): the pid decides
     write_lock(out, os.getppid(), here)
     with pytest.raises(UserError, match=f"in use by pid {os.getppid()} on host"):
-        with train.RunLock(str(out)):
+        with runtime.RunLock(str(out)):
             pass
     write_lock(out, pid, here)
-    with train.RunLock(str(out)) as lock:
+    with runtime.RunLock(str(out)) as lock:
         assert "took over" in lock.note and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert not (out / ".lock").exists()
 
@@ -2692,7 +2744,7 @@ def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_h
 def test_spike_watch_records_long_excursions_above_the_best_and_their_end():
     """Known answers: a spike shorter than `steps` is not recorded; a longer one is, once; its end when the loss
     is back under factor x the best; a NaN mean counts as above; the state survives a round trip (resume)."""
-    watch = train.SpikeWatch(2.0, 100)
+    watch = runtime.SpikeWatch(2.0, 100)
     said = [watch.update(step, v) for step, v in [(50, 1.0), (100, 0.5), (150, 0.4), (200, 0.9), (250, 0.3)]]
     assert said == [None] * 5 and watch.episodes == [] and (watch.best, watch.best_step) == (0.3, 250)
     assert [watch.update(step, v) for step, v in [(300, 0.7), (350, 0.5)]] == [None, None]   # 50 steps: brief
@@ -2701,13 +2753,13 @@ def test_spike_watch_records_long_excursions_above_the_best_and_their_end():
     assert "diverged at step 350" in said[1]
     assert watch.episodes == [{"start": 350, "end": None, "best": 0.3, "best_step": 250, "peak": 5.0}]
     assert watch.diverged() == "steps 350-end (never recovered): peak 5 against a best of 0.3"
-    again = train.SpikeWatch(2.0, 100, watch.state_dict())          # what a checkpoint carries
+    again = runtime.SpikeWatch(2.0, 100, watch.state_dict())          # what a checkpoint carries
     assert again.state_dict() == watch.state_dict()
     assert again.update(550, 0.8) is None and again.episodes[0]["peak"] == 5.0
     assert "back under 2x its best" in again.update(600, 0.5) and again.episodes[0]["end"] == 600
     assert again.update(650, 0.25) is None and (again.best, again.best_step) == (0.25, 650)
     assert again.diverged() == "steps 350-600: peak 5 against a best of 0.3"
-    off = train.SpikeWatch(0.0, 1)                                  # --spike-factor 0: never
+    off = runtime.SpikeWatch(0.0, 1)                                  # --spike-factor 0: never
     assert [off.update(s, v) for s, v in [(1, 1.0), (2, 100.0), (3, 100.0)]] == [None] * 3 and not off.episodes
 
 
@@ -2731,7 +2783,7 @@ def test_a_diverging_run_says_so_in_its_log_checkpoint_and_result(tiny_tokenizer
 
 def test_every_train_flag_has_a_resume_class():
     """A new flag must be put in one of train.py's resume classes (fixed, applied, kept, free), and in one only."""
-    classes = train.RESUME_FIXED + train.RESUME_APPLIED + train.RESUME_KEPT + train.RESUME_FREE
+    classes = train.RESUME.fixed + train.RESUME.applied + train.RESUME.kept + train.RESUME.free
     flags = {a.dest for a in train.build_parser()._actions if a.dest != "help"}
     assert len(flags) > 60
     assert [k for k, n in collections.Counter(classes).items() if n > 1] == []          # in two classes
@@ -2856,14 +2908,14 @@ def test_corrupt_or_unsafe_weight_files_are_one_line_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
     torch.save({"w": NotAWeight()}, tmp_path / "object.pt")
     for name in ("truncated.pt", "junk.safetensors", "object.pt", "missing.bin"):
-        for read in (projector.read_weights, projector.read_state_dict, tokenizer.load_tokenizer,
-                     projector.load_checkpoint):
+        for read in (runtime.read_weights, runtime.read_state_dict, tokenizer.load_tokenizer,
+                     runtime.load_checkpoint):
             with pytest.raises(UserError) as err:
                 read(str(tmp_path / name))
             assert name in str(err.value) and "weights_only=False" not in str(err.value)
     with pytest.raises(UserError, match="Python objects besides tensors"):
-        projector.read_weights(str(tmp_path / "object.pt"))
-    assert torch.equal(projector.read_weights(str(good))["w"], torch.ones(2))
+        runtime.read_weights(str(tmp_path / "object.pt"))
+    assert torch.equal(runtime.read_weights(str(good))["w"], torch.ones(2))
 
 
 def _write_part(f, payload):
@@ -2884,11 +2936,11 @@ def test_read_weights_memory_maps_zip_checkpoints_and_still_reads_legacy_files(t
         return real_load(path, *args, **kw)
     monkeypatch.setattr(torch, "load", spy)
     for name in ("zip.pt", "legacy.pt"):
-        assert torch.equal(projector.read_weights(str(tmp_path / name))["w"], torch.arange(4.0))
+        assert torch.equal(runtime.read_weights(str(tmp_path / name))["w"], torch.arange(4.0))
     if os.name != "nt":                              # Windows cannot replace a mapped last.pt: read there unmapped
         assert calls[0] == ("zip.pt", True) and len([c for c in calls if c[0] == "zip.pt"]) == 1
         assert ("legacy.pt", True) in calls and calls[-1] == ("legacy.pt", False)   # tried, then read unmapped
-    ckpt = projector.load_checkpoint(str(_a_checkpoint(tmp_path)))
+    ckpt = runtime.load_checkpoint(str(_a_checkpoint(tmp_path)))
     assert calls[-1] == ("last.pt", os.name != "nt") and ckpt["step"] == 7
 
 
@@ -2901,7 +2953,7 @@ def _a_checkpoint(tmp_path):
 
 def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     state = {"step": 1, "w": torch.ones(3)}
-    train.save_checkpoint(state, str(tmp_path), 1, keep=3)
+    runtime.save_checkpoint(state, str(tmp_path), 1, keep=3)
     real_save = torch.save
 
     def dies_half_way(obj, f, *a, **k):
@@ -2909,12 +2961,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
         raise KeyboardInterrupt                        # the process dies here
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, str(tmp_path), 2, keep=3)
+        runtime.save_checkpoint({"step": 2, "w": torch.zeros(3)}, str(tmp_path), 2, keep=3)
     monkeypatch.setattr(torch, "save", real_save)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["step"] == 1 and torch.equal(last["w"], torch.ones(3))
     assert not (tmp_path / "step_0000002.pt").exists()
-    train.check_output_folder(str(tmp_path), resume=True)      # a resume clears the partial file
+    runtime.check_output_folder(str(tmp_path), resume=True)      # a resume clears the partial file
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -2929,7 +2981,7 @@ def test_disk_full_while_saving_a_checkpoint_is_a_one_line_error(tmp_path, monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", fills_the_disk)
     args = train_args(*TOKENIZER_RUN, "--out", out, "--steps", 3, "--ckpt-every", 1)
-    assert projector.run_cli("train.py", train.main, args) == 1
+    assert runtime.run_cli("train.py", train.main, args) == 1
     assert capsys.readouterr().err == (f"train.py: error: the disk is full at {out}: cannot write the checkpoint "
                                        f"{out}/step_0000002.pt (No space left on device); the previous checkpoints "
                                        "are intact: free space, then continue with --resume\n")
@@ -2938,20 +2990,20 @@ def test_disk_full_while_saving_a_checkpoint_is_a_one_line_error(tmp_path, monke
     if os.path.exists("/dev/full"):   # a real full disk: the write through a Python file says ENOSPC
         monkeypatch.setattr(torch, "save", real_save)
         with pytest.raises(OSError) as err:
-            train._write_synced({"w": torch.ones(1000)}, "/dev/full")
+            runtime._write_synced({"w": torch.ones(1000)}, "/dev/full")
         assert err.value.errno == errno.ENOSPC
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_tokenizer, tmp_path, monkeypatch):
-    real_loss, calls = train.stage_loss, []
+    real_loss, calls = train.FlowStage.forward, []
 
-    def poisoned(parts, inputs, args, gather=None, helpers=None):
-        out = real_loss(parts, inputs, args, gather, helpers)
+    def poisoned(stage, inputs):
+        out = real_loss(stage, inputs)
         calls.append(1)
         if len(calls) in poison:
             out["loss"] = out["loss"] * float("nan")
         return out
-    monkeypatch.setattr(train, "stage_loss", poisoned)
+    monkeypatch.setattr(train.FlowStage, "forward", poisoned)
     poison = {2}
     run_train(*flow_args(tiny_tokenizer, tmp_path / "a", "--steps", 4))
     ck = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
@@ -3032,7 +3084,7 @@ def test_bad_data_spec_in_text_ae_vocabulary_and_pretokenize_is_one_line(tiny_to
                       (f"jsonl:{tmp_path}/nope.jsonl", "nope.jsonl: cannot read")):
         args = data.build_parser().parse_args(["pretokenize", "--data", spec, "--tokenizer", str(tiny_tokenizer),
                                                "--out", str(tmp_path / "cache"), "--no-clip", "--num-workers", "0"])
-        assert projector.run_cli("data.py", data.pretokenize, args) == 1
+        assert runtime.run_cli("data.py", data.pretokenize, args) == 1
         err = capsys.readouterr().err
         assert err.startswith("data.py: error: ") and why in err and err.count("\n") == 1, err
 
@@ -3047,14 +3099,12 @@ def test_pretokenised_cache_gives_the_same_first_step_loss(tiny_tokenizer, tmp_p
         args = train_args(*flow_args(tiny_tokenizer, tmp_path / "x", "--steps", 1), "--data", spec)
         train.fill_defaults(args, 1)
         torch.manual_seed(0)
-        parts, frozen, _ = train.build_stage(args, torch.device("cpu"))
+        stage = train.STAGES[args.stage].create(args, torch.device("cpu")).eval()
         source = data.build_dataset(spec, image_size=32)
         batch = next(iter(data.make_loader(source, 8, seed=0, noise_dim=sum(train.STAGES["flow"].noise.values()))))
-        inputs = train.prepare(batch, frozen, args, torch.device("cpu"))
-        for m in parts.values():
-            m.eval()
+        inputs = stage.prepare(batch, torch.device("cpu"))
         with torch.no_grad():
-            losses.append({k: float(v) for k, v in train.stage_loss(parts, inputs, args).items()})
+            losses.append({k: float(v) for k, v in stage(inputs).items()})
     live, cached = losses
     for k in ("loss", "diff", "contrastive", "kl"):
         assert cached[k] == pytest.approx(live[k], rel=2e-3), k     # the cache stores float16
@@ -3081,13 +3131,13 @@ def other_tokenizer(tok, folder):
 
 def ema_hash(tok):
     """weights_sha256 of a tokenizer run's EMA weights, read straight from its last.pt."""
-    return projector.weights_sha256(torch.load(tok / "last.pt", weights_only=True)["ema"]["tokenizer"])
+    return runtime.weights_sha256(torch.load(tok / "last.pt", weights_only=True)["ema"]["tokenizer"])
 
 
 def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenizer, tmp_path, capsys):
     # the identity is sha256 over (index:key:dtype:shape;) + raw bytes per tensor, keys sorted
     one = struct.pack("<f", 1.0)
-    assert projector.weights_sha256({"b": torch.ones(1), "a": torch.ones(1)}) == \
+    assert runtime.weights_sha256({"b": torch.ones(1), "a": torch.ones(1)}) == \
         hashlib.sha256(b"0:a:torch.float32:(1,);" + one + b"0:b:torch.float32:(1,);" + one).hexdigest()
     cache, clip_file = tmp_path / "cache", tiny_tokenizer / "clip_text.safetensors"
     assert pretokenize_cli("--data", "shapes:n=8", "--tokenizer", tiny_tokenizer, "--out", cache)[0] == 0
@@ -3095,8 +3145,8 @@ def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenize
     ck = torch.load(tiny_tokenizer / "last.pt", weights_only=True)
     # what the cache used: the EMA weights, not the raw ones the checkpoint also holds
     assert identity["tokenizer"] == ema_hash(tiny_tokenizer)
-    assert identity["tokenizer"] != projector.weights_sha256(ck["model"]["tokenizer"])
-    assert identity["clip"] == projector.weights_sha256(CLIPTextEncoder("tiny", str(clip_file)))
+    assert identity["tokenizer"] != runtime.weights_sha256(ck["model"]["tokenizer"])
+    assert identity["clip"] == runtime.weights_sha256(CLIPTextEncoder("tiny", str(clip_file)))
     assert data.build_dataset(f"cache:{cache}").identity == identity
     spec = f"cache:{cache}"
     capsys.readouterr()
@@ -3105,7 +3155,7 @@ def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenize
     tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
     with pytest.raises(UserError) as err:
         run_train(*flow_args(tok2, tmp_path / "t2", "--steps", 1), "--clip-weights", clip_file, "--data", spec)
-    theirs = projector.short_hash(ema_hash(tok2))
+    theirs = runtime.short_hash(ema_hash(tok2))
     msg = str(err.value)
     assert f"tokenizer {identity['tokenizer'][:12]} in the cache vs {theirs} of --tokenizer {tok2}" in msg
     assert "python data.py pretokenize" in msg and "\n" not in msg and "clip" not in msg
@@ -3115,7 +3165,7 @@ def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenize
     # a cache made before identities were recorded still loads, with a warning
     os.remove(cache / "part-00000" / "identity.json")
     capsys.readouterr()
-    train.check_cache_identity(data.build_dataset(spec), {}, {}, argparse.Namespace(data=spec), 0)
+    data.check_cache_identity(data.build_dataset(spec), spec, {}, 0)
     assert capsys.readouterr().err.startswith(f"warning: --data {spec} records no tokenizer or CLIP identity")
 
 
@@ -3144,7 +3194,7 @@ def test_pretokenize_refuses_to_extend_a_cache_of_other_data_or_tokenizer(tiny_t
     before = {f: (part / f).read_bytes() for f in sorted(os.listdir(part))}
     old = json.loads((part / "identity.json").read_text())
     tok2 = other_tokenizer(tiny_tokenizer, tmp_path / "tok2")
-    new_tok = projector.short_hash(ema_hash(tok2))
+    new_tok = runtime.short_hash(ema_hash(tok2))
     for argv, change in [(("--data", "shapes:n=8", *same), "data 'shapes:n=6' -> 'shapes:n=8'"),
                          (("--data", "shapes:n=6", *same, "--tokenizer", tok2),
                           f"tokenizer {old['tokenizer'][:12]} -> {new_tok}"),
@@ -3174,10 +3224,10 @@ def test_pretokenize_refuses_to_extend_a_cache_of_other_data_or_tokenizer(tiny_t
 def test_stage_defaults_follow_the_official_recipes():
     flow = dict(lr=4e-4, weight_decay=0.03, beta2=0.95, warmup=5000, schedule="constant", min_lr=0.0, ema=0.9999,
                 grad_clip=0.0, w_kl=None, global_batch=4096, steps=1_000_000)
-    assert train.STAGE_DEFAULTS["flow"] == flow                               # the stage configs (fact sheet 10)
-    assert {k: train.STAGE_DEFAULTS["flow-i2t"][k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")} == {
+    assert train.STAGES["flow"].defaults == flow                      # the stage configs (fact sheet 10)
+    assert {k: train.STAGES["flow-i2t"].defaults[k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")} == {
         k: flow[k] for k in ("lr", "beta2", "schedule", "ema", "grad_clip")}
-    assert train.STAGE_DEFAULTS["tokenizer"] == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
+    assert train.STAGES["tokenizer"].defaults == dict(                         # TA-TiTok's VAE recipe (fact sheet 9)
         lr=1e-4, weight_decay=1e-4, beta2=0.999, warmup=10_000, schedule="cosine", min_lr=1e-5, ema=0.999,
         grad_clip=1.0, w_kl=1e-6, global_batch=256, steps=650_000, w_perceptual=1.1, w_gan=0.1, gan_start=200_000,
         random_crop=True, flip=True, size_filter=True)
@@ -3255,13 +3305,14 @@ def _ta_titok_lambda(tick, warmup, total, base_lr, end_lr):
 
 
 def test_ema_decay_warms_up_as_ta_titok_on_the_tokenizer_stage_only():
-    args = argparse.Namespace(stage="tokenizer", ema=0.999)
-    assert [train.ema_decay(s, args) for s in range(4)] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13], abs=1e-15)
-    assert train.ema_decay(8989, args) == pytest.approx(8990 / 8999) and train.ema_decay(8990, args) == 0.999
-    assert all(train.ema_decay(s, args) == _ta_titok_ema_decay(s + 1) for s in range(20_000))
+    weights = dict(w_kl=0.0, w_perceptual=0.0, w_gan=0.0, adaptive_gan=False, w_con=1.0, kl="official")
+    decay = lambda stage, ema: train.STAGES[stage](argparse.Namespace(ema=ema, **weights), {}, {}).ema_decay  # noqa
+    tokenizer_decay = decay("tokenizer", 0.999)
+    assert [tokenizer_decay(s) for s in range(4)] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13], abs=1e-15)
+    assert tokenizer_decay(8989) == pytest.approx(8990 / 8999) and tokenizer_decay(8990) == 0.999
+    assert all(tokenizer_decay(s) == _ta_titok_ema_decay(s + 1) for s in range(20_000))
     for stage in ("flow", "text-ae", "flow-i2t"):          # FlowTok's constant rate (train_t2i.py:154)
-        args = argparse.Namespace(stage=stage, ema=0.9999)
-        assert [train.ema_decay(s, args) for s in (0, 1, 9, 10_000)] == [0.9999] * 4
+        assert [decay(stage, 0.9999)(s) for s in (0, 1, 9, 10_000)] == [0.9999] * 4
 
 
 def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
@@ -3282,7 +3333,7 @@ def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
             want = _ta_titok_lambda(s * world, warmup * world, steps * world - gan_start, lr, min_lr)
             assert train.lr_factor(s, args, steps=horizon) == pytest.approx(want, abs=1e-12), (world, s)
     assert (train.disc_horizon(args, 1), train.disc_horizon(args, 4)) == (60, 90)
-    disc = train.Discriminator(args, torch.device("cpu"), 1, 0)          # the scheduler the trainer steps
+    disc = train.TokenizerStage.discriminator(args, torch.device("cpu"), 1, 0)   # the scheduler the trainer steps
     assert [disc.scheduler.lr_lambdas[0](s) for s in (0, 5, 30, 59)] == pytest.approx(
         [_ta_titok_lambda(s, warmup, steps - gan_start, lr, min_lr) for s in (0, 5, 30, 59)], abs=1e-12)
     args.stage = "flow"                                    # the flow stages keep their first update moving
@@ -3350,7 +3401,7 @@ def test_size_filter_is_on_for_the_tokenizer_stage_and_one_flag_away(tmp_path):
         source, _ = train.build_data(args, 0, 1, torch.device("cpu"))
         assert args.size_filter is on and source.min_longer == (32 if on else None), argv
         # the previews pass over what the filter drops
-        assert [s["caption"] for s in train.preview_samples(source)] == (
+        assert [s["caption"] for s in sample.first_samples(source)] == (
             ["caption a", "caption c"] if on else ["caption a", "caption b", "caption c"])
 
 
@@ -3360,8 +3411,8 @@ def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
               "--beta2", 0.99, "--ckpt-every", 1, "--keep", 5)
     run_train(*common, "--lr", 1e-3, "--warmup", 4, "--grad-clip", 0, "--steps", 2, "--out", tmp_path / "free")
     run_train(*common, "--lr", 1.0, "--warmup", 0, "--grad-clip", 1e-10, "--steps", 1, "--out", tmp_path / "clip")
-    _, parts, _, _ = run_start(tmp_path / "free")
-    init = flat(parts["tokenizer"].state_dict())
+    _, stage, _ = run_start(tmp_path / "free")
+    init = flat(stage.parts["tokenizer"].state_dict())
     step = [torch.load(tmp_path / "free" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2)]
     model = [flat(ck["model"]["tokenizer"]) for ck in step]
     ema = [flat(ck["ema"]["tokenizer"]) for ck in step]
@@ -3381,14 +3432,15 @@ def test_training_loop_applies_warmup_ema_and_clipping(tmp_path):
     assert norm > 1e-3 and log_value(tmp_path / "clip", 1, "grad_norm") == pytest.approx(norm, rel=1e-3)
 
 
-def test_time_and_cfg_null_draws_follow_their_distributions():
+def test_time_and_cfg_null_draws_follow_their_distributions(tiny_tokenizer, tmp_path):
     n = 4000
     noise = torch.randn(n, sum(train.STAGES["flow"].noise.values()), generator=torch.Generator().manual_seed(0))
     batch = {"noise": noise, "ids": torch.zeros(n, 77, dtype=torch.long), "clip": torch.zeros(n, 77, 1),
              "posterior": torch.zeros(n, 77, 32)}               # a cache batch: no encoder runs
-    frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
-    args = argparse.Namespace(stage="flow", cfg_prob=0.1, caption_groups=False, precision="fp32")
-    inputs = train.prepare(batch, frozen, args, torch.device("cpu"))
+    args = train_args(*flow_args(tiny_tokenizer, tmp_path / "run"))
+    train.fill_defaults(args, 1)
+    stage = train.STAGES["flow"].create(args, torch.device("cpu"))
+    inputs = stage.prepare(batch, torch.device("cpu"))
     t, null = inputs["t"], inputs["null"]
     # t ~ logit-normal(0, 1): logit(t) is standard normal (Kolmogorov-Smirnov distance under its 1% bound)
     logit = (torch.log(t.double()) - torch.log1p(-t.double())).sort().values
@@ -3401,8 +3453,7 @@ def test_time_and_cfg_null_draws_follow_their_distributions():
     assert null[t > 0.5].float().mean().item() == pytest.approx(0.1, abs=0.02)
     assert null[t < 0.3].float().mean().item() == pytest.approx(0.1, abs=0.025)
     args.cfg_prob = 0.3
-    assert train.prepare(batch, frozen, args, torch.device("cpu"))["null"].float().mean().item() == pytest.approx(
-        0.3, abs=0.02)
+    assert stage.prepare(batch, torch.device("cpu"))["null"].float().mean().item() == pytest.approx(0.3, abs=0.02)
     # the per-sample noise the loader draws is standard normal
     loader = data.make_loader(data.build_dataset("shapes:n=16", 32), 16, seed=0, noise_dim=noise.shape[1])
     x = next(iter(loader))["noise"].double().flatten().sort().values
@@ -3439,7 +3490,7 @@ def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path, monkeypa
     for part in ("model", "ema"):
         diff = (flat(a[part]["tokenizer"]) - flat(b[part]["tokenizer"])).abs().max().item()
         assert diff < 1e-5, (part, diff)
-    assert (flat(b["model"]["tokenizer"]) - flat(run_start(tmp_path / "whole")[1]["tokenizer"].state_dict())).abs(
+    assert (flat(b["model"]["tokenizer"]) - flat(run_start(tmp_path / "whole")[1].parts["tokenizer"].state_dict())).abs(
         ).max() > 1e-4                                                          # it did train
     assert len(norms["accum"]) == 3 and norms["accum"] == pytest.approx(norms["whole"], rel=1e-5)
     for step in (1, 3):                                                         # the logged losses: means, not sums
@@ -3483,7 +3534,9 @@ def test_batch_note_says_how_the_loss_terms_differ_from_the_official_run():
     def note(world, *argv):
         args = train.build_parser().parse_args(["--stage", "flow", "--out", "x", *map(str, argv)])
         train.fill_defaults(args, world)
-        return train.batch_note(args, world)
+        run = runtime.Run(args, 0, world, 0, torch.device("cpu"))
+        run.stage = train.FlowStage(args, {}, {})
+        return train.batch_note(run)
     assert note(8) is None and note(1) is None                        # 128 per process: the official terms
     assert note(1, "--global-batch", 8) == (
         "note: micro-batch 8 per process, the official run's is 128 (4096 = 32 processes x 128; --batch-size sets "
@@ -3518,12 +3571,11 @@ def _official_per_gpu_loss(dit, proj, clip, x1, t, null, eps, w_con=1.0, w_kl=0.
 
 
 def _one_train_step_gradient(args, parts, batch, tmp_path):
-    """The gradient train.train_step hands to the optimizer for `batch` (micro-batches and accumulation from args)."""
-    run = train.Run(args, 0, 1, torch.device("cpu"))
-    run.objective = run.model = train.Objective(parts, args)
-    run.params = [p for p in run.objective.parameters() if p.requires_grad]
-    run.ema, run.disc = copy.deepcopy(run.objective.parts), None
-    run.frozen = {"tokenizer": Tokenizer.from_preset("tiny")}
+    """The gradient train.py's step hands to the optimizer for `batch` (micro-batches and accumulation from args)."""
+    run = runtime.Run(args, 0, 1, 0, torch.device("cpu"))
+    run.stage = run.model = train.FlowStage(args, parts, {"tokenizer": Tokenizer.from_preset("tiny")})
+    run.params = [p for p in run.stage.parameters() if p.requires_grad]
+    run.ema = copy.deepcopy(run.stage.parts)
     grads = []
 
     class Recorder:
@@ -3535,8 +3587,9 @@ def _one_train_step_gradient(args, parts, batch, tmp_path):
                 p.grad = None
     run.optimizer, run.scheduler = Recorder(), argparse.Namespace(step=lambda: None)
     micro = args.batch_size
-    train.train_step(run, iter([{k: v[i:i + micro] if torch.is_tensor(v) else v for k, v in batch.items()}
-                                for i in range(0, len(batch["ids"]), micro)]))
+    batches = iter([{k: v[i:i + micro] if torch.is_tensor(v) else v for k, v in batch.items()}
+                    for i in range(0, len(batch["ids"]), micro)])
+    train.update(run, *train.forward_backward(run, batches))
     return grads[0]
 
 
@@ -3564,7 +3617,8 @@ def test_accumulation_equals_the_official_per_gpu_computation(tmp_path):
     assert (args.batch_size, args.accum, args.w_kl, args.w_con) == (4, 2, 0.01, 1.0)
     ours = _one_train_step_gradient(args, parts, batch, tmp_path)
     # the official run: two GPUs of 4, DDP averaging their gradients
-    inputs = train.prepare(batch, {"tokenizer": Tokenizer.from_preset("tiny")}, args, torch.device("cpu"))
+    stage = train.FlowStage(args, parts, {"tokenizer": Tokenizer.from_preset("tiny")})
+    inputs = stage.prepare(batch, torch.device("cpu"))
     assert inputs["null"].tolist() == [True, False, True, True, False, True, False, False]
     params = [p for m in parts.values() for p in m.parameters()]
     for p in params:
@@ -3729,17 +3783,23 @@ def test_ranks_with_different_out_contents_stop_together_or_resume_together(tmp_
 SETUP_ONLY = """
 import json, sys
 sys.path.insert(0, {repo!r})
-import train
-args = train.build_parser().parse_args(sys.argv[1:])
-rank, world, local, device = train.setup_distributed()
-train.fill_defaults(args, world)
-lock = train.RunLock(args.out).__enter__() if rank == 0 else None
-run, source = train.setup_run(args, rank, world, local, device, lock)
-print(json.dumps(dict(ema=train.weight_checksum(run.ema), model=train.weight_checksum(run.objective.parts))))
-train.dist.barrier()
-if lock is not None:
-    lock.__exit__(None, None, None)
-train.dist.destroy_process_group()
+import runtime, train
+
+
+class SetUp(Exception):
+    pass
+
+
+def report(run, batches):                                    # the first step: main's setup is complete
+    print(json.dumps(dict(ema=runtime.weight_checksum(run.ema), model=runtime.weight_checksum(run.stage.parts))))
+    raise SetUp
+
+
+train.forward_backward = report
+try:
+    train.main(train.build_parser().parse_args(sys.argv[1:]))
+except SetUp:
+    pass
 """
 
 
@@ -3753,7 +3813,7 @@ def test_every_rank_holds_rank_0s_ema_after_setup(tmp_path):
     start = torch.load(init / "last.pt", weights_only=True)
     tok = Tokenizer(**start["config"]["tokenizer"])
     tok.load_state_dict(start["model"]["tokenizer"])
-    for extra, want in (((), None), (("--init", init), train.weight_checksum(tok))):
+    for extra, want in (((), None), (("--init", init), runtime.weight_checksum(tok))):
         argv = [script, *TINY, *TOKENIZER_RUN, "--steps", 1, *extra, "--out", tmp_path / f"run{len(extra)}"]
         ranks = two_ranks(tmp_path, argv, argv)
         assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
@@ -3766,7 +3826,7 @@ PERCEPTUAL_RANKS = """
 import argparse, json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import projector, tokenizer, train
+import projector, runtime, tokenizer
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 lacking = [int(r) for r in sys.argv[1].split(",") if r]      # the ranks whose node has no perceptual weights
@@ -3780,11 +3840,10 @@ def load(folder):                                             # no network, no w
 
 tokenizer.load_perceptual = load
 said = []
-args = argparse.Namespace(w_perceptual=1.1, perceptual_weights=sys.argv[2])
 try:
-    net = train.build_perceptual(args, torch.device("cpu"), rank, dist.get_world_size(), said.append)
+    net = tokenizer.perceptual_on_every_rank(sys.argv[2], torch.device("cpu"), rank, dist.get_world_size(), said.append)
     print(json.dumps(dict(net=net is not None, said=said)))
-except projector.UserError as e:
+except runtime.UserError as e:
     print(json.dumps(dict(error=str(e))))
 dist.destroy_process_group()
 """
@@ -3838,11 +3897,11 @@ def pixels(path):
     return np.array(Image.open(path))
 
 
-def in_process(argv):
-    """evaluate.main on argv -> (result, stdout, stderr)."""
+def in_process(argv, script=evaluate):
+    """evaluate.main (or another script's main) on argv -> (result, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        result = evaluate.main(evaluate.build_parser().parse_args([str(a) for a in argv]))
+        result = script.main(script.build_parser().parse_args([str(a) for a in argv]))
     return result, out.getvalue(), err.getvalue()
 
 
@@ -4371,14 +4430,15 @@ def test_clipscore_cli_on_a_tiny_random_open_clip(sample_runs, tmp_path):
 
 
 @pytest.mark.parametrize("train, compiled", [(False, False), (True, False), (True, True)])
-def test_speed_benchmark_tiny(train, compiled, monkeypatch):
-    """speed and speed --train [--compile] (torch.compile stubbed: the warm-up passes run whole passes in order)."""
-    argv = ["speed", "--model", "S", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
+def test_speed_benchmark_tiny(train, compiled, monkeypatch, tmp_path):
+    """bench.py and bench.py --train [--compile] (torch.compile stubbed: the warm-up passes run whole passes in
+    order)."""
+    argv = ["--model", "S", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "256"]
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
-    rows, stdout, _ = in_process(argv + (["--train"] if train else []) + (["--compile"] if compiled else []))
-    stages = ["forward", "backward", "optimizer"] if train else ["text encoding", "projector", "flow (2 steps)",
-                                                                  "decoding", "PNG writing"]
+    rows, stdout, _ = in_process(argv + (["--train"] if train else []) + (["--compile"] if compiled else []), bench)
+    stages = ["forward + backward", "update"] if train else ["text encoding", "projector", "flow (2 steps)",
+                                                             "decoding", "PNG writing"]
     assert [r["stage"] for r in rows] == stages + ["total"]
     for stage in stages + ["total"]:
         assert any(line.startswith(stage) for line in stdout.splitlines()), stage
@@ -4388,11 +4448,36 @@ def test_speed_benchmark_tiny(train, compiled, monkeypatch):
     flops = {r["stage"]: r["flops"] for r in rows}
     if compiled:  # compiled stages are not counted (the eager count applies)
         assert set(flops.values()) == {0}
-    elif train:   # backward ~ 2x forward; AdamW is elementwise (no counted FLOPs)
-        assert flops["backward"] == pytest.approx(2 * flops["forward"], rel=0.1) and flops["optimizer"] == 0
+    elif train:   # backward ~ 2x forward: ~3x the loss's forward count; AdamW and EMA are elementwise (none counted)
+        _, _, (run, batch) = bench.speed_training(bench.build_parser().parse_args(argv), torch.device("cpu"),
+                                                  str(tmp_path))
+        forward = bench._flops(lambda: run.stage(run.stage.prepare(batch, torch.device("cpu"))))[1]
+        assert 2.5 * forward < flops["forward + backward"] < 3.5 * forward and flops["update"] == 0
     else:       # the DiT: 2 steps x 2B tokens x 2 FLOPs per MAC x its weights, at least
         dit = FlowDiT(**{**flow_dit.FLOW_MODELS["S"], "depth": 1})
         assert flops["flow (2 steps)"] >= 2 * 2 * (2 * 2 * 77) * sum(p.numel() for p in dit.blocks.parameters()) * 0.5
+
+
+def test_the_benchmark_times_the_trainers_step_on_its_loss(tmp_path):
+    """bench.py --train times train.py's forward_backward and update (no copy of the step): the loss it accumulates
+    is the stage's loss of its batch, its update moves the weights, and bench.py holds no backward and no sampler
+    loop of its own."""
+    args = bench.build_parser().parse_args(["--train", "--model", "S", "--depth", "1", "--clip-tower", "tiny",
+                                            "--batch-size", "4", "--precision", "fp32", "--device", "cpu"])
+    stages, _, (run, batch) = bench.speed_training(args, torch.device("cpu"), str(tmp_path))
+    torch.manual_seed(0)                                         # the same dropout masks in both
+    with torch.no_grad():
+        want = run.stage(run.stage.prepare(batch, torch.device("cpu")))["loss"]
+    before = copy.deepcopy(run.stage.parts.state_dict())
+    fns = {name: fn for name, fn, _ in stages}
+    assert set(fns) == {"forward + backward", "update"}
+    torch.manual_seed(0)
+    fns["forward + backward"](1)
+    assert run.sums["loss"] == want and run.seen == 4
+    fns["update"](1)
+    assert run.step == 1 and any(not torch.equal(p, before[k]) for k, p in run.stage.parts.state_dict().items())
+    source = (REPO / "bench.py").read_text()
+    assert ".backward(" not in source and "euler_sample(" not in source and "for step in" not in source
 
 
 def test_swiglu_padded_hidden_width_equals_the_plain_one():
@@ -4415,14 +4500,14 @@ def test_swiglu_padded_hidden_width_equals_the_plain_one():
 
 
 def test_gpu_speed_suite_runs_at_depth_1_on_cpu(monkeypatch):
-    """`speed --suite gpu --compile` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds;
+    """`bench.py --suite gpu --compile` (README's GPU table) cannot rot: every case runs, each row's arithmetic holds;
     on a CPU without the CUDA graph rows. torch.compile is a stand-in here (the compiled test compiles for real)."""
-    argv = ["speed", "--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
+    argv = ["--suite", "gpu", "--depth", "1", "--tokenizer-preset", "tiny", "--clip-tower", "tiny",
             "--batch-size", "2", "--steps", "2", "--precision", "fp32", "--device", "cpu", "--matmul-size", "128",
             "--loop-batches", "2", "--compile"]
     modes = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or m)
-    rows, stdout, _ = in_process(argv)
+    rows, stdout, _ = in_process(argv, bench)
     cases = [r["case"] for r in rows]
     assert cases == ["XL depth 1 text to image, batch 2", "XL sample.py's loop, 2 x 2 prompts to PNGs",
                      "H depth 1 text to image, batch 2", "H sample.py's loop, 2 x 2 prompts to PNGs",
@@ -4440,7 +4525,7 @@ def test_gpu_speed_suite_runs_at_depth_1_on_cpu(monkeypatch):
     for r in rows:
         if "seconds" in r:      # samples/s = batch / the stages' total time
             assert r["samples_per_s"] == pytest.approx(2 / sum(r["seconds"].values()))
-            assert list(r["seconds"])[-1] == ("PNG writing" if "image" in r["case"] else "optimizer")
+            assert list(r["seconds"])[-1] == ("PNG writing" if "image" in r["case"] else "update")
         assert r["samples_per_s"] > 0
     # checkpointing recomputes the forward: counted FLOPs per sample grow by about a third of a step's
     plain, ckpt = rows[4], rows[5]
@@ -4554,7 +4639,7 @@ def test_text_autoencoder_reconstructs_its_training_captions_exactly(i2t_demo):
     captions = i2t_demo["captions"]
     ids, _ = projector.tokenize(captions)
     assert projector.detokenize(ids) == captions       # lossless BPE on these captions: compare with them directly
-    ckpt = projector.load_checkpoint(str(i2t_demo["demo"] / "text-ae"))
+    ckpt = runtime.load_checkpoint(str(i2t_demo["demo"] / "text-ae"))
     assert ckpt["stage"] == "text-ae" and ckpt["step"] == TAE_STEPS
     feats = projector.CLIPTextEncoder("tiny", str(i2t_demo["clip"]))(ids)     # (6, 77, 64)
     decoded = {}
@@ -4664,7 +4749,7 @@ def test_evaluate_captions_karpathy_smoke_run(i2t_demo, karpathy, tmp_path):
     # the scores are the metrics of the written captions
     cands, refs = {r["id"]: r["caption"] for r in records}, {r["id"]: r["references"] for r in records}
     saved = json.loads((out / "results.json").read_text())
-    assert saved["bleu4"] == evaluate.bleu4(cands, refs) and saved["cider_d"] == evaluate.cider_d(cands, refs)
+    assert saved["bleu4"] == projector.bleu4(cands, refs) and saved["cider_d"] == projector.cider_d(cands, refs)
     assert saved == result and saved["images"] == 3 and saved["split_images"] == 5 and saved["split"] == "test"
     assert f"BLEU-4: {saved['bleu4']:.4f}  CIDEr-D: {saved['cider_d']:.4f}" in stdout
     # the same captions as `sample.py --caption` on the same images in the same order (noise by image index)
@@ -4762,7 +4847,7 @@ def test_readme_commands_are_valid_command_lines():
     protocols (test_coco30k_*, test_mjhq30k_*), clipscore and speed; `pip install` and pytest run in .ci/run.
     """
     import shlex
-    parsers = {"train.py": train.build_parser, "sample.py": sample.build_parser,
+    parsers = {"train.py": train.build_parser, "sample.py": sample.build_parser, "bench.py": bench.build_parser,
                "evaluate.py": evaluate.build_parser, "data.py": data.build_parser, "demo.py": demo.build_parser}
     env = {"$NODE_RANK": "0", "$MASTER": "127.0.0.1"}
     commands = readme_commands()
@@ -4816,7 +4901,8 @@ def test_imports_form_a_dag_in_the_readme_order():
     graph = local_imports(sources)
     assert import_cycles(graph) == []
     assert "tokenizer" not in graph["flow_dit"]                     # the DiT file never needs the image tokenizer
-    order = ["projector", "tokenizer", "flow_dit", "data", "sample", "evaluate", "train", "demo"]
+    order = ["runtime", "projector", "tokenizer", "flow_dit", "data", "sample", "evaluate", "train", "bench", "demo"]
+    assert graph["runtime"] == []                                  # operations only: no FlowTok file below it
     assert sorted(graph) == sorted(order)
     line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("Import order:"))
     assert [w.strip("`. ") for w in line.split(":", 1)[1].split("->")] == order
@@ -5265,7 +5351,7 @@ def test_ptb_tokenize_equals_the_toolkit_tokenizer(tmp_path):
     lines = out.stdout.split("\n")[:len(cases)]
     toolkit = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines]
     assert list(zip([c for c, _ in cases], toolkit)) == cases            # testdata/ptb_toolkit.txt is the toolkit's
-    assert [" ".join(evaluate.ptb_tokenize(c)) for c, _ in cases] == toolkit
+    assert [" ".join(projector.ptb_tokenize(c)) for c, _ in cases] == toolkit
 
 
 def test_bleu4_and_cider_d_equal_pycocoevalcap():
@@ -5277,10 +5363,10 @@ def test_bleu4_and_cider_d_equal_pycocoevalcap():
         cands = {i: CAPTION_CANDIDATES[i] for i in ids}
         refs = {i: CAPTION_REFERENCES[i] for i in ids}
         # the toolkit scores PTB-tokenised text: our tokens, space-joined, as its tokenizer's output would be
-        res = {i: [" ".join(evaluate.ptb_tokenize(c))] for i, c in cands.items()}
-        gts = {i: [" ".join(evaluate.ptb_tokenize(r)) for r in rs] for i, rs in refs.items()}
+        res = {i: [" ".join(projector.ptb_tokenize(c))] for i, c in cands.items()}
+        gts = {i: [" ".join(projector.ptb_tokenize(r)) for r in rs] for i, rs in refs.items()}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         cider, _ = Cider().compute_score(gts, res)
         assert 0 < bleu[3] and 0 < cider
-        assert evaluate.bleu4(cands, refs) == pytest.approx(bleu[3], rel=1e-9, abs=0)
-        assert evaluate.cider_d(cands, refs) == pytest.approx(float(cider), rel=1e-9, abs=0)
+        assert projector.bleu4(cands, refs) == pytest.approx(bleu[3], rel=1e-9, abs=0)
+        assert projector.cider_d(cands, refs) == pytest.approx(float(cider), rel=1e-9, abs=0)

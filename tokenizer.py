@@ -13,15 +13,20 @@ Tokenizer.flow_tokens (multiply) and Tokenizer.decode_flow_tokens (divide), next
 Official names: the state dict of the released `FlowTiTok_512.bin` is mapped onto this module by
 load_official_tokenizer (conv 1x1 layers become Linear layers, `latent_tokens` moves into the encoder).
 """
+import contextlib
 import math
 import os
+import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from projector import fp32_region, gaussian_kl, load_strict, read_state_dict, read_weights, reparameterize
+from projector import gaussian_kl, reparameterize
+from runtime import (UserError, agree, broadcast, fp32_region, fused_if_available, load_checkpoint, load_optimizer,
+                     load_strict, one_line, read_state_dict, read_weights)
 
 SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
 
@@ -414,6 +419,54 @@ def load_tokenizer(src, ema=True):
     return model.eval()
 
 
+def load_frozen_tokenizer(path, image_size, clip_config, clip_width, device):
+    """A trained tokenizer (our run / checkpoint or the official .bin) for a flow stage, frozen, checked against
+    the run (--image-size, the CLIP tower clip_config = {tower, weights} and its width) -> Tokenizer."""
+    ours = load_checkpoint(path) if os.path.isdir(path) or path.endswith(".pt") else None
+    try:
+        tok = load_tokenizer(ours or path)       # ours: read once (real tokenizers are 1.5 GB)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"--tokenizer {path}: {e}") from None
+    if ours and ours["config"]["clip"]["tower"] != clip_config["tower"]:
+        raise UserError(f"--tokenizer {path} was trained with the CLIP tower {ours['config']['clip']['tower']!r}, "
+                         f"this run uses {clip_config['tower']!r}")
+    if ours and ours["config"]["clip"]["weights"] != clip_config["weights"]:
+        print(f"warning: --tokenizer {path} was trained with CLIP weights {ours['config']['clip']['weights']}, "
+              f"this run uses {clip_config['weights']}", file=sys.stderr)
+    c = tok.config
+    if c["image_size"] != image_size:
+        raise UserError(f"--tokenizer {path} works at {c['image_size']} px but --image-size is {image_size}: "
+                         f"use the matching tokenizer (bl77-{image_size}) or --image-size {c['image_size']}")
+    if c["text_dim"] != clip_width:
+        raise UserError(f"--tokenizer {path} expects {c['text_dim']}-d text features but --clip-tower "
+                         f"{clip_config['tower']} gives {clip_width}-d: it was trained with another text tower")
+    return tok.to(device).eval().requires_grad_(False)
+
+
+def init_tokenizer(tokenizer, path, ema, preset):
+    """train.py --init of the tokenizer stage: the weights of any tokenizer checkpoint, the official
+    FlowTiTok_256/512.bin included (fine-tuning; the RoPE tables stay this model's, for its image size)."""
+    try:
+        tok = load_tokenizer(path, ema=ema)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"--init {path}: {e}") from None
+    src, own = tok.state_dict(), tokenizer.state_dict()
+    keys = [k for k in own if "rope_" not in k]
+    wrong = [k for k in keys if k not in src or src[k].shape != own[k].shape]
+    if wrong:
+        raise UserError(f"--init {path} ({_tokenizer_size(tok.config)}) does not fit --tokenizer-preset "
+                        f"{preset} ({_tokenizer_size(tokenizer.config)}): "
+                        + ", ".join(f"{k} {tuple(src[k].shape) if k in src else 'missing'} vs "
+                                    f"{tuple(own[k].shape)}" for k in wrong[:5]))
+    tokenizer.load_state_dict({k: src[k] for k in keys}, strict=False)
+
+
+def _tokenizer_size(config):
+    """A tokenizer's size in words: 'encoder 768 x 12, decoder 1024 x 24' (width x depth)."""
+    return (f"encoder {config['enc_width']} x {config['enc_depth']}, "
+            f"decoder {config['dec_width']} x {config['dec_depth']}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer training losses: the one-stage TA-TiTok recipe (train.py --stage tokenizer)
 #
@@ -599,3 +652,90 @@ def no_decay(name, param):
     """TA-TiTok's AdamW groups: no weight decay on biases, norms, gains, embeddings, latent and mask tokens."""
     return param.ndim < 2 or any(s in name for s in ("ln", "bias", "latent_tokens", "mask_token", "embed", "norm",
                                                      "gamma"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer training: AdamW's groups, the perceptual network on every rank, the discriminator's own update
+# ----------------------------------------------------------------------------------------------------------
+
+def decay_groups(module):
+    """AdamW groups of the tokenizer recipe (tokenizer and discriminator): no decay on biases, norms, embeddings,
+    tokens. The official FlowTok stages decay every parameter and use plain parameter lists."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not no_decay(n, p)]}]
+
+
+def perceptual_on_every_rank(weights, device, rank, world, say):
+    """The frozen perceptual network (--perceptual-weights: auto, a folder or none) on every rank, or on none (with a
+    warning: auto and rank 0 finds no weights); a rank that cannot load the weights rank 0 loaded stops every rank,
+    never drops the term."""
+    if weights == "none":
+        return None
+    folder = None if weights == "auto" else weights
+    net, why = _perceptual(folder, device) if rank == 0 else (None, None)   # rank 0 first: it downloads once
+    agree(f"--perceptual-weights {folder}: {why}" if why and folder else None, world)
+    if broadcast(net is None, world):          # auto and none found: the term is off on every rank alike
+        say(f"warning: {why}. Training WITHOUT the perceptual term (pass --w-perceptual 0 to silence this)")
+        return None
+    if rank > 0:
+        net, why = _perceptual(folder, device)
+    agree(f"rank {rank} cannot load the perceptual weights that rank 0 trains with ({why}): put them in every "
+          f"node's torch hub cache or pass --perceptual-weights FOLDER on a filesystem all nodes share"
+          if why else None, world)
+    return net
+
+
+def _perceptual(folder, device):
+    """-> (the frozen perceptual network, None) or (None, why it cannot be had)."""
+    try:
+        return load_perceptual(folder).to(device), None
+    except OSError as e:
+        return None, one_line(e)
+
+
+class Discriminator:
+    """train.py's tokenizer stage: the PatchGAN with its own AdamW (the flags' settings, --disc-lr) and `schedule`
+    (train.py: warm-up and cosine over TA-TiTok's horizon), stepped after the tokenizer's update from --gan-start on."""
+
+    def __init__(self, args, device, world, local, schedule):
+        self.args = args
+        self.net = PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.net), lr=args.disc_lr or args.lr,
+                                           betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                                           **fused_if_available(device))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
+            self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.world = world
+
+    def step(self, fakes, sums, skips):
+        """One discriminator update on this step's (real, fake) micro-batches (hinge + LeCAM, tokenizer.py)."""
+        for micro, (real, fake) in enumerate(fakes):
+            accumulating = self.world > 1 and micro < len(fakes) - 1
+            with self.ddp.no_sync() if accumulating else contextlib.nullcontext():
+                logits_real, logits_fake = self.ddp(torch.cat([real, fake])).float().chunk(2)     # one pass
+                d = self.net.loss(logits_real, logits_fake, self.args.w_lecam)
+            (d["loss"] / self.args.accum).backward()
+            means = torch.stack([d["logits_real"], d["logits_fake"]])
+            if self.world > 1:                     # the LeCAM EMAs follow the global means: equal on all ranks
+                dist.all_reduce(means)
+                means /= self.world
+            self.net.update_lecam(*means)
+            for k, v in d.items():
+                sums["d_" + k] += v.detach().float() / self.args.accum
+        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)):
+            self.optimizer.step()
+        else:
+            skips["non-finite discriminator step"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self):
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "config": self.net.config}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["model"])
+        load_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
