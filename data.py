@@ -1130,6 +1130,17 @@ class TarLoader:
             yield batch
 
 
+def split_noise(noise, spec):
+    """(B, D) per-sample normals (the loader's noise_dim = sum of spec's sizes) -> dict of named pieces
+    {name: size}: 77 x 16 latents (B, 77, 16), scalars (B,)."""
+    out, i = {}, 0
+    for name, n in spec.items():
+        piece = noise[:, i:i + n]
+        out[name] = piece.view(-1, 77, 16) if n == 77 * 16 else piece[:, 0]
+        i += n
+    return out
+
+
 def make_loader(source, batch_size, seed=0, rank=None, world=None, noise_dim=0, num_workers=0, pin_memory=False):
     """The loader that fits the source: TarLoader for `tar:`, Loader otherwise (same arguments)."""
     kind = TarLoader if isinstance(source, TarSource) else Loader

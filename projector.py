@@ -301,6 +301,12 @@ def contrastive_loss(z, target, log_temperature, groups=None):
         return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft.T)) / 2
 
 
+def caption_groups(ids):
+    """(B, 77) CLIP ids -> (B,) int64 hash: equal captions get equal ids (contrastive positives)."""
+    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=torch.long) * 1_000_003 + 7919
+    return (ids.long() * weights).sum(1) % (2 ** 61 - 1)
+
+
 def contrastive_logits(z, target, log_temperature):
     """S = e^tau a p^T (B, B) of the L2-normalised flattened z and MLP(E), computed in float32 under any autocast."""
     with fp32_region(z):         # autocast would run the matmul in bf16 despite the .float() inputs
@@ -392,6 +398,22 @@ def text_reconstruction_loss(logits, targets, keep):
     """Token cross-entropy over the positions `keep` (caption_mask): logits (B, 77, C) or already masked (N, C);
     targets (B, 77) class indices (TextDecoder.class_of[ids]; ids outside the classes, -100, are ignored)."""
     return F.cross_entropy((logits[keep] if logits.dim() == 3 else logits).float(), targets[keep])
+
+
+def text_ae_loss(proj, decoder, clip, ids, eps, w_kl=1e-4):
+    """The text autoencoder's objective (image to text, train.py --stage text-ae): the caption's CLIP features ->
+    projector sample z -> TextDecoder -> token cross-entropy over the caption's tokens (caption_mask), + w_kl x the
+    standard KL -> dict of scalars ("loss" is what backward sees; token_acc and exact: the decoded tokens)."""
+    z, mu, logvar = proj(clip, eps)
+    keep = caption_mask(ids)
+    targets = decoder.class_of[ids]                                          # CLIP ids -> head classes
+    logits = decoder(z, keep)                                                # (N, classes): real tokens only
+    ce = text_reconstruction_loss(logits, targets, keep)
+    kl = kl_standard(mu, logvar)
+    wrong = torch.zeros_like(keep)
+    wrong[keep] = logits.detach().argmax(-1) != targets[keep]
+    return dict(loss=ce + w_kl * kl, ce=ce, kl=kl, token_acc=1 - wrong.sum() / keep.sum(),
+                exact=(~wrong.any(1)).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3333,7 +3333,7 @@ def test_tokenizer_lr_and_discriminator_horizon_follow_ta_titoks_schedulers():
             want = _ta_titok_lambda(s * world, warmup * world, steps * world - gan_start, lr, min_lr)
             assert train.lr_factor(s, args, steps=horizon) == pytest.approx(want, abs=1e-12), (world, s)
     assert (train.disc_horizon(args, 1), train.disc_horizon(args, 4)) == (60, 90)
-    disc = train.TokenizerStage.discriminator(args, torch.device("cpu"), 1, 0)   # the scheduler the trainer steps
+    disc = train.Discriminator(args, torch.device("cpu"), 1, 0)          # the scheduler the trainer steps
     assert [disc.scheduler.lr_lambdas[0](s) for s in (0, 5, 30, 59)] == pytest.approx(
         [_ta_titok_lambda(s, warmup, steps - gan_start, lr, min_lr) for s in (0, 5, 30, 59)], abs=1e-12)
     args.stage = "flow"                                    # the flow stages keep their first update moving
@@ -3464,7 +3464,7 @@ def test_time_and_cfg_null_draws_follow_their_distributions(tiny_tokenizer, tmp_
 
 def test_caption_groups_give_equal_captions_equal_ids():
     ids, _ = projector.tokenize(["a red circle", "a blue square", "a red circle", "a red circle on the left", ""])
-    groups = train.caption_groups(ids).tolist()
+    groups = projector.caption_groups(ids).tolist()
     assert groups[0] == groups[2] and len(set(groups)) == 4
 
 

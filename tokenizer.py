@@ -13,20 +13,18 @@ Tokenizer.flow_tokens (multiply) and Tokenizer.decode_flow_tokens (divide), next
 Official names: the state dict of the released `FlowTiTok_512.bin` is mapped onto this module by
 load_official_tokenizer (conv 1x1 layers become Linear layers, `latent_tokens` moves into the encoder).
 """
-import contextlib
 import math
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from projector import gaussian_kl, reparameterize
-from runtime import (UserError, agree, broadcast, fp32_region, fused_if_available, load_checkpoint, load_optimizer,
-                     load_strict, one_line, read_state_dict, read_weights)
+from runtime import (UserError, agree, broadcast, fp32_region, load_checkpoint, load_strict, one_line, read_state_dict,
+                     read_weights)
 
 SCALE_FACTOR = 1.0143   # official vq_model.scale_factor (presumably 1 / std of posterior samples)
 
@@ -648,6 +646,35 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
+def tokenizer_loss(tok, images, eps, text=None, w_kl=1e-6, perceptual=None, w_perceptual=1.1, disc=None,
+                   w_gan=0.1, adaptive=False):
+    """The one-stage TA-TiTok objective (the formulas above) on a batch -> dict of scalars ("loss" is what backward
+    sees; "recon", detached, is what the discriminator learns from): MSE of the reconstruction from a posterior
+    sample (eps), + w_perceptual x perceptual (frozen net, float32), + w_kl x KL (summed over tokens, batch mean),
+    + w_gan x the generator's GAN term when `disc` is given (D frozen here: it learns in its own step)."""
+    mean, logvar = tok.encode(images)
+    recon = tok.decode(reparameterize(mean, logvar, eps), text).float()
+    mse = F.mse_loss(recon, images)
+    kl = posterior_kl(mean, logvar).sum(1).mean()
+    out = dict(mse=mse, kl=kl, psnr=psnr(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
+    rec = mse
+    if perceptual is not None:
+        with torch.autocast(images.device.type, enabled=False):
+            out["perceptual"] = perceptual(recon, images)
+        rec = rec + w_perceptual * out["perceptual"]
+    loss = rec + w_kl * kl
+    if disc is not None:
+        disc.requires_grad_(False)
+        with torch.autocast(images.device.type, enabled=False):
+            out["gan"] = generator_gan_loss(disc(recon))
+        disc.requires_grad_(True)
+        weight = w_gan * (adaptive_gan_weight(rec, out["gan"], tok.decoder.conv_out.weight) if adaptive else 1.0)
+        out["gan_weight"] = torch.as_tensor(weight, dtype=torch.float32)
+        loss = loss + weight * out["gan"]
+    out.update(loss=loss, recon=recon.detach())
+    return out
+
+
 def no_decay(name, param):
     """TA-TiTok's AdamW groups: no weight decay on biases, norms, gains, embeddings, latent and mask tokens."""
     return param.ndim < 2 or any(s in name for s in ("ln", "bias", "latent_tokens", "mask_token", "embed", "norm",
@@ -694,48 +721,3 @@ def _perceptual(folder, device):
         return None, one_line(e)
 
 
-class Discriminator:
-    """train.py's tokenizer stage: the PatchGAN with its own AdamW (the flags' settings, --disc-lr) and `schedule`
-    (train.py: warm-up and cosine over TA-TiTok's horizon), stepped after the tokenizer's update from --gan-start on."""
-
-    def __init__(self, args, device, world, local, schedule):
-        self.args = args
-        self.net = PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
-        self.optimizer = torch.optim.AdamW(decay_groups(self.net), lr=args.disc_lr or args.lr,
-                                           betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
-                                           **fused_if_available(device))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
-            self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
-        self.world = world
-
-    def step(self, fakes, sums, skips):
-        """One discriminator update on this step's (real, fake) micro-batches (hinge + LeCAM, tokenizer.py)."""
-        for micro, (real, fake) in enumerate(fakes):
-            accumulating = self.world > 1 and micro < len(fakes) - 1
-            with self.ddp.no_sync() if accumulating else contextlib.nullcontext():
-                logits_real, logits_fake = self.ddp(torch.cat([real, fake])).float().chunk(2)     # one pass
-                d = self.net.loss(logits_real, logits_fake, self.args.w_lecam)
-            (d["loss"] / self.args.accum).backward()
-            means = torch.stack([d["logits_real"], d["logits_fake"]])
-            if self.world > 1:                     # the LeCAM EMAs follow the global means: equal on all ranks
-                dist.all_reduce(means)
-                means /= self.world
-            self.net.update_lecam(*means)
-            for k, v in d.items():
-                sums["d_" + k] += v.detach().float() / self.args.accum
-        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
-        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)):
-            self.optimizer.step()
-        else:
-            skips["non-finite discriminator step"] += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def state_dict(self):
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "config": self.net.config}
-
-    def load_state_dict(self, state):
-        self.net.load_state_dict(state["model"])
-        load_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])

@@ -22,10 +22,8 @@ Stages (--stage):
   # after a crash, a kill or a preemption: the same command plus --resume continues exactly
   python train.py ... --out runs/xl --resume
 
-Reading order: the stages (each a module that owns its models, inputs, loss and preview; the formulas are in
-flow_dit.py, projector.py and tokenizer.py), the schedule and the EMA, the step, then main. Operations (locks,
-checkpoint files, the resume policy, signals, logs) come from runtime.py; the few that only training needs follow
-main.
+Reading order: the stages (modules owning their models, inputs, loss and preview; the formulas in flow_dit.py,
+projector.py, tokenizer.py), schedule and EMA, the step, main. Operations: runtime.py, and after main.
 
 Checkpoints (one schema for every stage; tensors and plain types only, read with weights_only=True):
   {"stage", "args", "config": {part: constructor kwargs, "clip": {...}, "tokenizer"/"text_ae": path},
@@ -54,7 +52,6 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -65,7 +62,7 @@ import runtime
 import sample
 import tokenizer as tokenizer_lib
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, FLOW_MODELS, VELOCITY_NETS
-from projector import CLIP_TOWERS, OFFICIAL_CLIP_TOWER, TextDecoder, TextProjector, reparameterize, token_group
+from projector import CLIP_TOWERS, OFFICIAL_CLIP_TOWER, TextDecoder, TextProjector, token_group
 from runtime import (PRECISIONS, UserError, amp, finite_float, fraction, non_negative_float, non_negative_int,
                      on_every_rank, positive_float, positive_int, run_cli)
 from tokenizer import TOKENIZER_PRESETS, Tokenizer
@@ -98,21 +95,6 @@ SHAPE_FLAGS = ("model", "backbone", "dit_patch_size", "clip_tower", "projector_d
 # ----------------------------------------------------------------------------------------------------------
 # The stages: each owns its trainable parts, the frozen encoders they learn against, its inputs, loss and preview
 # ----------------------------------------------------------------------------------------------------------
-
-def split_noise(noise, spec):
-    """(B, D) per-sample normals -> dict of named pieces {name: size} (shapes (B, 77, 16) or (B,))."""
-    out, i = {}, 0
-    for name, n in spec.items():
-        piece = noise[:, i:i + n]
-        out[name] = piece.view(-1, 77, 16) if n == T else piece[:, 0]
-        i += n
-    return out
-
-
-def caption_groups(ids):
-    """(B, 77) CLIP ids -> (B,) int64 hash: equal captions get equal ids (contrastive positives)."""
-    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=torch.long) * 1_000_003 + 7919
-    return (ids.long() * weights).sum(1) % (2 ** 61 - 1)
 
 
 class Stage(nn.Module):
@@ -151,7 +133,7 @@ class Stage(nn.Module):
     @torch.no_grad()
     def prepare(self, batch, device):
         """A loader batch -> what the loss needs: noise split by name, the frozen encoders applied (no grad)."""
-        noise = split_noise(batch["noise"].to(device, non_blocking=True), self.noise)
+        noise = data.split_noise(batch["noise"].to(device, non_blocking=True), self.noise)
         if "clip" in batch:                                   # pre-tokenised cache: CLIP skipped
             clip = batch["clip"].to(device, non_blocking=True)
         elif self.frozen["clip"] is not None:
@@ -230,31 +212,11 @@ class TokenizerStage(Stage):
         return dict(clip=clip, ids=batch["ids"].to(device, non_blocking=True), images=images, eps=noise["img"])
 
     def forward(self, inputs):
-        """The one-stage TA-TiTok objective (formulas in tokenizer.py): MSE + perceptual + KL + GAN generator term."""
-        tok, images, perceptual = self.parts["tokenizer"], inputs["images"], self.helpers.get("perceptual")
-        mean, logvar = tok.encode(images)
-        recon = tok.decode(reparameterize(mean, logvar, inputs["eps"]), inputs["clip"]).float()
-        mse = F.mse_loss(recon, images)
-        kl = tokenizer_lib.posterior_kl(mean, logvar).sum(1).mean()            # summed over tokens, batch mean
-        out = dict(mse=mse, kl=kl, psnr=tokenizer_lib.psnr(mse.detach()), sigma=torch.exp(0.5 * logvar.detach()).mean())
-        rec = mse
-        if perceptual is not None:
-            with torch.autocast(images.device.type, enabled=False):           # float32, as the official loss
-                out["perceptual"] = perceptual(recon, images)
-            rec = rec + self.w_perceptual * out["perceptual"]
-        loss = rec + self.w_kl * kl
-        if inputs.get("gan"):                                                  # from --gan-start on
-            disc = self.disc.net
-            disc.requires_grad_(False)            # this term trains the tokenizer; D learns in its own step
-            with torch.autocast(images.device.type, enabled=False):
-                out["gan"] = tokenizer_lib.generator_gan_loss(disc(recon))
-            disc.requires_grad_(True)
-            weight = self.w_gan * (tokenizer_lib.adaptive_gan_weight(rec, out["gan"], tok.decoder.conv_out.weight)
-                                   if self.adaptive_gan else 1.0)
-            out["gan_weight"] = torch.as_tensor(weight, dtype=torch.float32)
-            loss = loss + weight * out["gan"]
-        out.update(loss=loss, recon=recon.detach())   # recon: the discriminator's fakes (popped by the step)
-        return out
+        """The one-stage TA-TiTok objective (tokenizer.tokenizer_loss): MSE + perceptual + KL + GAN generator term."""
+        disc = self.disc.net if inputs.get("gan") else None                     # the GAN term from --gan-start on
+        return tokenizer_lib.tokenizer_loss(self.parts["tokenizer"], inputs["images"], inputs["eps"], inputs["clip"],
+                                            self.w_kl, self.helpers.get("perceptual"), self.w_perceptual, disc,
+                                            self.w_gan, self.adaptive_gan)
 
     def preview(self, ema, fixed, path, generator):
         tok, clip = ema["tokenizer"], self.frozen["clip"]
@@ -278,14 +240,7 @@ class TokenizerStage(Stage):
         args = self.args
         self.helpers["perceptual"] = tokenizer_lib.perceptual_on_every_rank(
             args.perceptual_weights if args.w_perceptual > 0 else "none", run.device, run.rank, run.world, run.say)
-        self.disc = self.discriminator(args, run.device, run.world, run.local) if args.w_gan > 0 else None
-
-    @staticmethod
-    def discriminator(args, device, world, local):
-        """The PatchGAN with its own AdamW, on TA-TiTok's schedule: this stage's warm-up and cosine over the
-        discriminator's horizon (disc_horizon)."""
-        schedule = lambda s: lr_factor(s, args, steps=disc_horizon(args, world))   # noqa: E731
-        return tokenizer_lib.Discriminator(args, device, world, local, schedule)
+        self.disc = Discriminator(args, run.device, run.world, run.local) if args.w_gan > 0 else None
 
     def on_checkpoint(self, ema, config, say):
         """--scale-factor auto: 1 / std of posterior samples of the first batch, re-estimated with the EMA weights."""
@@ -352,7 +307,7 @@ class FlowStage(Stage):
         t, null = flow_dit.draw_time_and_null(noise["t"], noise["null"], self.args.cfg_prob)
         out = dict(clip=clip, t=t, null=null, x1=self.image_tokens(batch, noise, device), eps=noise["txt"])
         if self.args.caption_groups:
-            out["groups"] = caption_groups(batch["ids"].to(device, non_blocking=True))
+            out["groups"] = projector.caption_groups(batch["ids"].to(device, non_blocking=True))
         return out
 
     def forward(self, inputs):
@@ -402,16 +357,8 @@ class TextAEStage(Stage):
         return dict(clip=clip, ids=batch["ids"].to(device, non_blocking=True), eps=noise["txt"])
 
     def forward(self, inputs):
-        z, mu, logvar = self.parts["projector"](inputs["clip"], inputs["eps"])
-        decoder, keep = self.parts["text_decoder"], projector.caption_mask(inputs["ids"])
-        targets = decoder.class_of[inputs["ids"]]                                # CLIP ids -> head classes
-        logits = decoder(z, keep)                                                # (N, classes): real tokens only
-        ce = projector.text_reconstruction_loss(logits, targets, keep)
-        kl = projector.kl_standard(mu, logvar)
-        wrong = torch.zeros_like(keep)
-        wrong[keep] = logits.detach().argmax(-1) != targets[keep]
-        return dict(loss=ce + self.w_kl * kl, ce=ce, kl=kl, token_acc=1 - wrong.sum() / keep.sum(),
-                    exact=(~wrong.any(1)).float().mean(), sigma=torch.exp(0.5 * logvar.detach()).mean())
+        return projector.text_ae_loss(self.parts["projector"], self.parts["text_decoder"], inputs["clip"],
+                                      inputs["ids"], inputs["eps"], self.w_kl)
 
     def preview(self, ema, fixed, path, generator):
         _, mu, _ = ema["projector"](self.frozen["clip"](fixed["ids"]))          # decode the mean latent
@@ -488,6 +435,54 @@ def disc_horizon(args, world):
     # only once the discriminator trains, :474-500): in updates, warm-up --warmup and horizon steps - gan_start /
     # processes (more than the steps - gan_start updates it gets on several GPUs: there its cosine stops short)
     return args.steps - args.gan_start / world
+
+
+class Discriminator:
+    """The tokenizer stage's PatchGAN with its own AdamW and schedule: warm-up and cosine over TA-TiTok's horizon,
+    stepped after the tokenizer's update from --gan-start on (hinge + LeCAM, tokenizer.py)."""
+
+    def __init__(self, args, device, world, local):
+        self.args = args
+        self.net = tokenizer_lib.PatchDiscriminator(args.disc_width, lecam_decay=args.lecam_decay).to(device)
+        self.optimizer = torch.optim.AdamW(tokenizer_lib.decay_groups(self.net), lr=args.disc_lr or args.lr,
+                                           betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                                           **runtime.fused_if_available(device))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(          # TA-TiTok's horizon (disc_horizon)
+            self.optimizer, lambda s: lr_factor(s, args, steps=disc_horizon(args, world)))
+        self.ddp = self.net if world == 1 else nn.parallel.DistributedDataParallel(
+            self.net, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.world = world
+
+    def step(self, fakes, sums, skips):
+        """One discriminator update on this step's (real, fake) micro-batches (hinge + LeCAM, tokenizer.py)."""
+        for micro, (real, fake) in enumerate(fakes):
+            accumulating = self.world > 1 and micro < len(fakes) - 1
+            with self.ddp.no_sync() if accumulating else contextlib.nullcontext():
+                logits_real, logits_fake = self.ddp(torch.cat([real, fake])).float().chunk(2)     # one pass
+                d = self.net.loss(logits_real, logits_fake, self.args.w_lecam)
+            (d["loss"] / self.args.accum).backward()
+            means = torch.stack([d["logits_real"], d["logits_fake"]])
+            if self.world > 1:                     # the LeCAM EMAs follow the global means: equal on all ranks
+                dist.all_reduce(means)
+                means /= self.world
+            self.net.update_lecam(*means)
+            for k, v in d.items():
+                sums["d_" + k] += v.detach().float() / self.args.accum
+        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)):
+            self.optimizer.step()
+        else:
+            skips["non-finite discriminator step"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self):
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "config": self.net.config}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["model"])
+        runtime.load_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
 
 
 # ----------------------------------------------------------------------------------------------------------
