@@ -52,16 +52,17 @@ from runtime import UserError, loss_text, non_negative_int, run_cli
 # first spikes (and recovers) at 8e-3. Each peak below sits well inside the stage's stable range: tokenizer 4e-3
 # (spikes from 8e-3), text to image 7e-3 (1.2e-2 as good, 2e-2 collapsed on one seed: 16%), text autoencoder 1e-3
 # (5e-3 fine, 2e-2 diverged), image to text 1.5e-2 (its loss worsens from 4e-2). Higher peaks than the old
-# recipe's (3e-3 for both flows) gave +3 points of prompt and +7 of caption accuracy at the same steps, which bought
-# the 8-minute budget: text to image 800 steps instead of 1200 (900: -1 point), image to text 400 instead of 600
-# (-0.2 to -0.6 points). The tokenizer keeps its 1100 steps (900: -1 dB; batch 48: -0.6 to -1 dB) and the text autoencoder
-# its 300 (150 at 3e-3: -3 to -6 points of caption accuracy). A loss above 1.3x its best for 100 steps marks a
-# stage as diverged (the report says so and the demo exits 1): this flagged every failed run above and none of ~40
-# sound ones.
+# recipe's (3e-3 for both flows) gave +3 points of prompt and +7 of caption accuracy at the same steps, which
+# bought time: text to image 1000 steps instead of 1200 (800: 91.9% on seed 0, too close to the bar), image to
+# text 400 instead of 800 (400 against 600 at 1.5e-2: -0.2 to -0.6 points). The tokenizer keeps its 1100 steps
+# (900: 30.45 dB; batch 48: 30.44 and 30.90; batch 128 x 600 steps: 29.1 and 30.0) and the text autoencoder its
+# 300 (150 at 3e-3: -3 to -6 points of caption accuracy). Checkpoints every 500 steps (a tokenizer checkpoint is
+# 138 MB). A loss above 1.3x its best for 100 steps marks a stage as diverged (the report says so and the demo
+# exits 1): this flagged every failed run above and none of ~40 sound ones.
 DEMO_SPIKE = (1.3, 100)    # a loss above 1.3x its best for 100 steps: the stage diverged (runtime.SpikeWatch)
 DEMO_COMMON = ["--image-size", "32", "--clip-tower", "demo", "--num-workers", "0", "--log-every", "50",
                "--spike-factor", str(DEMO_SPIKE[0]), "--spike-steps", str(DEMO_SPIKE[1]),
-               "--ckpt-every", "250", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.95",
+               "--ckpt-every", "500", "--sample-every", "0", "--warmup", "100", "--grad-clip", "1", "--beta2", "0.95",
                "--ema", "0.99", "--schedule", "cosine", "--min-lr", "0"]
 DEMO_TEXT = ["--projector-depth", "2", "--projector-heads", "4", "--projector-ff", "256", "--projector-patch-size", "7",
              "--projector-dropout", "0", "--clip-weights", "{out}/tokenizer/clip_text.safetensors",
@@ -71,8 +72,8 @@ DEMO = {   # stage -> (steps, steps with --smoke, arguments); {out} is the demo 
     "tokenizer": (1100, 150, ["--tokenizer-preset", "demo", "--clip-weights", "random", "--data", "shapes:n=20000",
                               "--global-batch", "64", "--lr", "4e-3", "--warmup", "400", "--w-kl", "0",
                               "--w-perceptual", "0", "--w-gan", "0", "--no-random-crop", "--no-flip"]),
-    "flow": (800, 150, [*DEMO_FLOW, *DEMO_TEXT, "--lr", "7e-3", "--caption-groups", "--w-kl", "1e-5",
-                        "--align-hidden", "128"]),
+    "flow": (1000, 150, [*DEMO_FLOW, *DEMO_TEXT, "--lr", "7e-3", "--caption-groups", "--w-kl", "1e-5",
+                          "--align-hidden", "128"]),
     "text-ae": (300, 40, [*DEMO_TEXT, "--decoder-width", "128", "--decoder-depth", "2", "--decoder-ff", "256",
                            "--decoder-patch-size", "7", "--decoder-vocab", "data", "--global-batch", "128",
                            "--lr", "1e-3", "--w-kl", "0"]),
