@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 import tokenizer as tokenizer_lib
 from projector import CLIPTextEncoder, OFFICIAL_CLIP_TOWER, tokenize
-from runtime import (UserError, append_npy, dist_env, expand_braces, format_skips, generator,
-                     leave_signals_to_the_trainer, load_checkpoint, non_negative_int, one_line, pick_device,
-                     positive_int, rank_world, resolve_path, run_cli, short_hash, weights_sha256, write_json_atomic)
+from runtime import (RunLock, UserError, append_npy, dist_env, expand_braces, format_skips, generator,
+                     leave_signals_to_the_trainer, lines_and_cut, load_checkpoint, non_negative_int, npy_rows,
+                     one_line, pick_device, positive_int, rank_world, resolve_path, run_cli, short_hash,
+                     truncate_npy, weights_sha256, write_errors, write_json_atomic)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -581,15 +582,44 @@ def write_cache(directory, posterior, clip, ids, captions):
     """
     os.makedirs(directory, exist_ok=True)
     arrays = {"posterior": (posterior, np.float16), "clip": (clip, np.float16), "ids": (ids, np.int32)}
-    for name, (value, dtype) in arrays.items():
-        if value is None:
-            continue
-        value = np.ascontiguousarray(_numpy(value).astype(dtype))
+    arrays = {k: np.ascontiguousarray(_numpy(v).astype(dtype)) for k, (v, dtype) in arrays.items() if v is not None}
+    for name, value in arrays.items():        # every check before the first byte: a batch is appended whole or not
         if len(value) != len(captions):
             raise ValueError(f"write_cache: {name} has {len(value)} rows for {len(captions)} captions")
+    lines = "".join(json.dumps({"caption": c}) + "\n" for c in captions).encode("utf-8")
+    # a kill between two of these appends leaves arrays of different lengths: cache_rows reports it, trim_cache
+    # (run by pretokenize before it continues) cuts every file back to the rows all of them hold
+    for name, value in arrays.items():
         append_npy(os.path.join(directory, name + ".npy"), value)
-    with open(os.path.join(directory, "captions.jsonl"), "a", encoding="utf-8") as f:
-        f.writelines(json.dumps({"caption": c}) + "\n" for c in captions)
+    with open(os.path.join(directory, "captions.jsonl"), "ab") as f:
+        f.write(lines)
+
+
+CACHE_FILES = ("posterior.npy", "clip.npy", "ids.npy", "captions.jsonl")
+
+
+def cache_rows(part):
+    """{file: whole rows it holds} of one cache part's files that exist (captions.jsonl: complete lines)."""
+    rows = {}
+    for name in CACHE_FILES:
+        path = os.path.join(part, name)
+        if os.path.isfile(path):
+            rows[name] = lines_and_cut(path) if name.endswith(".jsonl") else npy_rows(path)
+    return rows
+
+
+def trim_cache(part):
+    """Cut every file of a cache part back to the rows all of them hold -> that count (what an interrupted
+    pretokenize left: some arrays of its last batch appended, others not, or a caption line cut short)."""
+    rows = cache_rows(part)
+    keep = min(rows.values(), default=0)
+    for name in rows:
+        path = os.path.join(part, name)
+        if name.endswith(".jsonl"):
+            lines_and_cut(path, keep)
+        else:
+            truncate_npy(path, keep)
+    return keep
 
 
 IDENTITY_FILE = "identity.json"        # in each cache part: what its rows were made with
@@ -620,6 +650,12 @@ class CacheSource:
         self.name, self.directory, self.skipped = name, directory, collections.Counter()
         parts = sorted(p for p in glob.glob(os.path.join(directory, "part-*")) if os.path.isdir(p))
         self.parts = parts or [directory]
+        for part in self.parts:                 # a pretokenize killed between two appends: every row would shift
+            rows = cache_rows(part)
+            if len(set(rows.values())) > 1:
+                raise UserError(f"{name}: {part} was left unfinished by an interrupted pretokenize ("
+                                f"{', '.join(f'{k} {v} rows' for k, v in rows.items())}): run the same `python "
+                                f"data.py pretokenize` command again to finish it")
         captions = []
         for part in self.parts:
             try:
@@ -1210,7 +1246,7 @@ def check_extension(out, identity):
     tower, data spec, image size, precision or rank count: its rows and the new ones would not belong together."""
     for part in sorted(p for p in glob.glob(os.path.join(out, "part-*")) if os.path.isdir(p)):
         old = read_identity(part)
-        if old is None and os.listdir(part):
+        if old is None and [f for f in os.listdir(part) if not f.startswith(".")]:   # .lock: a run starting there
             raise UserError(f"--out {out}: {part} was made before caches recorded their tokenizer, CLIP and data, so "
                             f"it cannot be checked and is not extended: pre-tokenise into a new --out folder")
         changed = [f"{k} {_shown(k, old.get(k))} -> {_shown(k, identity[k])}" for k in CACHE_IDENTITY
@@ -1244,11 +1280,21 @@ def pretokenize(args):
     except (ValueError, RuntimeError) as e:   # the spec's errors: an unknown kind, option or split
         raise UserError(str(e)) from None
     part = os.path.join(args.out, f"part-{rank:05d}")
-    done = len(np.load(os.path.join(part, "ids.npy"), mmap_mode="r")) if os.path.exists(
-        os.path.join(part, "ids.npy")) else 0
     bf16 = device.type == "cuda" and not args.fp32
     identity = _cache_identity(args, tok, clip, world, bf16)
     check_extension(args.out, identity)
+    with RunLock(part) as lock:     # one writer per part: a second pretokenize into this --out stops here
+        if lock.note:
+            print(lock.note)
+        with write_errors(part, "run the same command again to continue (the rows written so far are kept)"):
+            done = trim_cache(part)  # rows a killed run appended to some arrays and not others go
+            _pretokenize_part(args, source, tok, clip, part, identity, done, bf16)
+
+
+def _pretokenize_part(args, source, tok, clip, part, identity, done, bf16):
+    """pretokenize's loop: this rank's samples after the first `done`, encoded and appended to `part` in batches."""
+    rank, world, _ = dist_env()
+    device = next(tok.parameters()).device
     total, skipped = done, collections.Counter()
     share = len(range(rank, len(source), world)) if hasattr(source, "__len__") else None
     bar = tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0)

@@ -161,29 +161,88 @@ def read_json(path):
         return None
 
 
+def _npy_header(f):
+    """An open .npy file -> (shape, dtype, header writer, data offset); ValueError when it is no growable array."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
+                   (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}[version]
+    shape, fortran, dtype = read(f)
+    if fortran or not shape:
+        raise ValueError(f"{f.name}: not a C-order array with rows")
+    return shape, dtype, write, f.tell()
+
+
+def _set_npy_rows(f, shape, dtype, write, data_start, rows):
+    """Rewrite an .npy header in place for `rows` rows (numpy's header keeps room for the first axis to grow)."""
+    header = io.BytesIO()
+    write(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                   "shape": (rows,) + tuple(shape[1:])})
+    if len(header.getvalue()) != data_start:
+        raise ValueError(f"{f.name}: the .npy header has no room to grow; rewrite the cache")
+    f.seek(0)
+    f.write(header.getvalue())
+
+
 def append_npy(path, rows):
-    """Append rows to an .npy file in place (numpy leaves header room for the first axis to grow)."""
+    """Append rows to an .npy file in place: data first, header last, so an interrupted append leaves the old array
+    (plus bytes past its end that the next append overwrites and npy_rows ignores)."""
     if not os.path.exists(path):
         np.save(path, rows)
         return
-    fmt = np.lib.format
     with open(path, "r+b") as f:
-        version = fmt.read_magic(f)
-        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
-                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}[version]
-        shape, fortran, dtype = read(f)
-        data_start = f.tell()
-        if fortran or dtype != rows.dtype or shape[1:] != rows.shape[1:]:
+        shape, dtype, write, data_start = _npy_header(f)
+        if dtype != rows.dtype or shape[1:] != rows.shape[1:]:
             raise ValueError(f"{path}: cannot append {rows.dtype}{rows.shape[1:]} rows to {dtype}{shape[1:]}")
-        header = io.BytesIO()
-        grown = (shape[0] + len(rows),) + shape[1:]
-        write(header, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": grown})
-        if len(header.getvalue()) != data_start:
-            raise ValueError(f"{path}: the .npy header has no room to grow; rewrite the cache")
         f.seek(data_start + int(np.prod(shape)) * dtype.itemsize)
-        f.write(rows.tobytes())  # data first, header last: an interrupted append leaves the old array
-        f.seek(0)
-        f.write(header.getvalue())
+        f.write(rows.tobytes())
+        _set_npy_rows(f, shape, dtype, write, data_start, shape[0] + len(rows))
+
+
+def npy_rows(path):
+    """The whole rows of an .npy file: those its header declares and whose bytes are all there (0: no file, or a
+    header cut short by a kill)."""
+    try:
+        with open(path, "rb") as f:
+            shape, dtype, _, data_start = _npy_header(f)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, EOFError):
+        return 0
+    row = int(np.prod(shape[1:])) * dtype.itemsize
+    return min(shape[0], (size - data_start) // row) if row else shape[0]
+
+
+def truncate_npy(path, rows):
+    """Cut an .npy file back to its first `rows` rows (header and bytes); an unreadable one is removed."""
+    try:
+        with open(path, "r+b") as f:
+            shape, dtype, write, data_start = _npy_header(f)
+            _set_npy_rows(f, shape, dtype, write, data_start, rows)
+            f.truncate(data_start + rows * int(np.prod(shape[1:])) * dtype.itemsize)
+    except (ValueError, KeyError, EOFError):
+        if rows:
+            raise
+        os.remove(path)
+
+
+def lines_and_cut(path, keep=None):
+    """Complete lines (ending in a newline) of a text file -> their count; with `keep`, also cut the file after its
+    first `keep` lines (a last line without its newline, left by a kill, always goes)."""
+    count = end = offset = 0
+    with open(path, "rb" if keep is None else "r+b") as f:     # counting works on a read-only cache too
+        for block in iter(lambda: f.read(1 << 20), b""):
+            at = -1
+            while keep is None or count < keep:
+                at = block.find(b"\n", at + 1)
+                if at < 0:
+                    break
+                count, end = count + 1, offset + at + 1
+            offset += len(block)
+        if keep is not None:
+            f.truncate(end)
+    return count
 
 
 def expand_braces(pattern):
@@ -202,6 +261,18 @@ def expand_braces(pattern):
         items = body.split(",")
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+@contextlib.contextmanager
+def write_errors(what, then=""):
+    """An OSError while writing `what` -> one line naming it (a full disk says so), plus what to do `then`."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = e.filename2 or e.filename
+        raise UserError(f"{'the disk is full: ' if full else ''}cannot write {what} ({e.strerror or e}"
+                        f"{f': {where}' if where and not full else ''}){f'; {then}' if then else ''}") from None
 
 
 def check_writable(out, rank=0):
@@ -647,7 +718,7 @@ class RunLock:
                     return self
         except OSError as e:
             raise UserError(f"--out {self.out} is not writable ({e.strerror})") from None
-        raise UserError(f"{self.out}: {self.path} keeps changing hands; is another trainer starting there?")
+        raise UserError(f"{self.out}: {self.path} keeps changing hands; is another process starting there?")
 
     def __exit__(self, *exc):
         ours = same_file(self.fd, self.path)   # a lock deleted by hand and taken by another trainer is theirs
@@ -682,15 +753,15 @@ class RunLock:
             holder = None
         if not isinstance(holder, dict) or type(holder.get("pid")) is not int or not {"host", "since"} <= set(holder):
             os.close(fd)
-            raise UserError(f"{self.out} is locked by {self.path}, which names no trainer; if none uses {self.out}, "
+            raise UserError(f"{self.out} is locked by {self.path}, which names no process; if none uses {self.out}, "
                             f"delete {self.path}")
         who = f"pid {holder['pid']} on host {holder['host']} since {holder['since']}"
         here = holder["host"] == self.me["host"]
         if not here or locked is False or (locked is None and process_running(int(holder["pid"]))):
             os.close(fd)
             raise UserError(f"{self.out} is in use by {who}; " + (
-                "wait for it to end or stop it, or train into another --out" if here else
-                f"if no trainer runs there any more, delete {self.path} and start again"))
+                "wait for it to end or stop it, or use another --out" if here else
+                f"if nothing runs there any more, delete {self.path} and start again"))
         if not same_file(fd, self.path):       # released and recreated meanwhile
             os.close(fd)
             return False

@@ -2719,12 +2719,12 @@ def test_a_lock_left_by_a_dead_trainer_here_is_taken_over_and_one_from_another_h
     assert not (out / ".lock").exists()
     write_lock(out, pid, "node-17")                 # another host: its pid means nothing here
     with pytest.raises(UserError, match=re.escape(f"{out} is in use by pid {pid} on host node-17 since 2024-01-02 "
-                                                  f"03:04:05 +0000; if no trainer runs there any more, delete "
+                                                  f"03:04:05 +0000; if nothing runs there any more, delete "
                                                   f"{out / '.lock'} and start again")):
         run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
     assert (out / ".lock").exists() and torch.load(out / "last.pt", weights_only=True)["step"] == 1
     (out / ".lock").write_text("")                  # a lock file naming nobody is respected too
-    with pytest.raises(UserError, match="which names no trainer; if none uses .* delete .*.lock"):
+    with pytest.raises(UserError, match="which names no process; if none uses .* delete .*.lock"):
         run_train(*TOKENIZER_RUN, "--out", out, "--steps", 2, "--resume")
     (out / ".lock").unlink()                        # a refused run (UserError inside the lock) leaves none behind
     with pytest.raises(UserError, match="already holds a run"):
@@ -3215,6 +3215,55 @@ def test_pretokenize_refuses_to_extend_a_cache_of_other_data_or_tokenizer(tiny_t
     (other / "identity.json").write_text(json.dumps(dict(old, data="shapes:n=7")))
     with pytest.raises(RuntimeError, match="parts were made with different"):
         data.build_dataset(f"cache:{cache}")
+
+
+def cache_bytes(cache):
+    """{file: bytes} of every file of a cache folder's parts (the identity and lock files aside)."""
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(cache.glob("part-*/*"))
+            if p.name not in ("identity.json", ".lock")}
+
+
+def test_an_interrupted_or_disk_full_pretokenize_is_refused_then_finished_exactly(tiny_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    argv = ("--data", "shapes:n=7", "--tokenizer", tiny_tokenizer, "--batch-size", 3)
+    assert pretokenize_cli(*argv, "--out", tmp_path / "whole")[0] == 0
+    whole = cache_bytes(tmp_path / "whole")
+    appended, real = [], data.append_npy
+
+    def killed_at_append(n, error):
+        def append(path, rows):                 # the n-th append fails: a kill, or a full disk
+            appended.append(path)
+            if len(appended) == n:
+                raise error
+            real(path, rows)
+        return append
+    # a kill between two appends of the second batch: posterior.npy holds 6 rows, the others 3
+    monkeypatch.setattr(data, "append_npy", killed_at_append(5, Killed()))
+    with pytest.raises(Killed):
+        pretokenize_cli(*argv, "--out", tmp_path / "killed")
+    monkeypatch.undo()
+    rows = data.cache_rows(tmp_path / "killed" / "part-00000")
+    assert rows == {"posterior.npy": 6, "clip.npy": 3, "ids.npy": 3, "captions.jsonl": 3}
+    with pytest.raises(UserError, match=r"left unfinished by an interrupted pretokenize \(posterior.npy 6 rows, "
+                                        r"clip.npy 3 rows.*run the same `python data.py pretokenize` command again"):
+        data.build_dataset(f"cache:{tmp_path / 'killed'}")
+    rc, out, _ = pretokenize_cli(*argv, "--out", tmp_path / "killed")
+    assert rc == 0 and "7 samples" in out and cache_bytes(tmp_path / "killed") == whole
+    # a full disk in the middle of a batch: one line, nothing left locked, and a rerun finishes it exactly
+    appended.clear()
+    monkeypatch.setattr(data, "append_npy", killed_at_append(6, OSError(errno.ENOSPC, "No space left on device")))
+    rc, _, err = pretokenize_cli(*argv, "--out", tmp_path / "full")
+    monkeypatch.undo()
+    part = tmp_path / "full" / "part-00000"
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"the disk is full: cannot write {part} (No space left on device); run the same command again" in err
+    assert not (part / ".lock").exists()
+    (part / "captions.jsonl").open("a").write('{"caption": "a half-writ')   # and a caption line cut short
+    assert pretokenize_cli(*argv, "--out", tmp_path / "full")[0] == 0 and cache_bytes(tmp_path / "full") == whole
+    # two writers: a second pretokenize into a part in use stops with who holds it, touching nothing
+    with runtime.RunLock(str(part)):
+        rc, _, err = pretokenize_cli(*argv, "--out", tmp_path / "full")
+    assert rc == 1 and f"{part} is in use by pid {os.getpid()}" in err and cache_bytes(tmp_path / "full") == whole
 
 
 # ----------------------------------------------------------------------------------------------------------
