@@ -52,28 +52,51 @@ token_group = checked(int, lambda v: v >= 1 and CONTEXT_LENGTH % v == 0,
 # CLIP: tokenizer and frozen text tower
 # ----------------------------------------------------------------------------------------------------------
 
+# A caption is cut to this many characters (after collapsing runs of whitespace, as CLIP's cleaning does anyway)
+# before BPE: a CLIP token spans at most 32 bytes, so 77 tokens never reach past 77 x 33 characters, and BPE, whose
+# time grows faster than a word's length (20k characters: 16 s), never sees an unbounded input.
+MAX_CAPTION_CHARS = CONTEXT_LENGTH * 33
+BPE_CACHE_WORDS = 100_000                  # open_clip caches every distinct word; past this many it starts afresh
+_WHITESPACE = re.compile(r"\s+")
+
+
 @functools.lru_cache(maxsize=1)
 def _bpe():
-    """open_clip's CLIP BPE tokenizer (the vocabulary ships inside open_clip: no download)."""
-    return open_clip.SimpleTokenizer()
+    """open_clip's CLIP BPE tokenizer (the vocabulary ships inside open_clip: no download) and its word cache as
+    built (the special tokens)."""
+    tok = open_clip.SimpleTokenizer()
+    return tok, dict(tok.cache)
 
 
-@functools.lru_cache(maxsize=4096)    # a few MB per loader worker even for long recaptions
+def cut_caption(text):
+    """A caption -> (what BPE sees, whether it was cut): at most MAX_CAPTION_CHARS characters."""
+    if len(text) <= MAX_CAPTION_CHARS:
+        return text, False
+    text = _WHITESPACE.sub(" ", text).lstrip()
+    return text[:MAX_CAPTION_CHARS], len(text) > MAX_CAPTION_CHARS
+
+
+@functools.lru_cache(maxsize=4096)    # a few MB per loader worker even for long recaptions (cut_caption bounds them)
 def _bpe_ids(text):
     """One caption -> its BPE ids (a tuple), cached: captions repeat across epochs and, in the demo, within a batch."""
-    return tuple(_bpe().encode(text))
+    bpe, special = _bpe()
+    if len(bpe.cache) > BPE_CACHE_WORDS:  # a stream of ever new words (URLs, ids) would grow it without end
+        bpe.cache = dict(special)
+    return tuple(bpe.encode(text))
 
 
 def tokenize(texts):
     """Captions -> (ids (B, 77) long, truncated (B,) bool), exactly as open_clip's CLIP tokenizer.
 
     [SOT, bpe..., EOT] padded with 0; a caption over 77 tokens is cut and its last id forced to EOT
-    (we re-do open_clip's loop so that the truncation can be reported instead of silently happening).
+    (we re-do open_clip's loop so that the truncation can be reported instead of silently happening). A caption
+    over MAX_CAPTION_CHARS is cut to that first (cut_caption): its 77 ids are the same, BPE's time is bounded.
     """
     rows, truncated = [], []
     for text in texts:
+        text, cut = cut_caption(text)
         seq = [SOT, *_bpe_ids(text), EOT]
-        truncated.append(len(seq) > CONTEXT_LENGTH)
+        truncated.append(cut or len(seq) > CONTEXT_LENGTH)
         seq = seq[:CONTEXT_LENGTH - 1] + [EOT] if truncated[-1] else seq
         rows.append(seq + [0] * (CONTEXT_LENGTH - len(seq)))
     ids = torch.tensor(rows, dtype=torch.long).reshape(len(texts), CONTEXT_LENGTH)   # (B, 77)
@@ -82,7 +105,7 @@ def tokenize(texts):
 
 def detokenize(ids):
     """CLIP ids (B, 77) -> captions: text between SOT and the first EOT; special tokens never reach the output."""
-    bpe, out = _bpe(), []
+    bpe, out = _bpe()[0], []
     for row in ids.tolist():
         row = row[1:] if row and row[0] == SOT else row
         row = row[:row.index(EOT)] if EOT in row else row

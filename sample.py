@@ -10,6 +10,8 @@ the third the same on 8 GPUs (rerun to resume), the last captions images. README
 what is written and how each sample's noise is seeded.
 """
 import argparse
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -30,9 +32,9 @@ import tokenizer as tokenizer_lib
 from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, velocity_net
 from projector import OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
-from runtime import (PRECISIONS, UserError, amp, atomic_path, atomic_write, barrier, check_writable, default_precision,
-                     finite_float, load_checkpoint, load_strict, on_every_rank, one_line, pick_device, positive_int,
-                     ranks, resolve_path, run_cli, user_errors, weights_sha256)
+from runtime import (PRECISIONS, RunLock, UserError, amp, atomic_path, atomic_write, check_writable,
+                     default_precision, finite_float, load_checkpoint, load_strict, on_every_rank, one_line, pick_device,
+                     positive_int, ranks, resolve_path, run_cli, user_errors, weights_sha256, write_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
@@ -101,12 +103,16 @@ def sample_record(prompt, prompt_index, sample_index, seed, steps, cfg, model):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_record(path):
-    """The sample_record stored in an image file, or None (no file, no record, unreadable)."""
+def read_record(path, whole=False):
+    """The sample_record stored in an image file, or None (no file, no record, unreadable; with `whole`, also a
+    file cut short after its record: every chunk's checksum is verified, the pixels are not decoded)."""
     try:
         with Image.open(path) as im:        # the text chunk precedes the pixels: the header read finds it
-            return im.info.get(RECORD_KEY)
-    except (OSError, ValueError):
+            record = im.info.get(RECORD_KEY)
+            if whole:
+                im.verify()
+            return record
+    except (OSError, ValueError, SyntaxError):   # PIL's verify raises SyntaxError for a broken chunk
         return None
 
 
@@ -117,8 +123,8 @@ def save_png(image, path, record=None, compress_level=PNG_COMPRESSION):
     if record is not None:
         info = PngImagePlugin.PngInfo()
         info.add_text(RECORD_KEY, record)
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    with atomic_write(path, "wb", sync=True) as f:   # on disk before the rename: a crash leaves no empty PNG
+        Image.fromarray(image).save(f, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
 def _write_when_ready(ready, image, path, record):
@@ -494,13 +500,14 @@ def generate_folder(pipe, prompts, out, n_per_prompt=1, seed=0, steps=DEFAULT_ST
 
     Rank r of `world` takes jobs r, r + world, ... of the (i, j) list: together the ranks write every file
     exactly once. Each PNG holds the sample_record of what it was made from; skip_existing keeps a file already
-    there only if its record is this job's (PNGs are written atomically, so they are whole), and regenerates the
-    others: `replaced` counts those, files made with another prompt, seed, settings or model, or with no record.
+    there only if its record is this job's and the file is whole (written atomically, but a disk can lose a tail),
+    and regenerates the others: `replaced` counts those, files made with another prompt, seed, settings or model,
+    with no record, or damaged.
     """
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)][rank::world]
     model = pipe.identity()
     record = {(i, j): sample_record(prompts[i], i, j, seed, steps, cfg, model) for i, j in jobs}
-    found = {job: read_record(sample_path(out, *job)) for job in jobs
+    found = {job: read_record(sample_path(out, *job), whole=True) for job in jobs
              if skip_existing and os.path.isfile(sample_path(out, *job))}
     todo = [job for job in jobs if found.get(job) != record[job]]
     replaced = sum(job in found for job in todo)
@@ -714,29 +721,61 @@ def main(args):
         if not prompts:
             raise UserError("no prompts: give them on the command line or with --prompts FILE")
         check_writable(args.out, rank)
-        pipe = on_every_rank(world, rank, build_pipeline, args, device, precision)   # a file one node lacks: all stop
-        made, kept, replaced = generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps,
-                                               args.cfg, args.batch_size, rank, world, args.skip_existing,
-                                               progress=rank == 0)
-        if args.skip_existing and world > 1:
-            print(f"rank {rank}: reused {kept}, regenerated {replaced}, new {made - replaced}")
-        barrier(world)                                # every rank's files exist before the grid reads them
-        if rank != 0:
-            return
-        with open(os.path.join(args.out, "prompts.txt"), "w", encoding="utf-8") as f:
-            f.writelines(p + "\n" for p in prompts)
-        first = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][:64]
-        check_visible([sample_path(args.out, i, j) for i, j in first], world)
-        grid = torch.stack([read_png(sample_path(args.out, i, j)) for i, j in first]).float() / 255
-        nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
+        with contextlib.ExitStack() as stack:         # rank 0 holds out/.lock: one sampler per folder
+            on_every_rank(world, rank, lambda: rank == 0 and claim_folder(stack, args.out))
+            return sample_prompts(args, prompts, device, precision, rank, world)
+
+
+def claim_folder(stack, out):
+    """Rank 0: lock `out` for this sampler (until `stack` closes) and remove what a killed one left half-written."""
+    lock = stack.enter_context(RunLock(out))
+    if lock.note:
+        print(lock.note, file=sys.stderr)
+    for partial in glob.glob(os.path.join(glob.escape(out), "*.tmp")):   # name.png.PID.tmp: a kill before a rename
+        os.remove(partial)
+
+
+def warn_truncated(prompts):
+    """Say which prompts CLIP will see only the start of (over 77 tokens)."""
+    _, truncated = tokenize(prompts)
+    cut = truncated.nonzero().flatten().tolist()
+    if cut:
+        print(f"warning: {len(cut)} of {len(prompts)} prompts are longer than CLIP's 77 tokens and are cut (e.g. "
+              f"prompt {cut[0]}: {prompts[cut[0]][:60]!r}...): their images follow the first 75 tokens only",
+              file=sys.stderr)
+
+
+def sample_prompts(args, prompts, device, precision, rank, world):
+    """Prompts -> OUT/*.png (this rank's share), then rank 0: prompts.txt and grid.png."""
+    if rank == 0:
+        warn_truncated(prompts)
+    pipe = on_every_rank(world, rank, build_pipeline, args, device, precision)   # a file one node lacks: all stop
+
+    def generate():
+        with write_errors(args.out, "free space and run again with --skip-existing (finished images are kept)"):
+            return generate_folder(pipe, prompts, args.out, args.n_per_prompt, args.seed, args.steps, args.cfg,
+                                   args.batch_size, rank, world, args.skip_existing, progress=rank == 0)
+    # a rank that cannot write stops every rank with its line; also the barrier: every file exists before the grid
+    made, kept, replaced = on_every_rank(world, rank, generate)
+    if args.skip_existing and world > 1:
+        print(f"rank {rank}: reused {kept}, regenerated {replaced}, new {made - replaced}")
+    if rank != 0:
+        return
+    with write_errors(args.out), atomic_write(os.path.join(args.out, "prompts.txt")) as f:
+        f.writelines(p + "\n" for p in prompts)
+    first = [(i, j) for i in range(len(prompts)) for j in range(args.n_per_prompt)][:64]
+    check_visible([sample_path(args.out, i, j) for i, j in first], world)
+    grid = torch.stack([read_png(sample_path(args.out, i, j)) for i, j in first]).float() / 255
+    nrow = args.n_per_prompt if 1 < args.n_per_prompt <= 16 else 8
+    with write_errors(args.out):
         grid_path = save_grid(grid, os.path.join(args.out, "grid.png"), nrow=nrow)
-        total = len(prompts) * args.n_per_prompt
-        reused = ""
-        if args.skip_existing and world == 1:
-            reused = (f"; reused {kept}, regenerated {replaced} made from another prompt, seed, settings or model "
-                      f"(or unrecorded), new {made - replaced}")
-        print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
-              f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
+    total = len(prompts) * args.n_per_prompt
+    reused = ""
+    if args.skip_existing and world == 1:
+        reused = (f"; reused {kept}, regenerated {replaced} made from another prompt, seed, settings or model "
+                  f"(or unrecorded, or damaged), new {made - replaced}")
+    print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
+          f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
 
 
 def check_visible(paths, world):

@@ -690,6 +690,29 @@ def test_tokenize_matches_open_clip_and_reports_truncation():
     assert projector.detokenize(torch.tensor([[projector.SOT, projector.EOT] + [0] * 75])) == [""]
 
 
+def test_overlong_captions_reach_bpe_cut_to_a_bound_with_the_same_77_ids(monkeypatch, capsys):
+    import open_clip
+    words = "a large red circle on the left next to a small blue square at the top, "
+    long = (words * 400).replace("next", "next" + " \t" * 2000, 1)     # 30k characters, one run of 4000 blanks
+    ids, truncated = projector.tokenize([long, long[:200]])
+    assert torch.equal(ids, open_clip.SimpleTokenizer()([long, long[:200]])) and truncated.tolist() == [True, False]
+    bpe, special = projector._bpe()
+    seen, encode = [], bpe.encode
+    monkeypatch.setattr(bpe, "encode", lambda text: seen.append(len(text)) or encode(text))
+    ids, truncated = projector.tokenize(["  " + "x" * 10_000_000])       # one 10 MB word: ~36 hours of BPE uncut
+    assert seen == [projector.MAX_CAPTION_CHARS] and truncated.tolist() == [True]
+    assert ids[0, 0] == projector.SOT and ids[0, -1] == projector.EOT and (ids[0] != 0).all()
+    # open_clip caches every distinct word: past BPE_CACHE_WORDS the cache starts again from the special tokens
+    monkeypatch.setattr(projector, "BPE_CACHE_WORDS", len(special) + 10)
+    projector.tokenize([" ".join(f"qz{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(50))])   # 50 new words
+    assert len(bpe.cache) >= len(special) + 50
+    projector.tokenize(["zebra quokka unseenword"])
+    assert len(bpe.cache) == len(special) + 3 and set(special) <= set(bpe.cache)
+    sample.warn_truncated(["a red circle", long])                         # sample.py says which prompts are cut
+    err = capsys.readouterr().err
+    assert err.startswith("warning: 1 of 2 prompts are longer than CLIP's 77 tokens and are cut (e.g. prompt 1: ")
+
+
 def test_clip_text_encoder_tokens_after_ln_final():
     torch.manual_seed(0)
     enc = CLIPTextEncoder("tiny", weights="random")
@@ -4194,6 +4217,16 @@ def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, 
     assert os.path.getmtime(tmp_path / "cli" / names[0]) == stamp
     text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")   # other weights
     assert "reused 0, regenerated 2" in text
+    # a PNG cut short after its record (a disk that lost its tail) is regenerated, not reused and then unreadable
+    png = tmp_path / "cli" / names[0]
+    png.write_bytes(png.read_bytes()[:-40])
+    assert sample.read_record(png) is not None and sample.read_record(png, whole=True) is None
+    (tmp_path / "cli" / f"{names[0]}.12345.tmp").write_bytes(b"half")      # what a killed sampler leaves
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")
+    assert "reused 1, regenerated 1" in text and not list((tmp_path / "cli").glob("*.tmp"))
+    with runtime.RunLock(str(tmp_path / "cli")):                          # two samplers on one folder
+        with pytest.raises(UserError, match=f"{tmp_path / 'cli'} is in use by pid {os.getpid()}"):
+            run_sample(*common, PROMPTS[0])
 
 
 def test_sample_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
