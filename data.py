@@ -41,6 +41,7 @@ TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # utils/train_utils.py:281-294, True in configs/training/TA-TiTok/tatitok_bl32_vae.yaml:51 and the other TA-TiTok
 # configs): height / width in [0.5, 2] and the longer side at least 256, its crop size (ours: the image size)
 SIZE_FILTER_RATIO = (0.5, 2.0)
+MAX_TAR_SAMPLE_BYTES = 1 << 28     # 256 MiB: a tar sample's members together (an image, its captions, metadata)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -460,8 +461,12 @@ class KarpathySource(ImageCaptions):
 
 
 def _tar_groups(path):
-    """Stream a tar shard -> (key, {extension: bytes}) per sample: consecutive files sharing a key."""
-    key, files = None, {}
+    """Stream a tar shard -> (key, {extension: bytes}) per sample: consecutive files sharing a key.
+
+    A member that would take the sample past MAX_TAR_SAMPLE_BYTES is not read (its size is in the tar header; a
+    10 KB shard can declare a 3 GB sparse member): its value is None, which decode reports as an oversized sample.
+    """
+    key, files, held = None, {}, 0
     with tarfile.open(path, "r|*") as tar:  # "r|": strictly sequential, like a network stream
         for member in tar:
             if not member.isfile():
@@ -471,8 +476,9 @@ def _tar_groups(path):
             if os.path.join(folder, stem) != key:
                 if files:
                     yield key, files
-                key, files = os.path.join(folder, stem), {}
-            files[extension.lower()] = tar.extractfile(member).read()
+                key, files, held = os.path.join(folder, stem), {}, 0
+            held += member.size
+            files[extension.lower()] = tar.extractfile(member).read() if held <= MAX_TAR_SAMPLE_BYTES else None
     if files:
         yield key, files
 
@@ -538,6 +544,8 @@ class TarSource:
     def decode(self, files, generator=None, pick=None):
         """{extension: bytes} of one tar sample -> {"image", "caption"}; raises BadSample; `pick` draws the caption."""
         # generator: crop and flip; pick (default: generator): txt or recap_txt, as choose_caption
+        if None in files.values():
+            raise BadSample("oversized sample")
         if "txt" in files:
             caption = files["txt"]
         elif "json" in files:

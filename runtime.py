@@ -152,6 +152,14 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
+def share_with_group(path):
+    """Give a file the permissions of a new file under the umask (0644 for the usual 022): tempfile-style writers
+    create 0600 files that colleagues on a shared filesystem cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def read_json(path):
     """A small JSON file's content, or None when it is missing or unreadable."""
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 from PIL import Image, PngImagePlugin
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -31,10 +32,11 @@ import projector
 import tokenizer as tokenizer_lib
 from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, velocity_net
-from projector import OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
+from projector import CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
 from runtime import (PRECISIONS, RunLock, UserError, amp, atomic_path, atomic_write, check_writable,
-                     default_precision, finite_float, load_checkpoint, load_strict, on_every_rank, one_line, pick_device,
-                     positive_int, ranks, resolve_path, run_cli, user_errors, weights_sha256, write_errors)
+                     default_precision, file_sha256, finite_float, load_checkpoint, load_strict, on_every_rank, one_line,
+                     pick_device, positive_int, ranks, resolve_path, run_cli, share_with_group, short_hash,
+                     state_dict_misfit, user_errors, weights_sha256, write_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
@@ -364,6 +366,16 @@ EXPORT_FORMAT = "flowtok-export"
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_PARTS = {"projector": TextProjector, "dit": velocity_net, "tokenizer": tokenizer_lib.Tokenizer,
                 "i2t_dit": velocity_net, "text_decoder": TextDecoder}
+# bounds on config.json's integers, checked before anything is built (exports come from strangers too): a depth of
+# 10**9 would build modules until memory runs out; within them, the shapes must also equal model.safetensors'
+EXPORT_MAX_DEPTH, EXPORT_MAX_INT = 256, 1 << 16
+
+
+def check_export_folder(out):
+    """--export OUT must be new or empty: an export never overwrites files."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--export {out} exists and is not an empty folder: export into a new folder (nothing "
+                        f"written)")
 
 
 def export_pipeline(pipe, out, dtype="fp32"):
@@ -383,11 +395,16 @@ def export_pipeline(pipe, out, dtype="fp32"):
                   clip=dict(tower=pipe.clip.tower, origin=str(pipe.clip.weights),
                             sha256=weights_sha256(pipe.clip.text)),
                   identity=pipe.identity(), source={k: v for k, v in pipe.info.items() if v is not None})
-    os.makedirs(out, exist_ok=True)
-    with atomic_path(os.path.join(out, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
-    with atomic_write(os.path.join(out, "config.json")) as f:
-        json.dump(config, f, indent=1)
+    check_export_folder(out)
+    weights = os.path.join(out, "model.safetensors")
+    with write_errors(out, f"the export is incomplete: remove {out} and export again"):
+        os.makedirs(out, exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
+            share_with_group(tmp)            # safetensors writes 0600: colleagues on a shared disk could not read it
+        config["model_sha256"] = file_sha256(weights)     # load_export checks it: a damaged file never samples
+        with atomic_write(os.path.join(out, "config.json")) as f:
+            json.dump(config, f, indent=1)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -400,16 +417,75 @@ def is_export(path):
         return False
 
 
-def load_export(path, device="cpu", precision="fp32", clip_weights=None):
-    """An export_pipeline folder -> FlowTokPipeline (weights back in fp32, as the run's own modules)."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    with user_errors(f"{path}/model.safetensors"):
-        tensors = load_file(os.path.join(path, "model.safetensors"))
+def _export_config_problem(config):
+    """What makes an export's config.json unusable (None: nothing): missing or mistyped fields, sizes out of bounds."""
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        return f"no \"format\": \"{EXPORT_FORMAT}\""
+    if config.get("dtype") not in EXPORT_DTYPES:
+        return f"\"dtype\" is {config.get('dtype')!r}, not one of {', '.join(EXPORT_DTYPES)}"
+    parts = config.get("parts")
+    if not isinstance(parts, dict) or "tokenizer" not in parts or not {"dit", "i2t_dit"} & set(parts):
+        return "\"parts\" is not an object naming a tokenizer and a dit or i2t_dit"
+    if set(parts) - set(EXPORT_PARTS) or not all(isinstance(c, dict) for c in parts.values()):
+        return f"\"parts\" may only map {', '.join(EXPORT_PARTS)} to their configs"
+    for name, cfg in parts.items():
+        for k, v in cfg.items():
+            bound = EXPORT_MAX_DEPTH if "depth" in k or "layers" in k else EXPORT_MAX_INT
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= bound:
+                return f"parts.{name}.{k} is {v}, outside 0..{bound}"
+    if not isinstance(config.get("clip"), dict) or config["clip"].get("tower") not in CLIP_TOWERS:
+        return f"\"clip\" names no known text tower ({', '.join(CLIP_TOWERS)})"
+    if not isinstance(config.get("source", {}), dict):
+        return "\"source\" is not an object"
+    return None
+
+
+def read_export(path):
+    """An export folder -> (its checked config.json, {part: {key: tensor}} from model.safetensors, in fp32), or one
+    line naming the file and the fix: unreadable or incomplete config, weights that are not the recorded file (cut
+    short, replaced), shapes that do not fit the config (checked on meta tensors, before anything is built), or
+    values that are not finite."""
+    file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: unreadable ({one_line(e)})") from None
+    problem = _export_config_problem(config)
+    if problem:
+        raise UserError(f"{file}: {problem}; not an export sample.py can load: export it again")
+    recorded = config.get("model_sha256")              # exports made before it was recorded are not checked
+    if recorded is not None and os.path.isfile(weights) and file_sha256(weights) != recorded:
+        raise UserError(f"{weights} is not the file {file} records (sha256 {short_hash(file_sha256(weights))}, "
+                        f"recorded {short_hash(recorded)}): damaged or replaced; export or download it again")
+    try:
+        with safe_open(weights, "pt") as f:            # the header only: shapes before any model is built
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{weights}: unreadable ({one_line(e)}); export or download it again") from None
+    for name in config["parts"]:
+        with user_errors(f"{file}: part '{name}'"), torch.device("meta"):
+            shell = EXPORT_PARTS[name](**config["parts"][name]).state_dict()
+        misfit = state_dict_misfit(shell, {k.partition(".")[2]: v for k, v in shapes.items()
+                                           if k.partition(".")[0] == name})
+        if misfit:
+            raise UserError(f"{file}: part '{name}' does not fit {weights} ({misfit}); export it again")
+    try:
+        tensors = load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{weights}: unreadable ({one_line(e)}); export or download it again") from None
     groups = {}
     for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{weights}: {key} holds NaN or infinite values: a damaged export; export it again")
         name, _, rest = key.partition(".")
         groups.setdefault(name, {})[rest] = value.float() if value.is_floating_point() else value
+    return config, groups
+
+
+def load_export(path, device="cpu", precision="fp32", clip_weights=None):
+    """An export_pipeline folder -> FlowTokPipeline (weights back in fp32, as the run's own modules)."""
+    config, groups = read_export(path)
     modules = {}
     with user_errors(f"{path}: rebuilding the models"):
         for name, cls in EXPORT_PARTS.items():
@@ -424,8 +500,9 @@ def load_export(path, device="cpu", precision="fp32", clip_weights=None):
         modules = {k: m.to(device) for k, m in modules.items()}
     pipe = FlowTokPipeline(clip, modules.get("projector"), modules.get("dit"), modules["tokenizer"],
                            modules.get("i2t_dit"), modules.get("text_decoder"), precision=precision)
-    pipe.info = dict(source=f"export {path}", step=config["source"].get("step"),
-                     weights=f"{config['source'].get('weights', 'EMA')}, exported in {config['dtype']}")
+    source = config.get("source", {})
+    pipe.info = dict(source=f"export {path}", step=source.get("step"),
+                     weights=f"{source.get('weights', 'EMA')}, exported in {config['dtype']}")
     return pipe
 
 
@@ -710,6 +787,7 @@ def main(args):
         precision = args.precision or default_precision(device)
         if args.export:
             if rank == 0:
+                check_export_folder(args.export)      # before the model is loaded
                 size = export_pipeline(build_pipeline(args, device, precision), args.export, args.export_dtype)
                 print(f"exported to {args.export}: model.safetensors ({size / 2 ** 20:.1f} MiB, {args.export_dtype} "
                       f"parameters) and config.json; sample with --ckpt {args.export}")

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -1187,7 +1188,7 @@ def _write_shards(folder, shards, per_shard):
     return f"tar:{folder}/shard-{{000..{shards - 1:03d}}}.tar"
 
 
-def test_tar_source_decodes_and_counts(tmp_path):
+def test_tar_source_decodes_and_counts(tmp_path, monkeypatch):
     png, webp = io.BytesIO(), io.BytesIO()
     _solid((40, 40), (0, 255, 0)).save(png, "PNG")
     _solid((40, 40), (0, 0, 255)).save(webp, "WEBP")
@@ -1201,7 +1202,9 @@ def test_tar_source_decodes_and_counts(tmp_path):
         ("s5.jpg", b"garbage"), ("s5.txt", b"unreadable"),
         ("s6.jpg", jpeg), ("s6.json", b"{not json"),
         ("s7.jpeg", jpeg), ("s7.txt", b"  "),
-        ("dir/s8.jpg", jpeg), ("dir/s8.cls.txt", b"1"), ("dir/s8.txt", b"in a folder")])
+        ("dir/s8.jpg", jpeg), ("dir/s8.cls.txt", b"1"), ("dir/s8.txt", b"in a folder"),
+        ("s9.jpg", jpeg), ("s9.txt", b"x" * 40_000)])   # over the (lowered) cap on a sample's bytes: never read
+    monkeypatch.setattr(data, "MAX_TAR_SAMPLE_BYTES", 20_000)
     _write_tar(tmp_path / "a-1.tar", [file for i in range(4) for file in [(f"t{i}.jpg", jpeg),
                                                                           (f"t{i}.txt", f"t{i} ".encode() * 400)]])
     with tarfile.open(tmp_path / "a-1.tar") as tar:
@@ -1221,7 +1224,7 @@ def test_tar_source_decodes_and_counts(tmp_path):
             captions.append(item["caption"][:10])
     assert cursor["epoch"] == 1, "the stream must move on to epoch 1 after both shards"
     assert counts == {"missing caption": 1, "missing image": 1, "unreadable image": 1, "bad json caption": 1,
-                      "empty caption": 1, "unreadable shard": 1}
+                      "empty caption": 1, "unreadable shard": 1, "oversized sample": 1}
     assert sorted(captions) == sorted(["plain text", "json capti", "txt field", "in a folde",
                                        "t0 t0 t0 t", "t1 t1 t1 t", "t2 t2 t2 t"])  # t3 was cut off
     batch = next(iter(data.make_loader(source, 7, rank=0, world=1)))
@@ -4183,6 +4186,54 @@ def test_export_samples_like_the_run_and_loads_from_a_hub_cache(sample_runs, tin
     with pytest.raises(UserError, match=r"hf:someone/missing: not in the Hugging Face cache .*huggingface-cli "
                                         r"download someone/missing --local-dir DIR"):
         run_sample("--ckpt", "hf:someone/missing", "a", "--device", "cpu", "--out", tmp_path / "none")
+
+
+def test_a_damaged_or_hostile_export_is_one_line_and_an_export_never_overwrites(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    run_sample("--ckpt", tiny_run["flow"], "--export", export, "--device", "cpu")
+    weights, config = export / "model.safetensors", json.loads((export / "config.json").read_text())
+    assert config["model_sha256"] == runtime.file_sha256(weights)
+    assert stat.S_IMODE(os.stat(weights).st_mode) == 0o666 & ~current_umask()          # 0644, not 0600
+    blob = weights.read_bytes()
+    with pytest.raises(UserError, match=f"--export {export} exists and is not an empty folder"):
+        run_sample("--ckpt", tiny_run["flow"], "--export", export, "--device", "cpu")
+    assert weights.read_bytes() == blob
+
+    def refused(change, match, payload=None):
+        folder = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
+        shutil.copytree(export, folder)
+        cfg = copy.deepcopy(config)
+        change(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        if payload is not None:
+            (folder / "model.safetensors").write_bytes(payload)
+        with pytest.raises(UserError, match=match) as err:
+            sample.load_pipeline(folder)
+        assert "\n" not in str(err.value)
+    refused(lambda c: c["parts"]["dit"].update(depth=10 ** 9), r"parts.dit.depth is 1000000000, outside 0..256")
+    depth = config["parts"]["dit"]["depth"]
+    refused(lambda c: c["parts"]["dit"].update(depth=depth + 1), rf"part 'dit' does not fit .*blocks.{depth}.* missing")
+    refused(lambda c: c.update(parts=list(c["parts"])), r'"parts" is not an object naming a tokenizer')
+    refused(lambda c: c.pop("dtype"), r'"dtype" is None, not one of fp32, bf16, fp16; not an export sample.py')
+    refused(lambda c: c["parts"].pop("tokenizer"), r'"parts" is not an object naming a tokenizer')
+    refused(lambda c: None, r"model.safetensors is not the file .*config.json records .*damaged or replaced",
+            blob[:-100])
+    refused(lambda c: c.pop("model_sha256"), r"model.safetensors: unreadable \(", blob[:-100])
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(weights)
+    tensors["dit.final_layer.linear.bias"] = torch.full_like(tensors["dit.final_layer.linear.bias"], float("nan"))
+    save_file(tensors, tmp_path / "nan.safetensors", metadata={"format": sample.EXPORT_FORMAT})
+    refused(lambda c: c.pop("model_sha256"), r"dit.final_layer.linear.bias holds NaN or infinite values",
+            (tmp_path / "nan.safetensors").read_bytes())
+    shutil.copytree(export, tmp_path / "nosource")              # optional fields may be absent
+    (tmp_path / "nosource" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "source"}))
+    assert sample.load_pipeline(tmp_path / "nosource").info["step"] is None
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, tmp_path):
