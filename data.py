@@ -323,9 +323,9 @@ def karpathy_images(listing, splits, what):
     if not isinstance(listing, dict) or not isinstance(listing.get("images", []), list):
         raise UserError(f"{what}: not a Karpathy split file (expected an object with an 'images' list)")
     try:
-        items = [dict(id=im["cocoid"] if "cocoid" in im else im["imgid"], split=im["split"],
-                      file=os.path.join(im.get("filepath", ""), im["filename"]),
-                      references=[r for r in (" ".join(str(s["raw"]).split()) for s in im["sentences"]) if r])
+        items = [dict(id=_karpathy_id(im), split=im["split"], file=os.path.join(im.get("filepath", ""), im["filename"]),
+                      references=[r for r in (" ".join(s["raw"].split()) if isinstance(s["raw"], str) else ""
+                                              for s in im["sentences"]) if r])   # a null sentence is no reference
                  for im in listing["images"] if im["split"] in splits]
     except KeyError as err:
         raise UserError(f"{what}: not a Karpathy split file (missing {err})") from None
@@ -336,6 +336,14 @@ def karpathy_images(listing, splits, what):
         raise UserError(f"{what}: no image in split {' + '.join(map(repr, splits))} (its splits: "
                         f"{', '.join(found) or 'none'})")
     return items
+
+
+def _karpathy_id(image):
+    """An image record's id: cocoid, else imgid; a TypeError when it is neither a number nor a string."""
+    i = image["cocoid"] if "cocoid" in image else image["imgid"]
+    if not isinstance(i, (int, str)) or isinstance(i, bool):
+        raise TypeError(f"its id is {i!r}, not a number or a string")
+    return i
 
 
 def _karpathy_records(spec, path, images, splits):

@@ -46,6 +46,7 @@ from runtime import (PRECISIONS, MetricsLog, UserError, barrier, check_writable,
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+STATS_DIM = 2048       # pool3 features: the dimension of every FID statistics file
 MIN_FID_IMAGES = 2048  # below the feature dimension the covariance is rank-deficient
 NUM_WORKERS = min(8, os.cpu_count() or 1)  # default image-decoding workers of the FID
 
@@ -445,13 +446,25 @@ def save_stats(path, stats):
 
 
 def load_stats(path):
-    """Read a .npz written by save_stats or by pytorch-fid (which has only `mu` and `sigma`)."""
+    """Read a .npz written by save_stats or by pytorch-fid (which has only `mu` and `sigma`): 2048-d pool3 statistics,
+    plain arrays only (never unpickled)."""
+    why = None
     try:
-        with np.load(path) as f:
+        with np.load(path) as f:          # allow_pickle=False: an object array or a pickle is refused
+            lacking = [k for k in ("mu", "sigma") if k not in f]
+            if lacking:
+                raise KeyError(lacking[0])
             stats = Stats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                           int(f["n"]) if "n" in f else None, str(f["resize"]) if "resize" in f else None)
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a statistics file with 'mu' and 'sigma' ({err})") from None
+    except KeyError as err:
+        why = f"no {err.args[0]!r} array"
+    except (OSError, ValueError, EOFError):  # not a zip of .npy arrays (numpy's own advice would be to unpickle it)
+        why = "not a NumPy .npz of plain arrays"
+    if why is None and (stats.mu.shape != (STATS_DIM,) or stats.sigma.shape != (STATS_DIM, STATS_DIM)):
+        why = f"mu {stats.mu.shape} and sigma {stats.sigma.shape}, not the {STATS_DIM}-d pool3 statistics"
+    if why is not None:
+        raise UserError(f"{path}: not FID statistics ({why}); make them with `python evaluate.py fid IMAGES "
+                        f"--save-stats OUT.npz`")
     check_finite(stats.mu, stats.sigma, str(path))
     return stats
 
@@ -484,7 +497,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     if not math.isfinite(value):   # never a printed 'FID: nan': the callers turn this into one line
         raise ValueError(f"the Frechet distance is {value}: the statistics hold NaN or infinite values")
-    return value
+    # a distance is >= 0: identical statistics give round-off around 0 (a printed -0.0000), not a negative FID
+    if value < -1e-6 * max(1.0, float(np.trace(sigma1) + np.trace(sigma2))):
+        raise ValueError(f"the Frechet distance is {value:.4g} < 0: a covariance is not positive semi-definite")
+    return max(value, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,11 +628,14 @@ def coco_draw(captions_json, images_dir, seed):
         files = {im["id"]: im["file_name"] for im in data["images"]}
         captions = {}
         for ann in sorted(data["annotations"], key=lambda a: a["id"]):  # a fixed caption order per image
-            text = " ".join(str(ann["caption"]).split())
+            text = _one_line_text(ann["caption"])
             if text:
                 captions.setdefault(ann["image_id"], []).append(text)
-    except (KeyError, TypeError) as err:
+    except KeyError as err:
         raise UserError(f"--coco-captions {captions_json}: not a COCO captions file (missing {err})") from None
+    except TypeError as err:    # a record that is not an object, an id that is a list, ...
+        raise UserError(f"--coco-captions {captions_json}: not a COCO captions file (a malformed record: {err})") \
+            from None
     ids = sorted(i for i in captions if i in files)
     folder = Path(images_dir) if images_dir else None
     draw = []
@@ -713,8 +732,9 @@ KARPATHY_SPLITS = data.KARPATHY_SPLITS
 
 
 def _one_line_text(text):
-    """A caption with its whitespace (newlines included) collapsed to single spaces."""
-    return " ".join(str(text).split())
+    """A caption with its whitespace (newlines included) collapsed to single spaces; "" for what is no text (a
+    null, a number: no reference or prompt should read "None")."""
+    return " ".join(text.split()) if isinstance(text, str) else ""
 
 
 def karpathy_items(split_json, split):
@@ -735,8 +755,11 @@ def coco_caption_items(captions_json):
             text = _one_line_text(ann["caption"])
             if text:
                 references.setdefault(ann["image_id"], []).append(text)
-    except (KeyError, TypeError) as err:
+    except KeyError as err:
         raise UserError(f"--captions-json {captions_json}: not a COCO captions file (missing {err})") from None
+    except TypeError as err:    # a record that is not an object, an id that is a list, ...
+        raise UserError(f"--captions-json {captions_json}: not a COCO captions file (a malformed record: {err})") \
+            from None
     items = [dict(id=i, file=files[i], references=references[i]) for i in sorted(files) if i in references]
     if not items:
         raise UserError(f"--captions-json {captions_json}: no image has a caption")

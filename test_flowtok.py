@@ -1533,6 +1533,9 @@ def test_karpathy_spec_errors_are_one_line(tmp_path):
                              "not a Karpathy split file (missing 'split')"),
                             ("list.json", "[]", "not a Karpathy split file (expected an object with an 'images' list)"),
                             ("junk.json", json.dumps({"images": ["x"]}), "not a Karpathy split file (a malformed "),
+                            ("listid.json", json.dumps({"images": [dict(json.loads(path.read_text())["images"][0],
+                                                                         cocoid=[1, 2])]}),
+                             "not a Karpathy split file (a malformed image record: its id is [1, 2], not a number"),
                             ("broken.json", "{not json", f"{tmp_path / 'broken.json'} is not a readable JSON file"),
                             ("test.json", json.dumps({"images": json.loads(path.read_text())["images"][4:]}),
                              "no image in split 'train' + 'restval' (its splits: test)")):
@@ -1550,6 +1553,13 @@ def test_karpathy_spec_errors_are_one_line(tmp_path):
     assert [it["id"] for it in evaluate.karpathy_items(path, "test")] == [904]
     with pytest.raises(UserError, match=r"--karpathy-split .*list\.json: not a Karpathy split file"):
         evaluate.karpathy_items(tmp_path / "list.json", "test")
+    listing["images"][4]["sentences"][0]["raw"] = None                   # a null sentence is no reference "None"
+    (tmp_path / "nulls.json").write_text(json.dumps(listing))
+    refs = evaluate.karpathy_items(tmp_path / "nulls.json", "test")[0]["references"]
+    assert refs == [" ".join(x["raw"].split()) for x in listing["images"][4]["sentences"][1:]]
+    (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [
+        {"id": 1, "image_id": 1, "caption": None}, {"id": 2, "image_id": 1, "caption": " a  cat"}]}))
+    assert evaluate.coco_caption_items(tmp_path / "c.json")[0]["references"] == ["a cat"]
 
 
 # ----------------------------------------------------------------------------- the map-style loader
@@ -2054,6 +2064,28 @@ def test_fid_cli_tf_resize_differs(fid_runs):
         # the distance between the two fits, on the first 64 dimensions (cheap sqrtm): finite and non-zero
         d = evaluate.frechet_distance(f["mu"][:64], f["sigma"][:64, :64], f_tf["mu"][:64], f_tf["sigma"][:64, :64])
         assert math.isfinite(d) and d > 0
+
+
+def test_fid_statistics_files_are_checked_and_a_distance_is_never_negative(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False) + 1e-3 * np.eye(8)
+    d = evaluate.frechet_distance(mu, sigma, mu, sigma)            # round-off around 0 gave a printed -0.0000
+    assert d == 0.0 and math.copysign(1, d) == 1
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        evaluate.frechet_distance(mu, -sigma, mu, -sigma)
+    pickle.dump({"mu": 1}, (tmp_path / "junk.npz").open("wb"))
+    np.savez(tmp_path / "small.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "objects.npz", mu=np.array([None, 1], dtype=object), sigma=sigma)
+    np.savez(tmp_path / "nosigma.npz", mu=mu)
+    for name, why in (("junk", "not a NumPy .npz of plain arrays"), ("objects", "not a NumPy .npz of plain arrays"),
+                      ("small", "mu (8,) and sigma (8, 8), not the 2048-d pool3 statistics"),
+                      ("nosigma", "no 'sigma' array")):
+        with pytest.raises(UserError) as err:
+            evaluate.load_stats(tmp_path / f"{name}.npz")
+        msg = str(err.value)
+        assert msg.startswith(f"{tmp_path / name}.npz: not FID statistics ({why}); make them with") \
+            and "pickle" not in msg, msg
 
 
 def test_fid_cli_unreadable_image(fid_weights, tmp_path):
