@@ -41,7 +41,8 @@ from data import IMAGE_EXTENSIONS
 from projector import CLIPTextEncoder, OFFICIAL_CLIP_TOWER, tokenize
 from runtime import (PRECISIONS, MetricsLog, UserError, barrier, check_writable, default_precision, dist_env,
                      file_sha256, finite_float, load_checkpoint, non_negative_int, on_every_rank, one_line, pick_device,
-                     positive_int, ranks, read_weights, resolve_path, rng_state, run_cli, set_rng_state, user_errors)
+                     positive_int, ranks, read_weights, resolve_path, rng_state, run_cli, set_rng_state, user_errors,
+                     write_errors)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -817,32 +818,37 @@ class TrainingEval:
         pipe = sample.FlowTokPipeline(run.stage.frozen["clip"], run.ema["projector"], run.ema["dit"],
                                       run.stage.frozen["tokenizer"], precision=args.precision)
         pipe._identity = f"step {run.step}"                 # records name the step; hashing the weights is not needed
-        os.makedirs(self.folder, exist_ok=True)
-        sample.generate_folder(pipe, self.prompts, self.folder, 1, args.seed, args.eval_steps, args.eval_cfg,
-                               args.batch_size, self.rank, self.world)
-        barrier(self.world)                                 # every rank's images are on disk
-        record = None
-        if self.rank == 0:
-            files = [sample.sample_path(self.folder, i, 0) for i in range(len(self.prompts))]
-            if self.net is None:
-                self.net = load_inception(args.eval_inception).to(self.device)
-            stats = files_stats(files, self.net, device=self.device, name=f"eval at step {run.step}")
-            record = {"step": run.step, "fid": frechet_distance(self.ref.mu, self.ref.sigma, stats.mu,
-                                                                          stats.sigma), "eval_samples": len(files)}
-            if args.eval_clip_weights:
-                if self.scorer is None:
-                    self.scorer = load_clip_scorer(args.eval_clip_model, weights=args.eval_clip_weights,
-                                                            device=self.device)
-                record["clip_score"] = float(clip_scores(files, self.prompts, self.scorer,
-                                                                  self.device).mean())
-            record["eval_seconds"] = time.time() - t0
-            self.history.write(record)
-            if run.metrics is not None:
-                run.metrics.write(record)
-            clip = f", CLIP score {record['clip_score']:.2f}" if "clip_score" in record else ""
-            run.say(f"eval at step {run.step}: FID {record['fid']:.3f}{clip} ({len(files)} samples vs "
-                    f"{self.ref.n or '?'} reference images, {record['eval_seconds']:.0f} s)")
-        barrier(self.world)
+
+        def generate():
+            with write_errors(self.folder, "free space, then continue the run with --resume"):
+                os.makedirs(self.folder, exist_ok=True)
+                sample.generate_folder(pipe, self.prompts, self.folder, 1, args.seed, args.eval_steps, args.eval_cfg,
+                                       args.batch_size, self.rank, self.world)
+        # each step ends with every rank: all images on disk before scoring, or every rank stopped with one line
+        on_every_rank(self.world, self.rank, generate)
+        return on_every_rank(self.world, self.rank, lambda: self.score(run, t0) if self.rank == 0 else None)
+
+    def score(self, run, t0):
+        """(rank 0) FID and CLIP score of the images in OUT/eval/samples -> the record, logged."""
+        args = self.args
+        files = [sample.sample_path(self.folder, i, 0) for i in range(len(self.prompts))]
+        if self.net is None:
+            self.net = load_inception(args.eval_inception).to(self.device)
+        stats = files_stats(files, self.net, device=self.device, name=f"eval at step {run.step}")
+        record = {"step": run.step, "fid": frechet_distance(self.ref.mu, self.ref.sigma, stats.mu, stats.sigma),
+                  "eval_samples": len(files)}
+        if args.eval_clip_weights:
+            if self.scorer is None:
+                self.scorer = load_clip_scorer(args.eval_clip_model, weights=args.eval_clip_weights,
+                                               device=self.device)
+            record["clip_score"] = float(clip_scores(files, self.prompts, self.scorer, self.device).mean())
+        record["eval_seconds"] = time.time() - t0
+        self.history.write(record)
+        if run.metrics is not None:
+            run.metrics.write(record)
+        clip = f", CLIP score {record['clip_score']:.2f}" if "clip_score" in record else ""
+        run.say(f"eval at step {run.step}: FID {record['fid']:.3f}{clip} ({len(files)} samples vs "
+                f"{self.ref.n or '?'} reference images, {record['eval_seconds']:.0f} s)")
         return record
 
 def read_eval_prompts(args):

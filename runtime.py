@@ -1041,7 +1041,8 @@ class MetricsLog:
 
     def write(self, record):
         """Append one record {step, ...}; scalars also go to TensorBoard."""
-        with open(self.path, "a", encoding="utf-8") as f:
+        with write_errors(self.path, "free space, then continue the run with --resume"), \
+                open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
@@ -1152,7 +1153,8 @@ class Run:
         """Rank 0: print (above the progress bar, if any) and append to out/log.txt."""
         if self.rank == 0:
             (self.bar.write if self.bar is not None else print)(msg)
-            with open(self.log_file, "a") as f:
+            with write_errors(self.log_file, "free space, then continue the run with --resume"), \
+                    open(self.log_file, "a") as f:
                 f.write(msg + "\n")
 
     def log_metrics(self, watched):

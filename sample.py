@@ -34,8 +34,8 @@ from data import IMAGE_EXTENSIONS
 from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, velocity_net
 from projector import CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
 from runtime import (PRECISIONS, RunLock, UserError, amp, atomic_path, atomic_write, check_writable,
-                     default_precision, file_sha256, finite_float, load_checkpoint, load_strict, on_every_rank, one_line,
-                     pick_device, positive_int, ranks, resolve_path, run_cli, share_with_group, short_hash,
+                     default_precision, file_sha256, finite_float, load_checkpoint, load_strict, on_every_rank,
+                     one_line, pick_device, positive_int, ranks, resolve_path, run_cli, share_with_group, short_hash,
                      state_dict_misfit, user_errors, weights_sha256, write_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub

@@ -3929,6 +3929,39 @@ def test_every_rank_holds_rank_0s_ema_after_setup(tmp_path):
         assert want is None or sums[0]["ema"] == pytest.approx(want, rel=1e-12), (sums, want)
 
 
+DISK_FULL_ON_RANK_0 = """
+import errno, os, sys
+sys.path.insert(0, {repo!r})
+import runtime, train
+write = runtime._write_synced
+
+
+def full(state, path):                                        # rank 0's disk fills up at the step-2 checkpoint
+    if os.environ["RANK"] == "0" and state["step"] == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    write(state, path)
+
+
+runtime._write_synced = full
+sys.exit(runtime.run_cli("train.py", train.main, train.build_parser().parse_args(sys.argv[1:])))
+"""
+
+
+def test_a_write_failure_on_rank_0_stops_every_rank_with_its_line(tmp_path):
+    """Rank 0 writes every file of a run; when a write fails there (a full disk), the other ranks stop with the same
+    line at that point instead of running on into the next step's all-reduce (a hang, or a traceback)."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_RANK_0.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    argv = [script, *TINY, *TOKENIZER_RUN, "--steps", 4, "--ckpt-every", 2, "--out", out]
+    ranks = two_ranks(tmp_path, argv, argv)
+    errors = [err.strip().splitlines()[-1] for _, _, err in ranks]
+    assert [rc for rc, _, _ in ranks] == [1, 1] and errors[0] == errors[1], errors
+    assert errors[0].startswith(f"train.py: error: the disk is full at {out}: cannot write the checkpoint "
+                                f"{out / 'step_0000002.pt'}") and "continue with --resume" in errors[0]
+    assert "Traceback" not in ranks[0][2] + ranks[1][2] and "step 3/" not in ranks[0][1] + ranks[1][1]
+
+
 PERCEPTUAL_RANKS = """
 import argparse, json, os, sys
 import torch, torch.distributed as dist

@@ -615,15 +615,18 @@ def main(args):
                 update(run, *forward_backward(run, batches))    # the loss: Stage.forward, two calls below
                 if run.bar is not None:
                     run.bar.update(1)
+                # rank 0 writes below; on_every_rank: a write that fails there (a full disk) stops every rank with
+                # its line, instead of leaving the others waiting in the next step's all-reduce
                 if run.step % args.log_every == 0 or run.step == args.steps:
-                    run.log_metrics(stage.watched)
-                if fixed is not None and run.step % args.sample_every == 0:
-                    run.say(f"preview: {write_preview(run, fixed)}")
+                    on_every_rank(world, rank, run.log_metrics, stage.watched)
+                if args.sample_every and run.step % args.sample_every == 0:
+                    on_every_rank(world, rank, lambda: fixed is not None and run.say(
+                        f"preview: {write_preview(run, fixed)}"))
                 if evaluation is not None and (run.step % args.eval_every == 0 or run.step == args.steps):
                     evaluation(run)
                 interrupted = runtime.any_rank(bool(stop), world, device)
                 if run.step % args.ckpt_every == 0 or run.step == args.steps or interrupted:
-                    checkpoint(run)
+                    on_every_rank(world, rank, checkpoint, run)
                 if interrupted:
                     run.say(f"stopped by a signal at step {run.step}; continue with --resume")
                     break
@@ -752,9 +755,10 @@ def write_preview(run, fixed):
     """The stage's preview of the EMA parts under out/samples/ (rank 0; a generator of its own: the training RNG
     is untouched) -> the file written: a PNG grid, or captions in a text file."""
     folder = os.path.join(run.args.out, "samples")
-    os.makedirs(folder, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(run.args.seed)
-    return run.stage.preview(run.ema, fixed, os.path.join(folder, f"step_{run.step:07d}"), generator)
+    with runtime.write_errors(folder, "free space, then continue the run with --resume"):
+        os.makedirs(folder, exist_ok=True)
+        return run.stage.preview(run.ema, fixed, os.path.join(folder, f"step_{run.step:07d}"), generator)
 
 
 def stage_defaults_text():
