@@ -2105,7 +2105,7 @@ def test_fid_cli_empty_folder_is_a_one_line_error(tmp_path):
     assert last.startswith("evaluate.py: error:") and "no images" in last
 
 
-def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys):
+def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "samples"                      # a sample.py output folder: 3 samples, a grid, a stray image
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -2125,6 +2125,7 @@ def test_fid_ignores_the_grid_and_refuses_nan_statistics(tmp_path, capsys):
     assert "reading those 3, not its 2 other image(s) (grid.png, notes.jpg)" in capsys.readouterr().err
     # NaN or inf in statistics, read or computed: one line, never 'FID: nan'
     good, shifted, nan, inf = (str(tmp_path / f"{n}.npz") for n in ("good", "shifted", "nan", "inf"))
+    monkeypatch.setattr(evaluate, "STATS_DIM", 4)       # 4-d statistics: a 2048-d sqrtm costs ~10 s here
     np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
     np.savez(shifted, mu=np.array([1.0, 0, 0, 0]), sigma=np.eye(4))
     np.savez(nan, mu=np.array([0, np.nan, 0, 0]), sigma=np.eye(4))
@@ -4359,8 +4360,8 @@ def test_sample_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
         ("--official", "FlowTok-XL", "--official-dir", tmp_path, "a"):   # says which files and where from
             ["missing", "FlowTok-XL.pth, FlowTiTok_512.bin", "huggingface.co/turkeyju/FlowTok", "--official-dir"],
     }
-    procs = {argv: script("sample.py", *argv, *([] if "--out" in argv else ["--out", tmp_path / "o"]))
-             for argv in cases}
+    procs = {argv: script("sample.py", *argv, *([] if "--out" in argv else ["--out", tmp_path / f"o{k}"]))
+             for k, argv in enumerate(cases)}          # each its own --out: one sampler per folder
     for argv, proc in procs.items():
         rc, _, stderr = finish(proc)
         lines = stderr.strip().splitlines()
