@@ -2011,16 +2011,28 @@ def _fid(*argv):
 
 @pytest.fixture(scope="module")
 def fid_runs(fid_weights, tmp_path_factory):
-    """The shared CLI runs on two folders of 4 PNGs each (4 < 2048: singular covariances); 3 2048-d sqrtm."""
+    """The shared CLI runs on two folders of 4 PNGs each (4 < 2048: singular covariances). One computes its FID
+    (two 2048-d sqrtm, ~10 s each here); the others record the statistics they would compare (`inputs`)."""
     tmp = tmp_path_factory.mktemp("fid")
     a, b = _write_images(tmp / "a", 0, bright=False), _write_images(tmp / "b", 1, bright=True)
     opts = ["--inception-weights", str(fid_weights[0]), "--device", "cpu", "--num-workers", "0"]
-    runs = {"dir": tmp}
-    runs["ab"] = _fid(a, b, "--save-stats", str(tmp / "a_bs3.npz"), "--batch-size", "3", *opts)
-    runs["save_a"] = _fid(a, "--save-stats", str(tmp / "a.npz"), "--batch-size", "4", *opts)
-    runs["ba"] = _fid(b, str(tmp / "a.npz"), *opts)
-    runs["aa"] = _fid(str(tmp / "a.npz"), str(tmp / "a_bs3.npz"), *opts)
-    runs["tf_a"] = _fid(a, "--resize", "tf", "--save-stats", str(tmp / "a_tf.npz"), *opts)
+    runs, inputs, real = {"dir": tmp, "inputs": {}}, [], evaluate.frechet_distance
+
+    def record(*stats):                              # the statistics, copied, and the real distance
+        inputs.append([np.array(x) for x in stats])
+        return real(*stats)
+    evaluate.frechet_distance = record
+    try:
+        runs["ab"] = _fid(a, b, "--save-stats", str(tmp / "a_bs3.npz"), "--batch-size", "3", *opts)
+        runs["inputs"]["ab"] = inputs.pop()
+        evaluate.frechet_distance = lambda *stats: inputs.append([np.array(x) for x in stats]) or 0.0
+        runs["save_a"] = _fid(a, "--save-stats", str(tmp / "a.npz"), "--batch-size", "4", *opts)
+        for name, argv in (("ba", (b, str(tmp / "a.npz"))), ("aa", (str(tmp / "a.npz"), str(tmp / "a_bs3.npz")))):
+            runs[name] = _fid(*argv, *opts)
+            runs["inputs"][name] = inputs.pop()
+        runs["tf_a"] = _fid(a, "--resize", "tf", "--save-stats", str(tmp / "a_tf.npz"), *opts)
+    finally:
+        evaluate.frechet_distance = real
     return runs
 
 
@@ -2046,13 +2058,20 @@ def test_fid_cli_stable_across_runs_and_batch_sizes(fid_runs):
 
 
 def test_fid_cli_symmetric_and_npz_round_trip(fid_runs):
-    # fid(B folder, A's saved .npz) == fid(A folder, B folder), B recomputed with another batch size
-    assert fid_runs["ba"][0] == pytest.approx(fid_runs["ab"][0], rel=1e-6)
+    # fid(B folder, A's saved .npz) compares what fid(A folder, B folder) compared, swapped (B recomputed with another
+    # batch size), and the distance is symmetric (on the first 256 dimensions: a 2048-d sqrtm costs ~10 s here)
+    ab, ba = fid_runs["inputs"]["ab"], fid_runs["inputs"]["ba"]
+    for x, y in zip(ab, ba[2:] + ba[:2]):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * np.abs(x).max())
+    cut = [x[:256] if x.ndim == 1 else x[:256, :256] for x in ab]
+    assert evaluate.frechet_distance(*cut[2:], *cut[:2]) == pytest.approx(evaluate.frechet_distance(*cut), rel=1e-6)
 
 
 def test_fid_cli_same_images_give_zero(fid_runs):
     # A's statistics from two runs (batch sizes 4 and 3): singular covariances, sqrtm of a rank-3 product
-    assert abs(fid_runs["aa"][0]) < 1e-4 * fid_runs["ab"][0]
+    aa = [x[:256] if x.ndim == 1 else x[:256, :256] for x in fid_runs["inputs"]["aa"]]
+    ab = [x[:256] if x.ndim == 1 else x[:256, :256] for x in fid_runs["inputs"]["ab"]]
+    assert abs(evaluate.frechet_distance(*aa)) < 1e-4 * evaluate.frechet_distance(*ab)
 
 
 def test_fid_cli_tf_resize_differs(fid_runs):
@@ -3969,8 +3988,7 @@ import torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import projector, runtime, tokenizer
 dist.init_process_group("gloo")
-rank = dist.get_rank()
-lacking = [int(r) for r in sys.argv[1].split(",") if r]      # the ranks whose node has no perceptual weights
+rank, lacking = dist.get_rank(), []                           # lacking: the ranks whose node has no weights
 
 
 def load(folder):                                             # no network, no weights: only who has them matters
@@ -3980,12 +3998,16 @@ def load(folder):                                             # no network, no w
 
 
 tokenizer.load_perceptual = load
-said = []
-try:
-    net = tokenizer.perceptual_on_every_rank(sys.argv[2], torch.device("cpu"), rank, dist.get_world_size(), said.append)
-    print(json.dumps(dict(net=net is not None, said=said)))
-except runtime.UserError as e:
-    print(json.dumps(dict(error=str(e))))
+results = []
+for ranks, weights in json.loads(sys.argv[1]):               # every case in one process group: one launch
+    lacking[:], said = [int(r) for r in ranks.split(",") if r], []
+    try:
+        net = tokenizer.perceptual_on_every_rank(weights, torch.device("cpu"), rank, dist.get_world_size(),
+                                                 said.append)
+        results.append(dict(net=net is not None, said=said))
+    except runtime.UserError as e:
+        results.append(dict(error=str(e)))
+print(json.dumps(results))
 dist.destroy_process_group()
 """
 
@@ -3995,21 +4017,23 @@ def test_missing_perceptual_weights_on_one_rank_stops_all_ranks(tmp_path):
     one message (before, that node silently trained without the term); none on rank 0 (auto): off everywhere."""
     script = tmp_path / "perceptual_ranks.py"
     script.write_text(PERCEPTUAL_RANKS.format(repo=str(REPO)))
+    folder = str(tmp_path / "weights")
+    cases = [("", "auto"), ("1", "auto"), ("1", folder), ("0", "auto"), ("0", folder)]   # (lacking ranks, weights)
+    argv = [script, json.dumps(cases)]
+    ranks = two_ranks(tmp_path, argv, argv)
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    rank0, rank1 = (json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks)
+    outcome = dict(zip(cases, zip(rank0, rank1)))
 
-    def outcome(lacking, weights="auto"):
-        ranks = two_ranks(tmp_path, [script, lacking, weights], [script, lacking, weights])
-        assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
-        return [json.loads(out.strip().splitlines()[-1]) for _, out, _ in ranks]
-
-    assert outcome("") == [dict(net=True, said=[]), dict(net=True, said=[])]
-    for weights in ("auto", tmp_path / "weights"):
-        first, second = outcome("1", weights)
+    assert outcome["", "auto"] == (dict(net=True, said=[]), dict(net=True, said=[]))
+    for weights in ("auto", folder):
+        first, second = outcome["1", weights]
         assert first == second and first["error"].startswith("rank 1 cannot load the perceptual weights that rank 0 "
                                                              "trains with (could not download"), first
-    first, second = outcome("0")                     # rank 1 could load them, but rank 0 decides: off on both
+    first, second = outcome["0", "auto"]             # rank 1 could load them, but rank 0 decides: off on both
     assert first["net"] is second["net"] is False and "Training WITHOUT the perceptual term" in first["said"][0]
-    first, second = outcome("0", tmp_path / "weights")                 # a folder given: no warning, an error
-    assert first == second and first["error"].startswith(f"--perceptual-weights {tmp_path / 'weights'}: could not")
+    first, second = outcome["0", folder]                               # a folder given: no warning, an error
+    assert first == second and first["error"].startswith(f"--perceptual-weights {folder}: could not")
 
 
 # ==========================================================================================================
@@ -5411,8 +5435,10 @@ def test_ssim_and_psnr_known_answers():
     assert evaluate.psnr(x, (x + 0.1).clamp(max=2)).tolist() == pytest.approx([20.0, 20.0])
 
 
-def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, fid_weights, tmp_path):
+def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, fid_weights, tmp_path, monkeypatch):
     weights, _ = fid_weights
+    compared = []          # the statistics each FID compares (a 2048-d sqrtm costs ~10 s here; two per FID of 12)
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *stats: compared.append(stats) or len(compared))
     folder, originals = tmp_path / "images", tmp_path / "originals"
     paths, captions = _shapes_pngs(folder / "sub", "heldout", list(range(12)))      # 40 px: resized to 32
     (folder / "sub" / "000.txt").write_text(captions[0])
@@ -5432,10 +5458,12 @@ def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, f
     assert result["psnr"] == pytest.approx(want_psnr, rel=1e-9)
     assert result["ssim"] == pytest.approx(np.mean([reference_ssim(x.numpy(), y.numpy()) for x, y in zip(a, b)]),
                                            rel=1e-9)
-    fid = evaluate.main(evaluate.build_parser().parse_args(
+    evaluate.main(evaluate.build_parser().parse_args(
         ["fid", str(originals), str(tmp_path / "recon"), "--inception-weights", str(weights), "--device", "cpu",
          "--num-workers", "0"]))
-    assert result["rfid"] == pytest.approx(fid, rel=1e-6, abs=1e-6)
+    assert result["rfid"] == 1 and len(compared) == 2       # rFID: the Frechet distance of the statistics that
+    for mine, cli in zip(*compared):                        # `evaluate.py fid` computes from the saved images
+        np.testing.assert_allclose(mine, cli, rtol=1e-4, atol=1e-6 * np.abs(cli).max())
 
 
 # ==========================================================================================================
