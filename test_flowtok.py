@@ -4120,20 +4120,20 @@ def write_official_dir(folder):
 
 @pytest.fixture(scope="module")
 def sample_runs(tiny_run, tmp_path_factory):
-    """sample.py run concurrently: batch 1, batch 5, --no-ema, torchrun x 2 (3 prompts x 2), --official (tiny)."""
+    """sample.py: torchrun x 2 (3 prompts x 2) and --official (tiny) as processes, while batch 1, batch 5 and
+    --no-ema run in this process (sample.main, as the command line calls it)."""
     out = tmp_path_factory.mktemp("samples")
     common = ["--ckpt", tiny_run["flow"], *PROMPTS, "--n-per-prompt", "2", "--steps", "3", "--seed", "5",
               "--device", "cpu"]
-    procs = {"b1": script("sample.py", *common, "--batch-size", "1", "--out", out / "b1"),
-             "b5": script("sample.py", *common, "--batch-size", "5", "--out", out / "b5"),
-             "raw": script("sample.py", *common, "--no-ema", "--out", out / "raw"),
-             "ddp": script("sample.py", *common, "--batch-size", "2", "--out", out / "ddp", torchrun=True)}
+    procs = {"ddp": script("sample.py", *common, "--batch-size", "2", "--out", out / "ddp", torchrun=True)}
     if TINY_OFFICIAL in flow_dit.FLOW_MODELS.values():  # --official on tiny official-layout files
         write_official_dir(out / "official_files")
         procs["official"] = script("sample.py", "--official", "FlowTok-XL", "--official-dir", out / "official_files",
                                    "--clip-weights", tiny_run["clip"], *PROMPTS[:2], "--steps", "2", "--device",
                                    "cpu", "--out", out / "official")
-    runs = {name: finish(p) for name, p in procs.items()}
+    runs = {name: (0, run_sample(*common, *extra, "--out", out / name), "")
+            for name, extra in (("b1", ["--batch-size", "1"]), ("b5", ["--batch-size", "5"]), ("raw", ["--no-ema"]))}
+    runs.update({name: finish(p) for name, p in procs.items()})
     return out, runs
 
 
