@@ -753,11 +753,9 @@ def test_clip_text_encoder_local_weights_and_offline_error(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="not an open_clip"):
         CLIPTextEncoder("tiny", weights=str(tmp_path / "wrong.safetensors"))
 
-    import huggingface_hub
-
     def offline(*a, **k):
         raise OSError("no network")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(projector, "hf_hub_download", offline)         # the name projector calls (no network here)
     with pytest.raises(RuntimeError) as e:
         CLIPTextEncoder("tiny", weights="openai")
     assert "open_clip_model.safetensors" in str(e.value) and "--clip-weights" in str(e.value)
