@@ -1307,6 +1307,13 @@ def pretokenize(args):
             _pretokenize_part(args, source, tok, clip, part, identity, done, bf16)
 
 
+def clip_unique(clip, ids):
+    """CLIP features (B, 77, C) of ids (B, 77), each distinct caption of the batch encoded once: rows never interact
+    in the tower, and captions repeat (the shapes world has 200; a batch of 256 holds ~145 distinct)."""
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    return clip(unique)[inverse]
+
+
 def _pretokenize_part(args, source, tok, clip, part, identity, done, bf16):
     """pretokenize's loop: this rank's samples after the first `done`, encoded and appended to `part` in batches."""
     rank, world, _ = dist_env()
@@ -1321,7 +1328,7 @@ def _pretokenize_part(args, source, tok, clip, part, identity, done, bf16):
         skipped["truncated caption"] += int(truncated.sum())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             mean, logvar = tok.encode(images)                                    # (B, 77, 16) each
-            feats = None if clip is None else clip(ids.to(device))              # (B, 77, C)
+            feats = None if clip is None else clip_unique(clip, ids.to(device))    # (B, 77, C)
         if not os.path.isfile(os.path.join(part, IDENTITY_FILE)):     # recorded before the part's first rows
             os.makedirs(part, exist_ok=True)
             write_json_atomic(os.path.join(part, IDENTITY_FILE), identity)

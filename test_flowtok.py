@@ -5155,10 +5155,8 @@ def test_demo_preset_smoke_run(tmp_path):
     assert (out / "heldout_grid.png").exists() and 0 <= saved["caption_cider_d"]
     for stage in ("tokenizer", "flow", "text-ae", "flow-i2t"):
         assert torch.load(out / stage / "last.pt", weights_only=True)["step"] == demo.DEMO[stage][1]
-    # the README's next command works on the result
-    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out), "a large red circle on the left",
-                        "--out", str(tmp_path / "s"), "--steps", "4"], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    # the README's next command works on the result (sample.main, as `python sample.py` calls it)
+    run_sample("--ckpt", out, "a large red circle on the left", "--out", tmp_path / "s", "--steps", 4)
     assert Image.open(tmp_path / "s" / "00000_00.png").size == (32, 32)
     # running it again finds every stage trained and only re-evaluates
     again = demo.run_demo(demo.build_parser().parse_args(["--smoke", "--out", str(out)]))
