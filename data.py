@@ -1307,35 +1307,28 @@ def pretokenize(args):
             _pretokenize_part(args, source, tok, clip, part, identity, done, bf16)
 
 
-def clip_unique(clip, ids):
-    """CLIP features (B, 77, C) of ids (B, 77), each distinct caption of the batch encoded once: rows never interact
-    in the tower, and captions repeat (the shapes world has 200; a batch of 256 holds ~145 distinct)."""
-    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    return clip(unique)[inverse]
-
-
 def _pretokenize_part(args, source, tok, clip, part, identity, done, bf16):
     """pretokenize's loop: this rank's samples after the first `done`, encoded and appended to `part` in batches."""
     rank, world, _ = dist_env()
     device = next(tok.parameters()).device
     total, skipped = done, collections.Counter()
     share = len(range(rank, len(source), world)) if hasattr(source, "__len__") else None
-    bar = tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0)
-    for batch, skipped in _pretokenize_batches(source, rank, world, args.batch_size, args.num_workers, done):
-        images = torch.stack([s["image"] for s in batch]).to(device)
-        captions = [s["caption"] for s in batch]
-        ids, truncated = tokenize(captions)
-        skipped["truncated caption"] += int(truncated.sum())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            mean, logvar = tok.encode(images)                                    # (B, 77, 16) each
-            feats = None if clip is None else clip_unique(clip, ids.to(device))    # (B, 77, C)
-        if not os.path.isfile(os.path.join(part, IDENTITY_FILE)):     # recorded before the part's first rows
-            os.makedirs(part, exist_ok=True)
-            write_json_atomic(os.path.join(part, IDENTITY_FILE), identity)
-        write_cache(part, torch.cat([mean, logvar], -1), feats, ids, captions)
-        total += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    # a context: the bar ends its line on any exit, so an error is printed on a line of its own
+    with tqdm(total=share, initial=done, desc="pre-tokenising", unit="img", disable=rank != 0) as bar:
+        for batch, skipped in _pretokenize_batches(source, rank, world, args.batch_size, args.num_workers, done):
+            images = torch.stack([s["image"] for s in batch]).to(device)
+            captions = [s["caption"] for s in batch]
+            ids, truncated = tokenize(captions)
+            skipped["truncated caption"] += int(truncated.sum())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                mean, logvar = tok.encode(images)                                    # (B, 77, 16) each
+                feats = None if clip is None else clip.distinct(ids.to(device))    # (B, 77, C)
+            if not os.path.isfile(os.path.join(part, IDENTITY_FILE)):     # recorded before the part's first rows
+                os.makedirs(part, exist_ok=True)
+                write_json_atomic(os.path.join(part, IDENTITY_FILE), identity)
+            write_cache(part, torch.cat([mean, logvar], -1), feats, ids, captions)
+            total += len(batch)
+            bar.update(len(batch))
     print(f"rank {rank}: {total} samples in {part} (tokenizer {short_hash(identity['tokenizer'])}, CLIP "
           f"{_shown('clip', identity['clip'])}); skipped: {format_skips(skipped)}")
 

@@ -171,7 +171,13 @@ class CLIPTextEncoder(nn.Module):
     def encode(self, texts):
         """Captions -> (B, 77, width) on the tower's device."""
         ids, _ = tokenize(texts)
-        return self(ids.to(self.text.token_embedding.weight.device))
+        return self.distinct(ids.to(self.text.token_embedding.weight.device))
+
+    def distinct(self, ids):
+        """forward(ids), each distinct row run once: rows never interact in the tower, and captions repeat (several
+        samples per prompt; the shapes world's 200 captions)."""
+        unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        return self(unique)[inverse] if len(unique) < len(ids) else self(ids)
 
 
 def clip_for_run(tower, weights, seed, out, rank=0):
