@@ -397,8 +397,9 @@ def export_pipeline(pipe, out, dtype="fp32"):
                   identity=pipe.identity(), source={k: v for k, v in pipe.info.items() if v is not None})
     check_export_folder(out)
     weights = os.path.join(out, "model.safetensors")
-    with write_errors(out, f"the export is incomplete: remove {out} and export again"):
+    with write_errors(out, "nothing was exported"):
         os.makedirs(out, exist_ok=True)
+    with write_errors(out, f"the export is incomplete: remove {out} and export again"):
         with atomic_path(weights) as tmp:
             save_file(tensors, tmp, metadata={"format": EXPORT_FORMAT})
             share_with_group(tmp)            # safetensors writes 0600: colleagues on a shared disk could not read it

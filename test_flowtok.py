@@ -4287,6 +4287,9 @@ def test_a_damaged_or_hostile_export_is_one_line_and_an_export_never_overwrites(
     with pytest.raises(UserError, match=f"--export {export} exists and is not an empty folder"):
         run_sample("--ckpt", tiny_run["flow"], "--export", export, "--device", "cpu")
     assert weights.read_bytes() == blob
+    (tmp_path / "file").write_text("x")                                  # a write that fails: one line
+    with pytest.raises(UserError, match=r"cannot write .*file/sub \(Not a directory.*\); nothing was exported"):
+        run_sample("--ckpt", tiny_run["flow"], "--export", tmp_path / "file" / "sub", "--device", "cpu")
 
     def refused(change, match, payload=None):
         folder = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
