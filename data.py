@@ -11,15 +11,21 @@ resumable, rank-aware). README.md's "Data" section is the manual: the specs, the
 """
 import argparse
 import collections
+import contextlib
 import functools
 import glob
+import http.client
 import io
 import itertools
 import json
 import os
 import re
+import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+import urllib.request
 import warnings
 import zlib
 
@@ -468,14 +474,58 @@ class KarpathySource(ImageCaptions):
         return [self.captions[i] for i in range(len(self.captions))]
 
 
+REMOTE = ("pipe:", "http://", "https://")     # shards that are streamed, not files
+SHARD_TRIES = 3          # a remote shard that fails is opened again (continuing where it broke), then skipped
+SHARD_RETRY_WAIT = 2.0   # seconds before the first retry, doubled for each next one
+SHARD_TIMEOUT = 60       # seconds a URL may stay silent before its read fails (a dead server never hangs a run)
+# what reading a shard can raise: a truncated or corrupt tar, a failed command or connection, a cut HTTP body
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, http.client.HTTPException)
+
+
+@contextlib.contextmanager
+def open_shard(path):
+    """A shard's bytes as a stream: a local file, `pipe:CMD` (the command's stdout; its exit status is checked
+    once the stream has been read) or an http(s):// URL."""
+    if path.startswith("pipe:"):
+        command = path[len("pipe:"):]
+        with tempfile.TemporaryFile() as err:     # a file, not a pipe: a chatty command never blocks on it
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err)
+
+            def failed(status):
+                err.seek(0)
+                said = err.read().decode(errors="replace").strip().splitlines()
+                return OSError(f"`{command}` exited with status {status}" + (f": {said[-1]}" if said else ""))
+            try:
+                yield proc.stdout
+            except BaseException as e:            # a reader that stops early, or a stream that broke
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5 if isinstance(e, SHARD_ERRORS) else 0)
+                status = proc.poll()
+                proc.kill()
+                proc.wait()
+                if isinstance(e, SHARD_ERRORS) and status:   # the command's own failure explains it best
+                    raise failed(status) from None
+                raise
+            finally:
+                proc.stdout.close()
+            if proc.wait() != 0:
+                raise failed(proc.returncode)
+    elif path.startswith(REMOTE):
+        with urllib.request.urlopen(path, timeout=SHARD_TIMEOUT) as response:
+            yield response
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
 def _tar_groups(path):
-    """Stream a tar shard -> (key, {extension: bytes}) per sample: consecutive files sharing a key.
+    """Stream a tar shard (open_shard) -> (key, {extension: bytes}) per sample: consecutive files sharing a key.
 
     A member that would take the sample past MAX_TAR_SAMPLE_BYTES is not read (its size is in the tar header; a
     10 KB shard can declare a 3 GB sparse member): its value is None, which decode reports as an oversized sample.
     """
     key, files, held = None, {}, 0
-    with tarfile.open(path, "r|*") as tar:  # "r|": strictly sequential, like a network stream
+    with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:   # "r|": strictly sequential
         for member in tar:
             if not member.isfile():
                 continue
@@ -487,8 +537,27 @@ def _tar_groups(path):
                 key, files, held = os.path.join(folder, stem), {}, 0
             held += member.size
             files[extension.lower()] = tar.extractfile(member).read() if held <= MAX_TAR_SAMPLE_BYTES else None
+        while stream.read(1 << 16):               # the archive's padding: a command exits once it is read
+            pass
     if files:
         yield key, files
+
+
+def _shard_samples(path, offset):
+    """(index, files) of a shard's samples from `offset` on; a remote shard that breaks is opened again (up to
+    SHARD_TRIES times, waiting longer each time) and continues after the last sample given; then the error."""
+    tries = SHARD_TRIES if path.startswith(REMOTE) else 1      # a corrupt local file stays corrupt
+    for attempt in range(tries):
+        try:
+            for k, (_, files) in enumerate(_tar_groups(path)):
+                if k >= offset:
+                    offset = k + 1
+                    yield k, files
+            return
+        except SHARD_ERRORS:
+            if attempt + 1 == tries:
+                raise
+            time.sleep(SHARD_RETRY_WAIT * 2 ** attempt)
 
 
 class TarSource:
@@ -496,9 +565,11 @@ class TarSource:
 
     def __init__(self, name, pattern, image_size, min_size=0, random_crop=False, flip=False, captions_mode="official",
                  min_longer=None):
-        paths = expand_braces(pattern)
+        # sources joined by "::" (the official configs mix datasets so), each a brace pattern of local paths,
+        # pipe:COMMAND or http(s):// URLs; a missing local file is counted, a remote one is found out when read
+        paths = [p for source in pattern.split("::") for p in expand_braces(source)]
         self.captions_mode = captions_mode
-        self.name, self.shards = name, [p for p in paths if os.path.isfile(p)]
+        self.name, self.shards = name, [p for p in paths if p.startswith(REMOTE) or os.path.isfile(p)]
         self.skipped = collections.Counter()
         if len(paths) > len(self.shards):
             self.skipped["missing shard"] = len(paths) - len(self.shards)
@@ -526,11 +597,9 @@ class TarSource:
             order = torch.randperm(len(self.shards), generator=generator(seed, "shards", epoch)).tolist()
             share = order[reader::readers]  # indices into self.shards
             while shard < len(share):
-                usable = False
+                usable, path = False, self.shards[share[shard]]
                 try:
-                    for k, (_, files) in enumerate(_tar_groups(self.shards[share[shard]])):
-                        if k < offset:
-                            continue
+                    for k, files in _shard_samples(path, offset):
                         seen += 1
                         try:
                             sample = self.decode(files, generator(seed, "augment", reader, seen),
@@ -540,7 +609,10 @@ class TarSource:
                             sample = e
                             counts[e.reason] += 1
                         yield sample, dict(epoch=epoch, shard=shard, offset=k + 1, seen=seen)
-                except (tarfile.TarError, OSError, EOFError, zlib.error):  # a truncated or corrupt shard
+                except SHARD_ERRORS as e:   # a truncated or corrupt shard, a command or URL that kept failing
+                    if path.startswith(REMOTE):
+                        print(f"warning: {self.name}: skipped {path} after {SHARD_TRIES} tries ({one_line(e)})",
+                              file=sys.stderr)
                     counts["unreadable shard"] += 1
                     yield BadSample("unreadable shard"), dict(epoch=epoch, shard=shard + 1, offset=0, seen=seen)
                 dry = 0 if usable else dry + 1
@@ -1296,7 +1368,7 @@ def pretokenize(args):
     except (ValueError, RuntimeError) as e:   # the spec's errors: an unknown kind, option or split
         raise UserError(str(e)) from None
     part = os.path.join(args.out, f"part-{rank:05d}")
-    bf16 = device.type == "cuda" and not args.fp32
+    bf16 = device.type == "cuda" and args.bf16      # fp32 by default, as the official trainer encodes
     identity = _cache_identity(args, tok, clip, world, bf16)
     check_extension(args.out, identity)
     with RunLock(part) as lock:     # one writer per part: a second pretokenize into this --out stops here
@@ -1348,7 +1420,9 @@ def build_parser():
                    help="images per encoder batch (default: %(default)s)")
     p.add_argument("--num-workers", type=non_negative_int, default=4,
                    help="image-decoding workers (default: %(default)s)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast on a GPU: faster, posteriors differ "
+                   "from fp32's (BENCHMARKS.md, data notes); the default is fp32, as the official trainer encodes")
+    p.add_argument("--fp32", action="store_true", help="fp32 encoding: the default now (kept so older commands run)")
     return parser
 
 

@@ -304,13 +304,14 @@ def resize_label(resize, size=None):
     return resize if not size else f"crop{size}+{resize}"
 
 
-def preprocess(images, resize="bilinear"):
-    """(B, 3, H, W) uint8 or [0,1] float images -> (B, 3, 299, 299) float32 Inception input."""
+def preprocess(images, resize="bilinear", dtype=torch.float32):
+    """(B, 3, H, W) uint8 or [0,1] float images -> (B, 3, 299, 299) Inception input in `dtype` (the official
+    evaluator, torch-fidelity's InceptionV3 at float64, resizes in float64 too)."""
     if resize == "bilinear":  # pytorch-fid: resize [0, 1] values, then 2x - 1
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        x = images.to(dtype) / 255 if images.dtype == torch.uint8 else images.to(dtype)
         return 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
     if resize == "tf":  # torch-fidelity: resize 0..255 values, then (x - 128) / 128
-        x = images.float() if images.dtype == torch.uint8 else images.float() * 255
+        x = images.to(dtype) if images.dtype == torch.uint8 else images.to(dtype) * 255
         return (resize_tf1(x, 299) - 128) / 128
     if resize == "clean":  # clean-fid: PIL bicubic on 0..255 floats, then (x - 128) / 128
         x = images.float() if images.dtype == torch.uint8 else images.float() * 255

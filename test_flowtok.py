@@ -9,7 +9,9 @@ import collections
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
+import http.server
 import io
 import itertools
 import json
@@ -23,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.error
 import zlib
 from pathlib import Path
@@ -1256,6 +1259,63 @@ def test_tar_ranks_and_workers_split_the_corpus_and_resume(tmp_path):
         assert torch.equal(want["image"], got["image"]) and torch.equal(want["noise"], got["noise"])
     with pytest.raises(UserError, match=r"saved with 2 process\(es\) x 2 reader\(s\) each \(now 2 x 1\)"):
         data.make_loader(source, 4, rank=1, world=2, num_workers=1).load_state_dict(state)
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):          # no request lines on the test's stderr
+        pass
+
+
+@contextlib.contextmanager
+def serving(folder):
+    """An HTTP server on 127.0.0.1 serving `folder` (a thread) -> its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tar_shards_stream_from_commands_and_urls_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    local = _write_shards(folder, shards=3, per_shard=4)
+    start = dict(epoch=0, shard=0, offset=0, seen=0)
+
+    def take(spec, n, cursor=start, readers=1, reader=0):
+        stream = data.build_dataset(spec, 32, random_crop=True, flip=True).samples(5, reader, readers, cursor)
+        return [(s.reason if isinstance(s, data.BadSample) else (s["caption"], s["image"].sum().item()), c)
+                for s, c in itertools.islice(stream, n)]
+    whole = take(local, 14)                                    # 12 samples, then epoch 1 begins
+    with serving(folder) as url:
+        remote = {"pipe": f"tar:pipe:cat {folder}/shard-{{000..002}}.tar",
+                  "http": f"tar:{url}/shard-{{000..002}}.tar",
+                  "mixed": f"tar:{folder}/shard-000.tar::pipe:cat {folder}/shard-001.tar::{url}/shard-002.tar"}
+        for name, spec in remote.items():
+            assert take(spec, 14) == whole, name
+            assert take(spec, 5, whole[5][1]) == whole[6:11], name      # resumed mid-shard: the same next samples
+            assert take(spec, 4, readers=2, reader=1) == take(local, 4, readers=2, reader=1), name
+        # a command that fails and a URL that does not exist: retried, then skipped with one line each
+        monkeypatch.setattr(data, "SHARD_RETRY_WAIT", 0.0)
+        spec = f"tar:pipe:echo no such shard >&2; exit 3::{url}/missing.tar::pipe:cat {folder}/shard-001.tar"
+        got = take(spec, 6)
+        err = capsys.readouterr().err
+        assert [g for g, _ in got].count("unreadable shard") == 2 and len([g for g, _ in got if g != "unreadable "
+                                                                               "shard"]) == 4
+        assert (f"skipped pipe:echo no such shard >&2; exit 3 after {data.SHARD_TRIES} tries (`echo no such shard "
+                f">&2; exit 3` exited with status 3: no such shard)") in err
+        assert f"skipped {url}/missing.tar after {data.SHARD_TRIES} tries (HTTP Error 404: File not found)" in err
+    # a server that accepts and never answers: a read timeout, never a hang
+    monkeypatch.setattr(data, "SHARD_TIMEOUT", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        spec = f"tar:http://127.0.0.1:{silent.getsockname()[1]}/x.tar::{folder}/shard-000.tar"
+        assert [g for g, _ in take(spec, 5)].count("unreadable shard") == 1
+    assert "timed out" in capsys.readouterr().err
 
 
 def test_tar_too_few_shards_and_dead_shards(tmp_path):
@@ -3243,6 +3303,23 @@ def test_flow_training_refuses_a_cache_made_with_another_tokenizer(tiny_tokenize
     capsys.readouterr()
     data.check_cache_identity(data.build_dataset(spec), spec, {}, 0)
     assert capsys.readouterr().err.startswith(f"warning: --data {spec} records no tokenizer or CLIP identity")
+
+
+def test_images_are_encoded_in_fp32_unless_asked(tiny_tokenizer, tmp_path, monkeypatch):
+    """The official trainer encodes images into tokens in fp32 (train_t2i.py:131-133): so do the flow stages that
+    read images, whatever --precision, and pretokenize (its identity says fp32); --encode-bf16 asks for bf16."""
+    seen, encode = [], Tokenizer.encode
+
+    def spy(self, images):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return encode(self, images)
+    monkeypatch.setattr(Tokenizer, "encode", spy)
+    for extra, want in (((), False), (("--encode-bf16",), True)):
+        seen.clear()
+        run_train(*flow_args(tiny_tokenizer, tmp_path / f"r{len(extra)}", "--steps", 1, "--precision", "bf16", *extra))
+        assert seen and set(seen) == {want}, (extra, seen)
+    assert pretokenize_cli("--data", "shapes:n=2", "--tokenizer", tiny_tokenizer, "--out", tmp_path / "c")[0] == 0
+    assert json.loads((tmp_path / "c" / "part-00000" / "identity.json").read_text())["precision"] == "fp32"
 
 
 class Killed(Exception):
@@ -5469,6 +5546,21 @@ def test_rfid_command_matches_fid_of_the_saved_reconstructions(tiny_tokenizer, f
 # ==========================================================================================================
 # Cross-checks with the reference libraries (pip install -r requirements-dev.txt; each skips without its library)
 # ==========================================================================================================
+
+def test_tf_resize_inception_in_float64_equals_torch_fidelity(fid_weights, tmp_path):
+    """The official evaluator (libs/evaluator.py) is torch-fidelity's InceptionV3 at float64: TF1 bilinear resize of
+    0..255 values, (x - 128) / 128. Ours with --resize tf, in float64, on the same (random) weights."""
+    tfid = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    theirs = tfid.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(
+        fid_weights[0]), feature_extractor_internal_dtype="float64")
+    ours = evaluate.load_inception(str(fid_weights[0])).double()
+    images = torch.randint(0, 256, (2, 3, 37, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(images)[0].double()                           # they hand features out as float32
+        got = ours(evaluate.preprocess(images, "tf", torch.float64))
+    assert got.dtype == torch.float64 and want.abs().mean() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
 
 def test_fid_equals_pytorch_fid(fid_weights, monkeypatch):
     pfid_inception = pytest.importorskip("pytorch_fid.inception")
