@@ -82,8 +82,8 @@ RESUME = runtime.ResumePolicy(
     applied=("steps", "global_batch", "lr", "min_lr", "schedule", "warmup", "weight_decay", "beta1", "beta2", "ema",
              "grad_clip", "disc_lr"),
     kept=("init", "init_from_ema"),
-    free=("out", "resume", "batch_size", "num_workers", "precision", "encode_bf16", "compile", "grad_checkpointing", "max_bad_steps",
-          "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
+    free=("out", "resume", "batch_size", "num_workers", "precision", "encode_bf16", "compile", "grad_checkpointing",
+          "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
           "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref", "eval_samples",
           "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model", "eval_clip_weights"))
 # the flags that shape the trained parts: an --init file that does not fit is told by those that differ
@@ -873,8 +873,7 @@ def build_parser():
     # system
     p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (default: bf16 on GPUs that compute it "
                    "natively, fp16 with a gradient scaler on older ones, fp32 on CPU)")
-    p.add_argument("--encode-bf16", action="store_true", help="flow stages reading images (not a cache): encode them "
-                   "into tokens under bf16 autocast (faster); the default is fp32, as the official trainer")
+    p.add_argument("--encode-bf16", action="store_true", help="encode images under bf16 autocast (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader worker processes per GPU")
