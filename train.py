@@ -83,9 +83,10 @@ RESUME = runtime.ResumePolicy(
              "grad_clip", "disc_lr"),
     kept=("init", "init_from_ema"),
     free=("out", "resume", "batch_size", "num_workers", "precision", "encode_bf16", "compile", "grad_checkpointing",
-          "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every", "sample_steps", "cfg",
-          "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts", "eval_ref", "eval_samples",
-          "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model", "eval_clip_weights"))
+          "max_bad_steps", "spike_factor", "spike_steps", "log_every", "ckpt_every", "keep", "sample_every",
+          "sample_steps", "cfg", "sample_prompts", "no_progress", "tensorboard", "eval_every", "eval_prompts",
+          "eval_ref", "eval_samples", "eval_steps", "eval_cfg", "eval_inception", "eval_clip_model",
+          "eval_clip_weights"))
 # the flags that shape the trained parts: an --init file that does not fit is told by those that differ
 SHAPE_FLAGS = ("model", "backbone", "dit_patch_size", "clip_tower", "projector_depth", "projector_heads",
                "projector_ff", "projector_patch_size", "align_hidden", "w_con", "decoder_width", "decoder_depth",
