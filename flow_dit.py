@@ -9,7 +9,8 @@ Every formula of the flow lives in this file:
     target   v* = x1 - (1 - s) x0                            (no stop-gradient: x0 is trained through both)
     CFG      10% of samples get the null indicator and a target rolled among the null samples
     loss     mean_b ||v(x_t, t, null) - v*||^2 / 1232  +  w_con * L_align(z, MLP(E))  +  w_kl * KL(mu, logvar)
-    sampling Euler on the official grid, v = v_u + s (v_c - v_u), both branches in ONE batched pass
+    sampling Euler on the official grid, v = v_u + s (v_c - v_u), both branches in ONE batched pass;
+             `solve` adds Heun, midpoint and 2nd-order Adams-Bashforth on a (shiftable) uniform grid
 
 The DiT sees only x_t, t and the 2-way null indicator: no cross-attention, no text input besides the
 starting point. Image-to-text uses the same model and sampler with source and target swapped.
@@ -339,6 +340,58 @@ def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False
         x = x + dt[i] * v
         traj.append(x)
     return torch.stack(traj) if trajectory else x
+
+
+def guided_velocity(dit, x, t, cfg):
+    """v at (x (B, 77, 16), t float) with CFG as ONE batched pass: v_u + cfg * (v_c - v_u); cfg == 1: v_c alone."""
+    guided = cfg != 1.0
+    inp = torch.cat([x, x]) if guided else x
+    null = torch.arange(len(inp), device=x.device) >= len(x)               # [cond x B | null x B]
+    v = dit(inp, torch.full((len(inp),), float(t), device=x.device), null).float()
+    if guided:
+        v_c, v_u = v.chunk(2)
+        v = v_u + cfg * (v_c - v_u)
+    return v
+
+
+def time_grid(steps, shift=1.0, device=None):
+    """steps + 1 times from 0 to 1; shift > 1 puts more of them near t = 1 (t -> shift t / (1 + (shift - 1) t))."""
+    t = torch.linspace(0, 1, steps + 1, device=device, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).tolist()
+
+
+@torch.no_grad()
+def solve(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler="euler", shift=1.0, before_step=None):
+    """x0 (t = 0) -> x1 (t = 1) with `sampler` -> (x1, network passes). euler: the official sampler (euler_sample,
+    its own grid, bitwise as before); on time_grid(steps, shift): heun and midpoint (2nd order, 2 passes a step;
+    Heun's last pass is at t = 1), ab2 (2nd-order Adams-Bashforth for uneven steps: 1 pass a step, the previous
+    velocity reused; its first step is Euler's)."""
+    if sampler == "euler":
+        return euler_sample(dit, x0, steps, cfg, before_step=before_step), steps
+
+    def v(x, t):
+        if before_step is not None:     # a CUDA graph step reuses its output buffer: keep a copy of what is kept
+            before_step()
+            return guided_velocity(dit, x, t, cfg).clone()
+        return guided_velocity(dit, x, t, cfg)
+    ts, x, previous = time_grid(steps, shift), x0, None
+    for k in range(steps):
+        t, h = ts[k], ts[k + 1] - ts[k]
+        v1 = v(x, t)
+        if sampler == "heun":
+            x = x + h / 2 * (v1 + v(x + h * v1, t + h))
+        elif sampler == "midpoint":
+            x = x + h * v(x + h / 2 * v1, t + h / 2)
+        elif sampler == "ab2":
+            r = 0.0 if previous is None else h / previous[1]    # step ratio h_k / h_(k-1); 0: Euler's first step
+            x = x + h * ((1 + r / 2) * v1 - (r / 2) * (v1 if previous is None else previous[0]))
+            previous = (v1, h)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    return x, steps * SAMPLERS[sampler]
+
+
+SAMPLERS = {"euler": 1, "heun": 2, "midpoint": 2, "ab2": 1}    # name -> network passes per step (NFE = steps x)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
     python sample.py --official FlowTok-XL --prompts prompts.txt --out samples --batch-size 64
     torchrun --nproc_per_node 8 sample.py --official FlowTok-XL --prompts coco30k.txt --out samples --skip-existing
     python sample.py --ckpt runs/demo --caption photo.png images/
+    python sample.py --ckpt runs/demo --sampler heun --steps 4 "a large red circle on the left" --out samples_heun
 
 The first runs the demo's run folder on a CPU, the second the released FlowTok-XL on one GPU (downloads its files),
-the third the same on 8 GPUs (rerun to resume), the last captions images. README.md's "Sampling" section says
+the third the same on 8 GPUs (rerun to resume), the fourth captions images, the last samples with Heun's
+solver in 8 network passes. README.md's "Sampling" section says
 what is written and how each sample's noise is seeded.
 """
 import argparse
@@ -35,8 +37,8 @@ from flow_dit import DEFAULT_CFG, DEFAULT_STEPS, velocity_net
 from projector import CLIP_TOWERS, OFFICIAL_CLIP_TOWER, CLIPTextEncoder, TextDecoder, TextProjector, tokenize
 from runtime import (PRECISIONS, RunLock, UserError, amp, atomic_path, atomic_write, check_writable,
                      default_precision, file_sha256, finite_float, load_checkpoint, load_strict, on_every_rank,
-                     one_line, pick_device, positive_int, ranks, resolve_path, run_cli, share_with_group, short_hash,
-                     state_dict_misfit, user_errors, weights_sha256, write_errors)
+                     one_line, pick_device, positive_float, positive_int, ranks, resolve_path, run_cli,
+                     share_with_group, short_hash, state_dict_misfit, user_errors, weights_sha256, write_errors)
 
 OFFICIAL_REPO = "turkeyju/FlowTok"                       # Hugging Face Hub
 DEVICE_HELP = "auto (CUDA, else Apple's MPS, else the CPU) | cpu | cuda | cuda:N | mps (default: %(default)s)"
@@ -208,6 +210,7 @@ class FlowTokPipeline:
         self.i2t_dit, self.text_decoder, self.precision = i2t_dit, text_decoder, precision
         self.decode_precision = decode_precision    # fp32: the official decode_tokens runs outside autocast
         self.info, self._identity, self.compiled, self.compile_mode = {}, None, False, None
+        self.sampler, self.time_shift = "euler", 1.0   # text to image's ODE solver (flow_dit.solve)
         for m in (projector, dit, tokenizer, i2t_dit, text_decoder):
             if m is not None:
                 m.eval()
@@ -238,7 +241,12 @@ class FlowTokPipeline:
         if self._identity is None:
             modules = [m for m in (self.clip, self.projector, self.dit, self.tokenizer) if m is not None]
             self._identity = f"{weights_sha256(*modules)}:{self.precision}:decode {self.decode_precision}"
-        return self._identity
+        # another solver makes other images from the same weights (euler: records as before the solvers existed)
+        return self._identity + ("" if self.sampler == "euler" else f":{self.sampler} shift {self.time_shift:g}")
+
+    def nfe(self, steps):
+        """Network passes per image of text to image with `steps` steps (CFG's two branches are one batched pass)."""
+        return steps * flow_dit.SAMPLERS[self.sampler]
 
     @torch.no_grad()
     def generate(self, prompts, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, generator=None, eps=None):
@@ -259,9 +267,10 @@ class FlowTokPipeline:
 
     @torch.no_grad()
     def flow(self, z, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG):
-        """z -> image tokens x1 (B, 77, 16) at t = 1: Euler with batched CFG (flow_dit.euler_sample), float32."""
+        """z -> image tokens x1 (B, 77, 16) at t = 1: self.sampler with batched CFG (flow_dit.solve; euler: the
+        official sampler), float32."""
         with self._autocast():
-            return flow_dit.euler_sample(self.dit, z, steps=steps, cfg=cfg, before_step=self.step_begin)
+            return flow_dit.solve(self.dit, z, steps, cfg, self.sampler, self.time_shift, self.step_begin)[0]
 
     @torch.no_grad()
     def decode(self, x1, feats):
@@ -698,6 +707,7 @@ def build_pipeline(args, device, precision):
     else:
         raise UserError("give --ckpt RUN_OR_FILE or --official FlowTok-XL|FlowTok-H")
     pipe.decode_precision = args.decode_precision
+    pipe.sampler, pipe.time_shift = args.sampler, args.time_shift
     warn_unused_compile_mode(args)
     return pipe.compile(args.compile_mode) if args.compile else pipe
 
@@ -717,7 +727,11 @@ def add_model_args(p):
     p.add_argument("--clip-weights", help="a local open_clip CLIP file instead of the recorded/downloaded one")
     p.add_argument("--tokenizer", help="use this tokenizer instead of the one the run recorded")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="Euler steps (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="solver steps (default: %(default)s)")
+    p.add_argument("--sampler", choices=list(flow_dit.SAMPLERS), default="euler", help="text to image's ODE solver: "
+                   "euler (the official), heun, midpoint (2 passes a step), ab2 (1) (default: %(default)s)")
+    p.add_argument("--time-shift", type=positive_float, default=1.0, help="heun, midpoint, ab2: time grid shift, > 1 "
+                   "puts more steps near the image end (default: %(default)s: uniform)")
     p.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG,
                    help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
@@ -853,6 +867,7 @@ def sample_prompts(args, prompts, device, precision, rank, world):
     if args.skip_existing and world == 1:
         reused = (f"; reused {kept}, regenerated {replaced} made from another prompt, seed, settings or model "
                   f"(or unrecorded, or damaged), new {made - replaced}")
+    print(f"sampler {pipe.sampler}, {args.steps} steps: {pipe.nfe(args.steps)} network passes (NFE) per image")
     print(f"wrote {total} samples ({len(prompts)} prompts x {args.n_per_prompt}{reused}) to {args.out} as "
           f"{{prompt:05d}}_{{sample:02d}}.png; grid: {grid_path}; prompts: {args.out}/prompts.txt")
 

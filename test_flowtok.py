@@ -138,6 +138,35 @@ def test_official_training_loss(official):
     assert_exact(out["loss"], d["loss_per_sample"].mean())
 
 
+class LinearField(nn.Module):
+    """dx/dt = -x + cos(3 t), whatever the CFG flag: x(1) = (x0 - 0.1) / e + (cos 3 + 3 sin 3) / 10."""
+
+    def forward(self, x, t, null):
+        return -x + torch.cos(3 * t.double())[:, None, None]
+
+
+def test_solvers_integrate_to_their_order_and_euler_stays_official(official):
+    x0 = torch.linspace(-1, 1, 2 * 77 * 16, dtype=torch.float64).reshape(2, 77, 16)
+    exact = (x0 - 0.1) / math.e + (math.cos(3) + 3 * math.sin(3)) / 10
+    for sampler, order in (("heun", 2), ("midpoint", 2), ("ab2", 2)):
+        for shift in (1.0, 2.0):
+            errors = []
+            for steps in (8, 16, 32):
+                x1, nfe = flow_dit.solve(LinearField(), x0, steps, cfg=2.0, sampler=sampler, shift=shift)
+                assert nfe == steps * flow_dit.SAMPLERS[sampler]
+                errors.append((x1 - exact).abs().max().item())
+            ratios = [a / b for a, b in zip(errors, errors[1:])]         # halving the step: error / 2^order
+            assert all(2 ** order * 0.8 < r < 2 ** order * 1.25 for r in ratios), (sampler, shift, errors, ratios)
+    assert flow_dit.time_grid(4, 2.0) == pytest.approx([0, 0.4, 2 / 3, 6 / 7, 1])   # more steps near t = 1
+    d = official                                      # euler: the official sampler, bitwise
+    dit, _ = tiny_flowtok(d)
+    x1, nfe = flow_dit.solve(dit, d["sampler_xT"], 5, cfg=2.0, sampler="euler")
+    assert nfe == 5 and torch.equal(x1, euler_sample(dit, d["sampler_xT"], steps=5, cfg=2.0))
+    assert_exact(x1, d["sampler_out"])
+    with pytest.raises(ValueError, match="unknown sampler 'rk4'"):
+        flow_dit.solve(dit, d["sampler_xT"], 2, sampler="rk4")
+
+
 def test_official_sampler(official):
     d = official
     dit, _ = tiny_flowtok(d)
@@ -4437,6 +4466,14 @@ def test_skip_existing_regenerates_images_of_a_changed_prompt_or_seed(tiny_run, 
     assert os.path.getmtime(tmp_path / "cli" / names[0]) == stamp
     text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")   # other weights
     assert "reused 0, regenerated 2" in text
+    assert "sampler euler, 2 steps: 2 network passes (NFE) per image" in text
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema", "--sampler", "heun",
+                      "--time-shift", 2)                                          # another solver: other images
+    assert "reused 0, regenerated 2" in text and "sampler heun, 2 steps: 4 network passes (NFE)" in text
+    again = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema", "--sampler", "heun",
+                       "--time-shift", 2)
+    assert "reused 2, regenerated 0" in again
+    text = run_sample(*common, PROMPTS[0], "a green diamond", "--skip-existing", "--no-ema")   # euler again
     # a PNG cut short after its record (a disk that lost its tail) is regenerated, not reused and then unreadable
     png = tmp_path / "cli" / names[0]
     png.write_bytes(png.read_bytes()[:-40])
