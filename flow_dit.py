@@ -324,30 +324,24 @@ def euler_sample(dit, x0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, trajectory=False
     (steps + 1, B, 77, 16) trajectory. before_step() runs before each DiT call (sample.py marks a CUDA graph step
     there); each step reads the DiT's output before the next call, so a graph may reuse its output buffer.
     """
-    B = len(x0)
     t_eval, dt = sampling_schedule(steps, x0.device)
-    guided = cfg != 1.0
-    null = torch.arange(2 * B if guided else B, device=x0.device) >= B     # [cond x B | null x B]
     x, traj = x0, [x0]
     for i in range(steps):
-        inp = torch.cat([x, x]) if guided else x
         if before_step is not None:
             before_step()
-        v = dit(inp, t_eval[i].expand(len(inp)), null).float()
-        if guided:
-            v_c, v_u = v.chunk(2)
-            v = v_u + cfg * (v_c - v_u)
-        x = x + dt[i] * v
+        x = x + dt[i] * guided_velocity(dit, x, t_eval[i], cfg)
         traj.append(x)
     return torch.stack(traj) if trajectory else x
 
 
 def guided_velocity(dit, x, t, cfg):
-    """v at (x (B, 77, 16), t float) with CFG as ONE batched pass: v_u + cfg * (v_c - v_u); cfg == 1: v_c alone."""
+    """v at (x (B, 77, 16), t: a float or 0-d tensor) with CFG as ONE batched pass: v_u + cfg * (v_c - v_u);
+    cfg == 1: the conditional branch alone."""
     guided = cfg != 1.0
     inp = torch.cat([x, x]) if guided else x
     null = torch.arange(len(inp), device=x.device) >= len(x)               # [cond x B | null x B]
-    v = dit(inp, torch.full((len(inp),), float(t), device=x.device), null).float()
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(len(inp))
+    v = dit(inp, t, null).float()
     if guided:
         v_c, v_u = v.chunk(2)
         v = v_u + cfg * (v_c - v_u)
