@@ -240,13 +240,16 @@ def lines_and_cut(path, keep=None):
     first `keep` lines (a last line without its newline, left by a kill, always goes)."""
     count = end = offset = 0
     with open(path, "rb" if keep is None else "r+b") as f:     # counting works on a read-only cache too
-        for block in iter(lambda: f.read(1 << 20), b""):
-            at = -1
-            while keep is None or count < keep:
-                at = block.find(b"\n", at + 1)
-                if at < 0:
-                    break
-                count, end = count + 1, offset + at + 1
+        for block in iter(lambda: f.read(1 << 20), b""):    # counted in C: a cache may hold a billion lines
+            n = block.count(b"\n")
+            if keep is not None and count + n >= keep:      # the keep-th line ends in this block
+                at = -1
+                for _ in range(keep - count):
+                    at = block.index(b"\n", at + 1)
+                count, end = keep, offset + at + 1
+                break
+            count += n
+            end = offset + block.rindex(b"\n") + 1 if n else end
             offset += len(block)
         if keep is not None:
             f.truncate(end)
